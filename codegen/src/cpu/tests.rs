@@ -1,0 +1,965 @@
+//! Kernel tests: every op's kernel runs in executable memory on random data and is compared with
+//! the reference interpreter, with `nparts` = 1, 3 and 7 (the split results must be bit-identical
+//! to the unsplit one), a guard zone after the output (no out-of-bounds writes) and the inputs
+//! checked unchanged. Every case runs on two ISAs: the host's (AVX/FMA/...) and baseline SSE2
+//! (no FMA, no SSE4.1), which also proves neither needs a libcall.
+//!
+//! Operands with symbolic shapes come from the graph itself (a gather of random rows by the input
+//! ids, reshapes, transposes, `kv_concat`), so the interpreter produces them; multi-step cases run
+//! earlier steps first so that `P > 0` in the measured step.
+
+use std::collections::HashMap;
+
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
+use llmc_ir::{BinaryOp, DType, Dim, Graph, Interpreter, NodeId, Op, ReduceOp, StateDecl, TensorType, UnaryOp};
+
+use super::*;
+
+const VOCAB: usize = 50;
+const CTX: usize = 64;
+const SENTINEL: u32 = 0x7FC0_DEAD;
+const GUARD: usize = 67;
+
+// ---- random numbers ----
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// Uniform in `[lo, hi)`.
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+}
+
+// ---- ISAs and executable kernels ----
+
+fn isas() -> Vec<(&'static str, OwnedTargetIsa)> {
+    let (host, _) = host_isa().expect("host isa");
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").unwrap();
+    let base = cranelift_native::builder_with_options(false).unwrap().finish(settings::Flags::new(flags)).unwrap();
+    vec![("host", host), ("sse2", base)]
+}
+
+struct Exec {
+    map: memmap2::Mmap,
+    tables: Vec<Vec<f32>>,
+}
+
+impl Exec {
+    fn new(k: &KernelCode) -> Exec {
+        let mut m = memmap2::MmapMut::map_anon(k.code.len().max(1)).expect("mmap");
+        m[..k.code.len()].copy_from_slice(&k.code);
+        let map = m.make_exec().expect("make_exec");
+        assert_eq!(map.as_ptr() as usize % KERNEL_ALIGN, 0);
+        Exec { map, tables: k.tables.clone() }
+    }
+    fn run(&self, ins: &mut [Vec<u32>], out: &mut [u32], s: usize, p: usize, nparts: usize) {
+        for part in 0..nparts {
+            self.run_parts(ins, out, s, p, part..part + 1, nparts);
+        }
+    }
+    fn run_parts(
+        &self,
+        ins: &mut [Vec<u32>],
+        out: &mut [u32],
+        s: usize,
+        p: usize,
+        parts: std::ops::Range<usize>,
+        nparts: usize,
+    ) {
+        let mut bufs: Vec<*mut u8> = ins.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
+        bufs.push(out.as_mut_ptr() as *mut u8);
+        for t in &self.tables {
+            bufs.push(t.as_ptr() as *mut u8);
+        }
+        let f = self.entry();
+        for part in parts {
+            unsafe { f(bufs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
+        }
+    }
+    fn entry(&self) -> KernelFn {
+        unsafe { std::mem::transmute::<*const u8, KernelFn>(self.map.as_ptr()) }
+    }
+}
+
+// ---- comparison ----
+
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f64,
+    rtol: f64,
+    /// Relative errors are reported for expected values at least this large.
+    floor: f64,
+}
+
+const EXACT: Tol = Tol { atol: 0.0, rtol: 0.0, floor: 1e-30 };
+
+const fn tol(atol: f64, rtol: f64) -> Tol {
+    Tol { atol, rtol, floor: 1e-30 }
+}
+
+/// Worst errors seen: absolute, and relative over expected values with `|e| >= floor`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    max_abs: f64,
+    max_rel: f64,
+    n: usize,
+}
+
+impl Stats {
+    fn merge(&mut self, o: Stats) {
+        self.max_abs = self.max_abs.max(o.max_abs);
+        self.max_rel = self.max_rel.max(o.max_rel);
+        self.n += o.n;
+    }
+}
+
+fn to_bits(dt: DType, v: &[f32]) -> Vec<u32> {
+    match dt {
+        DType::I32 => v.iter().map(|&x| x as i32 as u32).collect(),
+        _ => v.iter().map(|x| x.to_bits()).collect(),
+    }
+}
+
+fn compare(what: &str, dt: DType, got: &[u32], want: &[f32], tol: Tol) -> Stats {
+    assert_eq!(got.len(), want.len());
+    let mut st = Stats { n: want.len(), ..Default::default() };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert_ne!(g, SENTINEL, "{what}: element {i} was not written");
+        if dt == DType::I32 {
+            assert_eq!(g as i32, w as i32, "{what}: element {i}");
+            continue;
+        }
+        let gf = f32::from_bits(g);
+        if w.is_nan() {
+            assert!(gf.is_nan(), "{what}: element {i}: got {gf}, want NaN");
+            continue;
+        }
+        if w.is_infinite() {
+            assert_eq!(gf, w, "{what}: element {i}");
+            continue;
+        }
+        let err = (gf as f64 - w as f64).abs();
+        assert!(
+            err <= tol.atol + tol.rtol * (w as f64).abs(),
+            "{what}: element {i}: got {gf:e}, want {w:e} (err {err:e}, tol {tol:?})"
+        );
+        st.max_abs = st.max_abs.max(err);
+        if (w as f64).abs() >= tol.floor {
+            st.max_rel = st.max_rel.max(err / (w as f64).abs());
+        }
+    }
+    st
+}
+
+// ---- graph building ----
+
+/// A test graph with its weights.
+struct Gb {
+    g: Graph,
+    w: HashMap<String, Vec<f32>>,
+    rng: Rng,
+    ids: Option<NodeId>,
+}
+
+impl Gb {
+    fn new(seed: u64) -> Gb {
+        Gb { g: Graph::new("t"), w: HashMap::new(), rng: Rng::new(seed), ids: None }
+    }
+    fn weight_data(&mut self, shape: &[usize], data: Vec<f32>) -> NodeId {
+        let name = format!("w{}", self.w.len());
+        assert_eq!(shape.iter().product::<usize>(), data.len());
+        self.w.insert(name.clone(), data);
+        let ty = TensorType::f32(shape.iter().map(|&d| Dim::N(d)).collect());
+        self.g.add(Op::Weight { name, stored: DType::F32 }, &[], Some(ty)).unwrap()
+    }
+    /// Uniform random weight in `[lo, hi)`.
+    fn weight(&mut self, shape: &[usize], lo: f32, hi: f32) -> NodeId {
+        let n = shape.iter().product();
+        let d = (0..n).map(|_| self.rng.uniform(lo, hi)).collect();
+        self.weight_data(shape, d)
+    }
+    /// Weight of multiples of 1/8 in [-2, 2]: sums of products are exact in f32.
+    fn weight_exact(&mut self, shape: &[usize]) -> NodeId {
+        let n = shape.iter().product();
+        let d = (0..n).map(|_| (self.rng.below(33) as f32 - 16.0) / 8.0).collect();
+        self.weight_data(shape, d)
+    }
+    fn ids(&mut self) -> NodeId {
+        if let Some(i) = self.ids {
+            return i;
+        }
+        let t = TensorType::new(DType::I32, vec![Dim::S]);
+        let i = self.g.add(Op::Input { name: "ids".into() }, &[], Some(t)).unwrap();
+        self.ids = Some(i);
+        i
+    }
+    fn op(&mut self, op: Op, ins: &[NodeId]) -> NodeId {
+        self.g.add(op, ins, None).unwrap()
+    }
+    /// `f32[S, h]`: rows of a random `[VOCAB, h]` table picked by the ids.
+    fn seq(&mut self, h: usize, lo: f32, hi: f32) -> NodeId {
+        let t = self.weight(&[VOCAB, h], lo, hi);
+        let ids = self.ids();
+        self.op(Op::Gather, &[t, ids])
+    }
+    fn seq_exact(&mut self, h: usize) -> NodeId {
+        let t = self.weight_exact(&[VOCAB, h]);
+        let ids = self.ids();
+        self.op(Op::Gather, &[t, ids])
+    }
+    fn reshape(&mut self, x: NodeId, shape: Vec<Dim>) -> NodeId {
+        let dt = self.g.ty(x).dtype;
+        self.g.add(Op::Reshape, &[x], Some(TensorType::new(dt, shape))).unwrap()
+    }
+    fn kv(&mut self, x: NodeId) -> NodeId {
+        let mut shape = self.g.ty(x).shape.clone();
+        shape[0] = Dim::N(CTX);
+        let name = format!("cache{}", self.g.states.len());
+        self.g.states.push(StateDecl { name: name.clone(), ty: TensorType::f32(shape) });
+        self.op(Op::KvConcat { state: name }, &[x])
+    }
+}
+
+/// Runs node `n` of `gb` for the token counts `steps` (the last step is measured) on every ISA and
+/// compares with the interpreter. Returns the worst errors.
+fn check(gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
+    let mut all = Stats::default();
+    for (isa_name, isa) in isas() {
+        let st = check_on(&*isa, isa_name, gb, n, steps, tol);
+        all.merge(st);
+    }
+    all
+}
+
+fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
+    let g = &gb.g;
+    let pos = g.topo_order().unwrap().iter().position(|&m| m == n).unwrap();
+    let text = llmc_ir::print(g);
+    let line = text.lines().map(str::trim).find(|l| l.starts_with(&format!("%{pos} = "))).unwrap_or("?");
+    let what = format!("`{line}` on {isa_name} (steps {steps:?})");
+    let ctx = KernelCtx { max_context: CTX };
+    let kc = compile_kernel(isa, &ctx, g, n).unwrap_or_else(|e| panic!("{what}: {e}")).expect("a kernel");
+    let exec = Exec::new(&kc);
+    let ops = g.inputs(n);
+    let mut g2 = g.clone();
+    g2.outputs = ops.clone();
+    g2.outputs.push(n);
+    let mut it = Interpreter::new(&gb.w);
+    let mut rng = Rng::new(7);
+    let mut prev = None;
+    let mut last = None;
+    let mut p = 0;
+    for (k, &s) in steps.iter().enumerate() {
+        let ids: Vec<i32> = (0..s).map(|_| rng.below(VOCAB) as i32).collect();
+        let outs = it.run(&g2, &ids).unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
+        if k + 1 < steps.len() {
+            prev = outs.last().cloned();
+            p += s;
+        } else {
+            last = Some(outs);
+        }
+    }
+    let outs = last.expect("at least one step");
+    let s = *steps.last().unwrap();
+    let inputs: Vec<Vec<u32>> = ops.iter().zip(&outs).map(|(&o, t)| to_bits(g.ty(o).dtype, &t.data)).collect();
+    let want = &outs[ops.len()];
+    let dt = g.ty(n).dtype;
+    let mut init = match g.op(n) {
+        Op::KvConcat { state } => {
+            let total = g.state(state).unwrap().ty.static_numel().unwrap();
+            let mut v = vec![SENTINEL; total];
+            if let Some(pt) = &prev {
+                for (d, x) in v.iter_mut().zip(&pt.data) {
+                    *d = x.to_bits();
+                }
+            }
+            v
+        }
+        _ => vec![SENTINEL; want.data.len()],
+    };
+    let len = want.data.len();
+    init.extend(std::iter::repeat_n(SENTINEL, GUARD));
+    let mut stats = Stats::default();
+    let mut reference: Option<Vec<u32>> = None;
+    for nparts in [1, 3, 7] {
+        let mut out = init.clone();
+        let mut ins = inputs.clone();
+        exec.run(&mut ins, &mut out, s, p, nparts);
+        assert!(ins == inputs, "{what}: the kernel modified an input");
+        assert!(out[len..] == init[len..], "{what}: nparts={nparts}: write past the result");
+        stats.merge(compare(&format!("{what} nparts={nparts}"), dt, &out[..len], &want.data, tol));
+        match &reference {
+            None => reference = Some(out),
+            Some(r) => assert!(*r == out, "{what}: nparts={nparts} differs from nparts=1"),
+        }
+        // Each part alone writes a region of its own (so concurrent parts do not race).
+        if nparts > 1 {
+            let mut owner = vec![usize::MAX; init.len()];
+            for part in 0..nparts {
+                let mut out = init.clone();
+                let mut ins = inputs.clone();
+                exec.run_parts(&mut ins, &mut out, s, p, part..part + 1, nparts);
+                for (i, (&o, &x)) in out.iter().zip(&init).enumerate() {
+                    if o != x {
+                        assert!(
+                            owner[i] == usize::MAX,
+                            "{what}: parts {} and {part} of {nparts} both write {i}",
+                            owner[i]
+                        );
+                        owner[i] = part;
+                    }
+                }
+            }
+        }
+    }
+    stats
+}
+
+// ---- unary ----
+
+/// Inputs spanning everything the unary ops see: a dense grid, tiny and huge magnitudes, specials.
+fn unary_inputs() -> Vec<f32> {
+    let mut v = Vec::new();
+    let mut x = -30.0f32;
+    while x < 30.0 {
+        v.push(x);
+        x += 0.0137;
+    }
+    let mut m = 1e-30f32;
+    while m < 1e4 {
+        v.push(m);
+        v.push(-m);
+        m *= 1.7;
+    }
+    for e in [
+        0.0, -0.0, 0.625, -0.625, 0.6249, 88.0, 88.72, 88.73, 89.0, -87.0, -87.4, -100.0, -103.9, -104.5, 200.0,
+        -200.0, 1e30, -1e30,
+    ] {
+        v.push(e);
+    }
+    v.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    v
+}
+
+fn unary_tol(op: UnaryOp) -> Tol {
+    match op {
+        UnaryOp::Neg | UnaryOp::Sqrt | UnaryOp::Rsqrt => EXACT,
+        UnaryOp::Exp | UnaryOp::Sigmoid | UnaryOp::Silu | UnaryOp::Tanh => tol(1e-38, 4e-7),
+        // The reference computes 1 + erf(x/sqrt 2) (1 + tanh u) in f64, which cancels to 0 for
+        // x below about -8.3 (-5.5) where true values are < 1e-15; relative errors are reported
+        // where the reference is accurate.
+        UnaryOp::Gelu => Tol { atol: 1e-14, rtol: 1e-6, floor: 1e-7 },
+        // e^{-2u} amplifies the f32 rounding of u (|2u| ~ 15 at x = -4.7): ~2.5e-6 relative there,
+        // on values below 1e-7.
+        UnaryOp::GeluTanh => Tol { atol: 1e-14, rtol: 1e-5, floor: 1e-7 },
+    }
+}
+
+#[test]
+fn unary_ops_over_wide_ranges() {
+    let data = unary_inputs();
+    for op in UnaryOp::ALL {
+        let mut gb = Gb::new(1);
+        let x = gb.weight_data(&[data.len()], data.clone());
+        let n = gb.op(Op::Unary(op), &[x]);
+        let st = check(&gb, n, &[1], unary_tol(op));
+        eprintln!(
+            "unary {:10} max rel err {:.3e} max abs err {:.3e} over {} values",
+            op.name(),
+            st.max_rel,
+            st.max_abs,
+            st.n
+        );
+    }
+}
+
+#[test]
+fn unary_ops_in_the_normal_range() {
+    // Where activations live: relative error against the interpreter, no subnormals involved.
+    for op in UnaryOp::ALL {
+        let mut gb = Gb::new(2);
+        let x = gb.weight(&[100_003], -12.0, 12.0);
+        let n = gb.op(Op::Unary(op), &[x]);
+        let st = check(&gb, n, &[1], unary_tol(op));
+        eprintln!("unary {:10} on [-12,12): max rel err {:.3e}", op.name(), st.max_rel);
+    }
+}
+
+#[test]
+fn unary_symbolic_shape() {
+    for op in [UnaryOp::Exp, UnaryOp::Silu, UnaryOp::Gelu] {
+        let mut gb = Gb::new(3);
+        let x = gb.seq(37, -5.0, 5.0);
+        let n = gb.op(Op::Unary(op), &[x]);
+        for steps in [&[1][..], &[7], &[300]] {
+            check(&gb, n, steps, unary_tol(op));
+        }
+    }
+}
+
+// ---- binary ----
+
+/// A float operand of `shape`, symbolic dims allowed (via a gather of `[S, rest]` and a reshape).
+fn operand(gb: &mut Gb, shape: &[Dim], lo: f32, hi: f32) -> NodeId {
+    if shape.iter().all(|d| d.is_const()) {
+        let s: Vec<usize> = shape.iter().map(|d| d.as_const().unwrap()).collect();
+        return gb.weight(&s, lo, hi);
+    }
+    let pos = shape.iter().position(|&d| d == Dim::S).expect("only S is supported here");
+    let rest: usize = shape.iter().filter_map(|d| d.as_const()).product();
+    let x = gb.seq(rest, lo, hi);
+    // [S, rest] -> [S, others...] -> move S into place.
+    let mut others: Vec<Dim> = shape.iter().copied().filter(|d| *d != Dim::S).collect();
+    others.insert(0, Dim::S);
+    let x = gb.reshape(x, others);
+    if pos == 0 {
+        return x;
+    }
+    let r = shape.len();
+    let mut perm: Vec<usize> = (1..r).collect();
+    perm.insert(pos, 0);
+    gb.op(Op::Transpose { perm }, &[x])
+}
+
+#[test]
+fn binary_ops_with_broadcasting() {
+    use Dim::{N, S};
+    let patterns: Vec<(Vec<Dim>, Vec<Dim>)> = vec![
+        (vec![S, N(33)], vec![S, N(33)]),
+        (vec![S, N(33)], vec![N(33)]),
+        (vec![S, N(33)], vec![S, N(1)]),
+        (vec![S, N(33)], vec![N(1)]),
+        (vec![N(1)], vec![S, N(7)]),
+        (vec![N(1), N(33)], vec![S, N(1)]),
+        (vec![S, N(1)], vec![N(1), N(35)]),
+        (vec![N(4), N(1), N(3), N(5)], vec![N(1), N(6), N(1), N(5)]),
+        (vec![N(2), N(3), N(4), N(5)], vec![N(3), N(1), N(5)]),
+        (vec![N(2), N(3), S, N(5)], vec![N(2), N(1), S, N(1)]),
+        (vec![N(3), S, N(4)], vec![N(3), N(1), N(1)]),
+        (vec![N(2), N(1), N(3), N(1), N(2), N(3)], vec![N(2), N(4), N(1), N(5), N(1), N(3)]),
+        (vec![N(20000)], vec![N(20000)]),
+        (vec![N(1)], vec![N(1)]),
+    ];
+    for (k, (sa, sb)) in patterns.iter().enumerate() {
+        for op in BinaryOp::ALL {
+            let mut gb = Gb::new(10 + k as u64);
+            let a = operand(&mut gb, sa, -2.0, 2.0);
+            let b = operand(&mut gb, sb, 0.5, 2.0);
+            let n = gb.op(Op::Binary(op), &[a, b]);
+            for steps in [&[1][..], &[5]] {
+                check(&gb, n, steps, EXACT);
+            }
+        }
+    }
+}
+
+// ---- reductions and softmax ----
+
+#[test]
+fn reductions_and_softmax() {
+    for len in [1, 3, 4, 8, 17, 130, 1000] {
+        for op in [Op::Reduce(ReduceOp::Sum), Op::Reduce(ReduceOp::Mean), Op::Reduce(ReduceOp::Max), Op::Softmax] {
+            let tol = match op {
+                Op::Reduce(ReduceOp::Max) => EXACT,
+                _ => tol(1e-6, 1e-5),
+            };
+            let mut gb = Gb::new(len as u64);
+            let x = gb.weight(&[5, len], -4.0, 4.0);
+            let n = gb.op(op.clone(), &[x]);
+            check(&gb, n, &[1], tol);
+            let mut gb = Gb::new(len as u64 + 100);
+            let x = gb.seq(len, -4.0, 4.0);
+            let x = gb.reshape(x, vec![Dim::S, Dim::N(1), Dim::N(len)]);
+            let n = gb.op(op.clone(), &[x]);
+            let st = check(&gb, n, &[9], tol);
+            eprintln!("{} len {len}: max rel err {:.3e} max abs {:.3e}", op.name(), st.max_rel, st.max_abs);
+        }
+    }
+}
+
+// ---- attention pieces: kv_concat, causal mask, softmax over T, both matmuls ----
+
+struct Attn {
+    gb: Gb,
+    k: NodeId,
+    scores: NodeId,
+    masked: NodeId,
+    probs: NodeId,
+    out: NodeId,
+}
+
+/// `x[S, H*D] -> q, k, v [H, .., D]`; scores `[H, S, T]`, masked, softmax, `probs @ v`.
+fn attention(h: usize, d: usize, window: Option<usize>, exact: bool) -> Attn {
+    let mut gb = Gb::new(42);
+    let x = if exact { gb.seq_exact(h * d) } else { gb.seq(h * d, -1.0, 1.0) };
+    let x3 = gb.reshape(x, vec![Dim::S, Dim::N(h), Dim::N(d)]);
+    let q = gb.op(Op::Transpose { perm: vec![1, 0, 2] }, &[x3]);
+    let kc = gb.kv(x3);
+    let k = gb.op(Op::Transpose { perm: vec![1, 0, 2] }, &[kc]);
+    let scores = gb.op(Op::Matmul { transpose_b: true }, &[q, k]);
+    let masked = gb.op(Op::CausalMask { window }, &[scores]);
+    let probs = gb.op(Op::Softmax, &[masked]);
+    let out = gb.op(Op::Matmul { transpose_b: false }, &[probs, k]);
+    Attn { gb, k: kc, scores, masked, probs, out }
+}
+
+#[test]
+fn kv_concat_and_causal_mask_with_history() {
+    for window in [None, Some(1), Some(3), Some(100)] {
+        let a = attention(3, 8, window, false);
+        for steps in [&[5][..], &[3, 5], &[20, 1], &[4, 4, 9], &[63, 1]] {
+            check(&a.gb, a.k, steps, EXACT);
+            check(&a.gb, a.masked, steps, EXACT);
+            check(&a.gb, a.probs, steps, tol(1e-6, 1e-5));
+        }
+    }
+}
+
+#[test]
+fn kv_concat_past_the_context_writes_nothing() {
+    let a = attention(2, 4, None, false);
+    let (isa, _) = host_isa().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, &a.gb.g, a.k).unwrap().unwrap();
+    let exec = Exec::new(&kc);
+    let mut ins = vec![vec![1.0f32.to_bits(); 3 * 8]];
+    let mut state = vec![SENTINEL; CTX * 8];
+    exec.run(&mut ins, &mut state, 3, CTX - 2, 1);
+    assert!(state.iter().all(|&x| x == SENTINEL));
+    exec.run(&mut ins, &mut state, 3, CTX - 3, 1);
+    assert!(state[(CTX - 3) * 8..].iter().all(|&x| x == 1.0f32.to_bits()));
+}
+
+#[test]
+fn attention_matmuls_exact() {
+    // Multiples of 1/8: every partial sum is exact, so any summation order must match exactly.
+    let a = attention(3, 8, None, true);
+    for steps in [&[1][..], &[5], &[3, 5], &[20, 1], &[40, 13]] {
+        check(&a.gb, a.scores, steps, EXACT);
+    }
+    let a = attention(2, 20, None, false);
+    for steps in [&[1][..], &[5], &[3, 5], &[20, 1], &[40, 13]] {
+        check(&a.gb, a.scores, steps, tol(1e-5, 1e-5));
+        check(&a.gb, a.out, steps, tol(1e-6, 1e-5));
+    }
+}
+
+// ---- matmul ----
+
+fn mm_case(sa: &[Dim], sb: &[Dim], tb: bool, steps: &[usize]) {
+    let mut gb = Gb::new(5);
+    let mk = |gb: &mut Gb, sh: &[Dim]| {
+        if sh.iter().all(|d| d.is_const()) {
+            let s: Vec<usize> = sh.iter().map(|d| d.as_const().unwrap()).collect();
+            return gb.weight_exact(&s);
+        }
+        let pos = sh.iter().position(|&d| d == Dim::S).unwrap();
+        let rest: usize = sh.iter().filter_map(|d| d.as_const()).product();
+        let x = gb.seq_exact(rest);
+        let mut others: Vec<Dim> = sh.iter().copied().filter(|d| *d != Dim::S).collect();
+        others.insert(0, Dim::S);
+        let x = gb.reshape(x, others);
+        if pos == 0 {
+            return x;
+        }
+        let mut perm: Vec<usize> = (1..sh.len()).collect();
+        perm.insert(pos, 0);
+        gb.op(Op::Transpose { perm }, &[x])
+    };
+    let a = mk(&mut gb, sa);
+    let b = mk(&mut gb, sb);
+    let n = gb.op(Op::Matmul { transpose_b: tb }, &[a, b]);
+    check(&gb, n, steps, EXACT);
+}
+
+#[test]
+fn matmul_shapes_exact() {
+    use Dim::{N, S};
+    for tb in [false, true] {
+        let bt = |k: usize, n: usize| if tb { vec![N(n), N(k)] } else { vec![N(k), N(n)] };
+        // GEMV (decode), odd tails, and full tiles.
+        for (k, nn) in [(37, 45), (1, 1), (4, 16), (16, 64), (3, 130), (64, 67), (129, 9)] {
+            for steps in [&[1][..], &[2], &[3], &[4], &[9], &[17]] {
+                mm_case(&[S, N(k)], &bt(k, nn), tb, steps);
+            }
+        }
+        // Static batched with broadcasting of either side.
+        let bb = |pre: &[usize], k: usize, n: usize| {
+            let mut v: Vec<Dim> = pre.iter().map(|&d| N(d)).collect();
+            v.extend(bt(k, n));
+            v
+        };
+        mm_case(&[N(5), N(8), N(16)], &bt(16, 20), tb, &[1]);
+        mm_case(&[N(1), N(7), N(9)], &bb(&[4], 9, 3), tb, &[1]);
+        mm_case(&[N(2), N(3), N(6), N(5)], &bb(&[2, 1], 5, 11), tb, &[1]);
+        mm_case(&[N(2), N(1), N(6), N(5)], &bb(&[1, 3], 5, 11), tb, &[1]);
+        // [2,3,S,K] x [2,1,K,N]
+        mm_case(&[N(2), N(3), S, N(12)], &bb(&[2, 1], 12, 19), tb, &[1]);
+        mm_case(&[N(2), N(3), S, N(12)], &bb(&[2, 1], 12, 19), tb, &[6]);
+        // b symbolic: [S, K] used as the rhs.
+        mm_case(&[N(3), N(7)], &if tb { vec![S, N(7)] } else { vec![N(7), S] }, tb, &[5]);
+    }
+}
+
+#[test]
+fn matmul_random_accuracy() {
+    // Random data: error relative to sum_k |a_ik b_kj| (the scale f32 accumulation works at).
+    for tb in [false, true] {
+        for (m, k, nn) in [(1, 300, 130), (17, 300, 130), (4, 1000, 64), (9, 64, 257)] {
+            let mut gb = Gb::new(9);
+            let a = gb.weight(&[m, k], -1.0, 1.0);
+            let b = gb.weight(&if tb { [nn, k] } else { [k, nn] }, -1.0, 1.0);
+            let n = gb.op(Op::Matmul { transpose_b: tb }, &[a, b]);
+            let (ad, bd) = (&gb.w["w0"], &gb.w["w1"]);
+            let mut scale = vec![0.0f64; m * nn];
+            for i in 0..m {
+                for j in 0..nn {
+                    scale[i * nn + j] = (0..k)
+                        .map(|l| {
+                            let bv = if tb { bd[j * k + l] } else { bd[l * nn + j] };
+                            (ad[i * k + l] as f64 * bv as f64).abs()
+                        })
+                        .sum();
+                }
+            }
+            let smax = scale.iter().cloned().fold(0.0, f64::max);
+            let st = check(&gb, n, &[1], tol(2e-6 * smax, 1e-5));
+            eprintln!(
+                "matmul tb={tb} {m}x{k}x{nn}: max abs err {:.3e} (max sum|ab| {smax:.1}), rel {:.3e}",
+                st.max_abs, st.max_rel
+            );
+        }
+    }
+}
+
+// ---- movement ----
+
+#[test]
+fn transposes() {
+    use Dim::{N, S};
+    let shapes: Vec<Vec<Dim>> = vec![
+        vec![N(3), N(4), N(5)],
+        vec![S, N(4), N(6)],
+        vec![N(2), S, N(1), N(5)],
+        vec![N(2), N(3), N(4), N(5)],
+        vec![N(1), N(3), S, N(2)],
+    ];
+    for sh in &shapes {
+        let r = sh.len();
+        let perms: Vec<Vec<usize>> = permutations(r);
+        for perm in perms {
+            let mut gb = Gb::new(3);
+            let x = operand(&mut gb, sh, -1.0, 1.0);
+            let n = gb.op(Op::Transpose { perm }, &[x]);
+            check(&gb, n, &[3], EXACT);
+        }
+    }
+    // Rank 6, and a long contiguous inner dim.
+    let mut gb = Gb::new(4);
+    let x = gb.weight(&[2, 3, 1, 2, 3, 2], -1.0, 1.0);
+    let n = gb.op(Op::Transpose { perm: vec![5, 3, 1, 0, 4, 2] }, &[x]);
+    check(&gb, n, &[1], EXACT);
+    let x = gb.weight(&[3, 2, 9000], -1.0, 1.0);
+    let n = gb.op(Op::Transpose { perm: vec![1, 0, 2] }, &[x]);
+    check(&gb, n, &[1], EXACT);
+}
+
+fn permutations(r: usize) -> Vec<Vec<usize>> {
+    if r == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for p in permutations(r - 1) {
+        for i in 0..r {
+            let mut q = p.clone();
+            q.insert(i, r - 1);
+            out.push(q);
+        }
+    }
+    out
+}
+
+#[test]
+fn slices() {
+    use Dim::{N, S};
+    let cases: Vec<(Vec<Dim>, usize, usize, usize)> = vec![
+        (vec![N(10), N(7)], 0, 2, 9),
+        (vec![N(10), N(7)], 1, 3, 4),
+        (vec![S, N(3), N(9)], 2, 1, 8),
+        (vec![S, N(3), N(9)], 1, 0, 2),
+        (vec![S, N(96)], 1, 32, 64),
+        (vec![N(4), S, N(5)], 0, 1, 4),
+    ];
+    for (sh, axis, start, end) in cases {
+        let mut gb = Gb::new(8);
+        let x = operand(&mut gb, &sh, -1.0, 1.0);
+        let n = gb.op(Op::Slice { axis, start, end }, &[x]);
+        check(&gb, n, &[5], EXACT);
+    }
+}
+
+#[test]
+fn gather_and_positions() {
+    for h in [1, 5, 37, 64] {
+        let mut gb = Gb::new(h as u64);
+        let n = gb.seq(h, -1.0, 1.0);
+        for steps in [&[1][..], &[13]] {
+            check(&gb, n, steps, EXACT);
+        }
+    }
+    let mut gb = Gb::new(1);
+    let n = gb.op(Op::Positions, &[]);
+    for steps in [&[1][..], &[13], &[5, 9], &[30, 1]] {
+        check(&gb, n, steps, EXACT);
+    }
+}
+
+#[test]
+fn rope_with_history() {
+    for (h, d, r) in [(2, 16, 16), (3, 16, 8), (2, 20, 10), (1, 128, 64), (2, 6, 2)] {
+        let mut gb = Gb::new(11);
+        let x = gb.seq(h * d, -2.0, 2.0);
+        let x = gb.reshape(x, vec![Dim::S, Dim::N(h), Dim::N(d)]);
+        let half = r / 2;
+        let inv: Vec<f32> = (0..half).map(|i| 10000f32.powf(-((2 * i) as f32) / r as f32)).collect();
+        let f = gb.g.add(Op::Const { values: inv }, &[], Some(TensorType::f32(vec![Dim::N(half)]))).unwrap();
+        let n = gb.op(Op::Rope { rotary_dim: r }, &[x, f]);
+        for steps in [&[1][..], &[7], &[5, 9], &[40, 1], &[20, 44]] {
+            check(&gb, n, steps, tol(1e-6, 1e-6));
+        }
+    }
+}
+
+#[test]
+fn rope_needs_const_freqs() {
+    let mut gb = Gb::new(1);
+    let x = gb.seq(8, -1.0, 1.0);
+    let x = gb.reshape(x, vec![Dim::S, Dim::N(1), Dim::N(8)]);
+    let f = gb.weight(&[4], 0.0, 1.0);
+    let n = gb.op(Op::Rope { rotary_dim: 8 }, &[x, f]);
+    let (isa, _) = host_isa().unwrap();
+    let e = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, &gb.g, n).unwrap_err();
+    assert!(e.to_string().contains("const"), "{e}");
+}
+
+#[test]
+fn parts_run_concurrently() {
+    // Real threads, one per part, against the single-part result.
+    let a = attention(4, 16, None, false);
+    let mut gb = a.gb;
+    let w = gb.weight(&[64, 200], -1.0, 1.0);
+    let x = gb.seq(64, -1.0, 1.0);
+    let mm = gb.op(Op::Matmul { transpose_b: false }, &[x, w]);
+    let (isa, _) = host_isa().unwrap();
+    let ctx = KernelCtx { max_context: CTX };
+    for n in [mm, a.probs, a.out] {
+        let kc = compile_kernel(&*isa, &ctx, &gb.g, n).unwrap().unwrap();
+        let exec = Exec::new(&kc);
+        let (s, p) = (37, 5);
+        let b = llmc_ir::Bindings { s, p };
+        let mut rng = Rng::new(3);
+        let inputs: Vec<Vec<u32>> =
+            gb.g.inputs(n)
+                .iter()
+                .map(|&i| (0..gb.g.ty(i).numel(b)).map(|_| rng.uniform(-1.0, 1.0).to_bits()).collect())
+                .collect();
+        let len = gb.g.ty(n).numel(b);
+        let mut want = vec![SENTINEL; len];
+        exec.run(&mut inputs.clone(), &mut want, s, p, 1);
+        for nparts in [2, 5, 16] {
+            let mut got = vec![SENTINEL; len];
+            let (outp, f) = (got.as_mut_ptr() as usize, exec.entry());
+            let mut bufs: Vec<usize> = inputs.iter().map(|v| v.as_ptr() as usize).collect();
+            bufs.push(outp);
+            std::thread::scope(|sc| {
+                for part in 0..nparts {
+                    let bufs = bufs.clone();
+                    sc.spawn(move || {
+                        let ptrs: Vec<*mut u8> = bufs.iter().map(|&a| a as *mut u8).collect();
+                        unsafe { f(ptrs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
+                    });
+                }
+            });
+            assert!(got == want, "{}: {nparts} concurrent parts differ from one", kc.name);
+        }
+    }
+}
+
+// ---- whole-graph compile: every op kind, no relocations on any ISA ----
+
+#[test]
+fn every_kernel_compiles_without_relocations() {
+    let mut a = attention(4, 16, Some(8), false);
+    let gb = &mut a.gb;
+    let x = gb.seq(64, -1.0, 1.0);
+    gb.op(Op::Positions, &[]);
+    let x3 = gb.reshape(x, vec![Dim::S, Dim::N(4), Dim::N(16)]);
+    let f =
+        gb.g.add(Op::Const { values: vec![1.0, 0.1, 0.01, 0.001] }, &[], Some(TensorType::f32(vec![Dim::N(4)])))
+            .unwrap();
+    gb.op(Op::Rope { rotary_dim: 8 }, &[x3, f]);
+    for u in UnaryOp::ALL {
+        gb.op(Op::Unary(u), &[x]);
+    }
+    for b in BinaryOp::ALL {
+        gb.op(Op::Binary(b), &[x, x]);
+    }
+    for r in ReduceOp::ALL {
+        gb.op(Op::Reduce(r), &[x]);
+    }
+    gb.op(Op::Slice { axis: 1, start: 3, end: 40 }, &[x]);
+    let ctx = KernelCtx { max_context: CTX };
+    let mut seen = std::collections::BTreeSet::new();
+    let t0 = std::time::Instant::now();
+    let mut count = 0;
+    for (name, isa) in isas() {
+        for n in a.gb.g.topo_order().unwrap() {
+            let op = a.gb.g.op(n);
+            let k = compile_kernel(&*isa, &ctx, &a.gb.g, n).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match op {
+                Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => assert!(k.is_none()),
+                _ => {
+                    let k = k.expect("kernel");
+                    assert!(!k.code.is_empty());
+                    seen.insert(op.name());
+                    count += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{count} kernels compiled in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+    for want in [
+        "positions",
+        "gather",
+        "exp",
+        "gelu",
+        "add",
+        "div",
+        "reduce_sum",
+        "reduce_max",
+        "softmax",
+        "matmul",
+        "transpose",
+        "slice",
+        "rope",
+        "causal_mask",
+        "kv_concat",
+    ] {
+        assert!(seen.contains(want), "no {want} kernel compiled");
+    }
+}
+
+#[test]
+fn host_features_are_named_like_std() {
+    let (_, feats) = host_isa().unwrap();
+    assert!(feats.iter().any(|f| f == "sse2"));
+    for f in &feats {
+        let known = matches!(
+            f.as_str(),
+            "sse2"
+                | "sse3"
+                | "ssse3"
+                | "sse4.1"
+                | "sse4.2"
+                | "popcnt"
+                | "avx"
+                | "avx2"
+                | "fma"
+                | "bmi1"
+                | "bmi2"
+                | "lzcnt"
+                | "avx512f"
+                | "avx512vl"
+                | "avx512dq"
+                | "avx512bitalg"
+                | "avx512vbmi"
+                | "avxvnni"
+                | "avx512vnni"
+                | "cmpxchg16b"
+        );
+        assert!(known, "unexpected feature name {f}");
+    }
+    if std::is_x86_feature_detected!("fma") {
+        assert!(feats.iter().any(|f| f == "fma"));
+    }
+}
+
+// ---- timing (run with `cargo test --release -p llmc-codegen bench -- --ignored --nocapture`) ----
+
+/// Times one kernel of `gb` at `s`, `p = 0`, single-threaded; with `LLMC_DUMP_DIR` set, also
+/// writes the code there for `objdump -D -b binary -m i386:x86-64`.
+fn time_kernel(gb: &Gb, n: NodeId, s: usize, flops: f64, label: &str) {
+    let (isa, _) = host_isa().unwrap();
+    let g = &gb.g;
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, g, n).unwrap().unwrap();
+    if let Ok(dir) = std::env::var("LLMC_DUMP_DIR") {
+        let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        std::fs::write(format!("{dir}/{file}.bin"), &kc.code).unwrap();
+    }
+    let exec = Exec::new(&kc);
+    let b = llmc_ir::Bindings { s, p: 0 };
+    let mut ins: Vec<Vec<u32>> = g
+        .inputs(n)
+        .iter()
+        .map(|&i| {
+            let t = g.ty(i);
+            let v = vec![0.5f32; t.numel(b)];
+            to_bits(t.dtype, &v)
+        })
+        .collect();
+    let mut out = vec![0u32; g.ty(n).numel(b)];
+    exec.run(&mut ins, &mut out, s, 0, 1);
+    let t0 = std::time::Instant::now();
+    let mut iters = 0;
+    while t0.elapsed().as_secs_f64() < 0.5 {
+        exec.run(&mut ins, &mut out, s, 0, 1);
+        iters += 1;
+    }
+    let dt = t0.elapsed().as_secs_f64() / iters as f64;
+    eprintln!("{label:40} {:9.1} us  {:7.2} GFLOP/s ({} bytes of code)", dt * 1e6, flops / dt / 1e9, kc.code.len());
+}
+
+#[test]
+#[ignore]
+fn bench_kernels() {
+    use Dim::{N, S};
+    for (m, k, nn) in [(1, 4096, 4096), (64, 768, 3072), (256, 1024, 1024)] {
+        for tb in [false, true] {
+            let mut gb = Gb::new(1);
+            let t = TensorType::f32(vec![S, N(k)]);
+            let a = gb.g.add(Op::Input { name: "x".into() }, &[], Some(TensorType::new(DType::I32, vec![S]))).unwrap();
+            let a = gb.g.add_typed(Op::Reshape, &[a], t);
+            let b = gb.weight(&if tb { [nn, k] } else { [k, nn] }, -1.0, 1.0);
+            let n = gb.op(Op::Matmul { transpose_b: tb }, &[a, b]);
+            time_kernel(&gb, n, m, 2.0 * (m * k * nn) as f64, &format!("matmul tb={tb} {m}x{k}x{nn}"));
+        }
+    }
+    let mut gb = Gb::new(1);
+    let x = gb.weight(&[1 << 20], -1.0, 1.0);
+    for u in [UnaryOp::Exp, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::GeluTanh, UnaryOp::Tanh] {
+        let n = gb.op(Op::Unary(u), &[x]);
+        time_kernel(&gb, n, 1, (1 << 20) as f64, &format!("{} 1M (GFLOP/s = Gelem/s)", u.name()));
+    }
+    let y = gb.weight(&[1 << 20], -1.0, 1.0);
+    let n = gb.op(Op::Binary(BinaryOp::Add), &[x, y]);
+    time_kernel(&gb, n, 1, (1 << 20) as f64, "add 1M (Gelem/s)");
+    let x2 = gb.weight(&[1024, 1024], -1.0, 1.0);
+    let n = gb.op(Op::Softmax, &[x2]);
+    time_kernel(&gb, n, 1, (1 << 20) as f64, "softmax 1024x1024 (Gelem/s)");
+}

@@ -1,0 +1,50 @@
+//! llmc's backends. Each backend lowers a verified graph to code and writes an artifact the runtime
+//! loads. `cpu`: x86-64 machine code through Cranelift, one kernel per graph node ([`cpu`]), driven
+//! by [`emit`] over the memory [`plan`].
+
+extern crate llmc_ir as ir;
+extern crate llmc_runtime as runtime;
+
+pub mod cpu;
+pub mod emit;
+pub mod error;
+pub mod plan;
+
+pub use emit::{compile_cpu, CompileOptions, CompileReport};
+pub use error::{CodegenError, Result};
+
+use std::path::Path;
+
+/// A code generator for one target.
+pub trait Backend {
+    /// The `--target` name.
+    fn name(&self) -> &'static str;
+    /// Compiles `g` (weights from `weights`) into an artifact at `out`.
+    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport>;
+}
+
+/// The Cranelift x86-64 backend.
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
+        compile_cpu(g, weights, opts, out)
+    }
+}
+
+/// Names of the targets this build can compile for.
+pub const TARGETS: &[&str] = &["cpu"];
+
+/// The backend for `--target NAME`.
+pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        "cpu" => Ok(Box::new(CpuBackend)),
+        "cuda" => Err(CodegenError::Target(
+            "target `cuda` is not available in this build of llmc (the CUDA backend is not implemented yet); available targets: cpu".into(),
+        )),
+        other => Err(CodegenError::Target(format!("unknown target `{other}`; available targets: {}", TARGETS.join(", ")))),
+    }
+}

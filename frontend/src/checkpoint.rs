@@ -1,0 +1,255 @@
+//! Checkpoint access: memory-mapped safetensors shards and an index from tensor name to
+//! (shard, dtype, shape, byte range).
+//!
+//! A checkpoint is given as a directory (`config.json` plus `model.safetensors` or
+//! `model.safetensors.index.json`), a single `.safetensors` file with `config.json` beside it, or a
+//! sharded index file. Every shard is mapped with `memmap2` and its header parsed by
+//! `safetensors`, which rejects oversized headers, truncated data and bad offsets; tensor data is
+//! only touched when a tensor is read, one tensor at a time, so a model is never copied into RAM
+//! as a whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use llmc_ir::{DType, IrError, TensorType, WeightSource};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{FrontendError, Result};
+
+/// Name of the index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the single file of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// What the checkpoint says about one tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The stored element type, or `None` when it is not one llmc reads (F32, F16, BF16).
+    pub dtype: Option<DType>,
+    /// The safetensors name of the stored element type (`"BF16"`, `"I64"`, ...), for messages.
+    pub stored: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the shard's mapping (header included in the offset).
+    start: usize,
+    end: usize,
+}
+
+/// An opened checkpoint. The mappings are read-only; as with any memory map, the files must not be
+/// modified while the checkpoint is open.
+#[derive(Debug)]
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    index: BTreeMap<String, Entry>,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> FrontendError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        FrontendError::NotFound { path: path.to_path_buf() }
+    } else {
+        FrontendError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+fn ir_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint at `path` and returns it with the path of its `config.json`.
+    pub fn open(path: &Path) -> Result<(Checkpoint, PathBuf)> {
+        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+        let (dir, files) = if meta.is_dir() {
+            (path.to_path_buf(), None)
+        } else {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            (dir, Some(path.to_path_buf()))
+        };
+        let config = dir.join(CONFIG_FILE);
+        if !config.is_file() {
+            return Err(FrontendError::MissingConfig { dir });
+        }
+        let file = match files {
+            Some(f) => f,
+            None => {
+                let index = dir.join(INDEX_FILE);
+                if index.is_file() {
+                    index
+                } else {
+                    dir.join(SINGLE_FILE)
+                }
+            }
+        };
+        let is_index = file.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"));
+        let ckpt = if is_index { Self::open_index(&file)? } else { Self::open_files(&[file])? };
+        Ok((ckpt, config))
+    }
+
+    /// Opens a sharded checkpoint from its index; every shard the `weight_map` names is mapped, and
+    /// each mapping is checked against the shard's actual contents.
+    fn open_index(index: &Path) -> Result<Checkpoint> {
+        let bad = |msg: String| FrontendError::InvalidIndex { index: index.to_path_buf(), msg };
+        let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| FrontendError::ConfigNotJson { path: index.to_path_buf(), msg: e.to_string() })?;
+        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+            return Err(bad("no `weight_map` object".into()));
+        };
+        let dir = index.parent().unwrap_or_else(|| Path::new("."));
+        let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(map.len());
+        let mut names = BTreeSet::new();
+        for (tensor, shard) in map {
+            let Some(shard) = shard.as_str() else {
+                return Err(bad(format!("weight_map entry `{tensor}` is not a file name")));
+            };
+            wanted.push((tensor, shard));
+            names.insert(shard);
+        }
+        if names.is_empty() {
+            return Err(bad("`weight_map` is empty".into()));
+        }
+        let mut files = Vec::with_capacity(names.len());
+        for name in &names {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(FrontendError::MissingShard { index: index.to_path_buf(), shard: p });
+            }
+            files.push(p);
+        }
+        let ckpt = Self::open_files(&files).map_err(|e| match e {
+            FrontendError::InvalidIndex { msg, .. } => bad(msg),
+            e => e,
+        })?;
+        for (tensor, shard) in wanted {
+            let p = dir.join(shard);
+            match ckpt.index.get(tensor) {
+                Some(e) if ckpt.shards.get(e.shard).is_some_and(|s| s.path == p) => {}
+                _ => return Err(bad(format!("weight_map puts `{tensor}` in {shard}, which does not hold it"))),
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// Maps each file and indexes its tensors; a name held by two shards is an error.
+    fn open_files(files: &[PathBuf]) -> Result<Checkpoint> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for path in files {
+            let file = File::open(path).map_err(|e| io_err(path, e))?;
+            // SAFETY: the mapping is read-only; a checkpoint file modified while open is outside
+            // what llmc supports (as for every reader of memory-mapped weights).
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+            let st_err = |msg: String| FrontendError::Safetensors { path: path.clone(), msg };
+            let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|e| st_err(e.to_string()))?;
+            let data_start = n.checked_add(8).ok_or_else(|| st_err("header length overflows".into()))?;
+            let shard = shards.len();
+            for (name, info) in metadata.tensors() {
+                let (s, e) = info.data_offsets;
+                let (Some(start), Some(end)) = (data_start.checked_add(s), data_start.checked_add(e)) else {
+                    return Err(st_err(format!("offsets of `{name}` overflow")));
+                };
+                if start > end || end > map.len() {
+                    return Err(st_err(format!("offsets of `{name}` lie outside the file")));
+                }
+                let entry = Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start, end };
+                if let Some(prev) = index.insert(name.clone(), entry) {
+                    let other = shards.get(prev.shard).map(|s: &Shard| s.path.display().to_string()).unwrap_or_default();
+                    return Err(FrontendError::InvalidIndex {
+                        index: path.clone(),
+                        msg: format!("tensor `{name}` appears in both {other} and {}", path.display()),
+                    });
+                }
+            }
+            shards.push(Shard { path: path.clone(), map });
+        }
+        Ok(Checkpoint { shards, index })
+    }
+
+    /// All tensor names, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.index.keys().map(String::as_str).collect()
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Dtype and shape of `name`, without reading its data.
+    pub fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.index.get(name).map(|e| TensorInfo { dtype: ir_dtype(e.dtype), stored: e.dtype.to_string(), shape: e.shape.clone() })
+    }
+
+    /// The shard file holding `name`.
+    pub fn shard_path(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).and_then(|e| self.shards.get(e.shard)).map(|s| s.path.as_path())
+    }
+
+    /// Checks that `name` exists, is stored as F32/F16/BF16 and has shape `expected`; returns its
+    /// stored dtype.
+    pub fn check_tensor(&self, name: &str, expected: &[usize]) -> Result<DType> {
+        let e = self.index.get(name).ok_or_else(|| FrontendError::MissingTensor { name: name.to_string() })?;
+        let dtype = ir_dtype(e.dtype)
+            .ok_or_else(|| FrontendError::UnsupportedDtype { name: name.to_string(), dtype: e.dtype.to_string() })?;
+        if e.shape != expected {
+            return Err(FrontendError::ShapeMismatch { name: name.to_string(), expected: expected.to_vec(), found: e.shape.clone() });
+        }
+        Ok(dtype)
+    }
+
+    /// Reads `name` converted to f32, row-major.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.index.get(name).ok_or_else(|| FrontendError::MissingTensor { name: name.to_string() })?;
+        let bytes = self
+            .shards
+            .get(e.shard)
+            .and_then(|s| s.map.get(e.start..e.end))
+            .ok_or_else(|| FrontendError::Tensor { name: name.to_string(), msg: "byte range outside its shard".into() })?;
+        Ok(match e.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            d => return Err(FrontendError::UnsupportedDtype { name: name.to_string(), dtype: d.to_string() }),
+        })
+    }
+}
+
+/// Weights for the interpreter and the compiler: checks the element count against the graph's
+/// type, then converts to f32.
+impl WeightSource for Checkpoint {
+    fn load(&self, name: &str, ty: &TensorType) -> llmc_ir::Result<Vec<f32>> {
+        let werr = |msg: String| IrError::Weight { name: name.to_string(), msg };
+        let e = self.index.get(name).ok_or_else(|| werr("not found in the checkpoint".into()))?;
+        let have = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        match (have, ty.static_numel()) {
+            (Some(h), Some(w)) if h == w => {}
+            _ => return Err(werr(format!("checkpoint shape {:?} does not fit type {ty}", e.shape))),
+        }
+        self.read_f32(name).map_err(|err| werr(err.to_string()))
+    }
+}

@@ -1,0 +1,158 @@
+//! Element types and shapes with symbolic dimensions.
+//!
+//! A graph describes one forward step over `S` new tokens with `P` tokens already in the KV cache;
+//! `T = P + S` is the total attended length. Every other dimension is a compile-time constant.
+
+use std::fmt;
+
+/// Element type of a tensor. Weights may be *stored* in f16/bf16 and are computed in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<DType> {
+        Some(match s {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            "i32" => DType::I32,
+            _ => return None,
+        })
+    }
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One dimension of a shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dim {
+    /// A compile-time constant.
+    N(usize),
+    /// Tokens processed by this step (the sequence length of a prefill chunk; 1 for decode).
+    S,
+    /// Tokens already in the KV cache before this step.
+    P,
+    /// `P + S`: the attended length after this step's tokens are appended.
+    T,
+}
+
+impl Dim {
+    pub fn is_const(self) -> bool {
+        matches!(self, Dim::N(_))
+    }
+    pub fn as_const(self) -> Option<usize> {
+        match self {
+            Dim::N(n) => Some(n),
+            _ => None,
+        }
+    }
+    /// The concrete value under `b`.
+    pub fn eval(self, b: Bindings) -> usize {
+        match self {
+            Dim::N(n) => n,
+            Dim::S => b.s,
+            Dim::P => b.p,
+            Dim::T => b.p + b.s,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::N(n) => write!(f, "{n}"),
+            Dim::S => f.write_str("S"),
+            Dim::P => f.write_str("P"),
+            Dim::T => f.write_str("T"),
+        }
+    }
+}
+
+/// Values of the symbolic dimensions for one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Bindings {
+    pub s: usize,
+    pub p: usize,
+}
+
+/// The type of a value: element type and row-major (contiguous) shape.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorType {
+    pub fn new(dtype: DType, shape: Vec<Dim>) -> Self {
+        TensorType { dtype, shape }
+    }
+    pub fn f32(shape: Vec<Dim>) -> Self {
+        TensorType::new(DType::F32, shape)
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    /// Concrete shape under `b`.
+    pub fn eval_shape(&self, b: Bindings) -> Vec<usize> {
+        self.shape.iter().map(|d| d.eval(b)).collect()
+    }
+    /// Number of elements under `b`.
+    pub fn numel(&self, b: Bindings) -> usize {
+        self.shape.iter().map(|d| d.eval(b)).product()
+    }
+    /// Element count when every dimension is constant.
+    pub fn static_numel(&self) -> Option<usize> {
+        self.shape.iter().map(|d| d.as_const()).product()
+    }
+    /// Product of the constant dimensions and the sorted list of symbolic ones:
+    /// two shapes with equal keys have equal element counts for every binding.
+    pub fn numel_key(&self) -> (usize, Vec<Dim>) {
+        let mut c = 1;
+        let mut syms = Vec::new();
+        for d in &self.shape {
+            match d {
+                Dim::N(n) => c *= n,
+                s => syms.push(*s),
+            }
+        }
+        syms.sort();
+        (c, syms)
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}

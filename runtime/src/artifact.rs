@@ -1,0 +1,325 @@
+//! The artifact file format: one file holding a header, machine code and weights.
+//!
+//! ```text
+//! 0      8 bytes   magic "LLMCART\0"
+//! 8      u32 LE    format version (FORMAT_VERSION)
+//! 12     u32 LE    reserved, 0
+//! 16     u64 LE    header length in bytes
+//! 24     u64 LE    xxh3-64 of the header bytes
+//! 32     header    JSON (`Header`), padded with spaces to the code offset
+//! code   kernels   machine code, `code_len` bytes at `code_offset` (64-aligned)
+//! data   buffers   weights, constants, tables at `data_offset` (4096-aligned), each 64-aligned
+//! ```
+//! The header records xxh3-64 checksums of the code and data sections; [`Artifact::open`] checks all
+//! three, the format version, the target and the CPU features before any code is mapped executable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+use crate::exec::cpu_has;
+
+pub const MAGIC: &[u8; 8] = b"LLMCART\0";
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes before the header JSON.
+pub const PREAMBLE: usize = 32;
+/// The target string of Cranelift x86-64 artifacts.
+pub const TARGET_X86_64: &str = "x86_64-cpu";
+
+/// One compiled kernel: `len` bytes at `offset` within the code section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KernelEntry {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Where a tensor lives while the model runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BufferDecl {
+    /// Read-only bytes in the data section (weights, constants, kernel tables).
+    Data { name: String, offset: u64, bytes: u64 },
+    /// Activations: `bytes` (at the largest step) at `offset` in the session's arena.
+    Arena { offset: u64, bytes: u64 },
+    /// A whole persistent state tensor (KV cache), `states[index]`.
+    State { index: u32 },
+}
+
+/// A persistent state tensor (a KV cache), zeroed when a session starts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StateEntry {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// One kernel launch: `args` are buffer indices in the kernel ABI's order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Step {
+    pub kernel: u32,
+    pub args: Vec<u32>,
+    /// The IR value this step computes (for profiles and errors).
+    #[serde(default)]
+    pub label: String,
+}
+
+/// Everything the runtime needs besides the code and data bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Header {
+    pub target: String,
+    pub cpu_features: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub vocab_size: u64,
+    pub max_context: u64,
+    /// The largest number of tokens one step processes; longer prompts run in chunks.
+    pub max_chunk: u64,
+    pub code_offset: u64,
+    pub code_len: u64,
+    pub data_offset: u64,
+    pub data_len: u64,
+    /// xxh3-64 of the code section, as 16 hex digits.
+    pub code_checksum: String,
+    /// xxh3-64 of the data section, as 16 hex digits.
+    pub data_checksum: String,
+    pub kernels: Vec<KernelEntry>,
+    pub buffers: Vec<BufferDecl>,
+    pub states: Vec<StateEntry>,
+    pub steps: Vec<Step>,
+    /// Buffer of the token ids (i32[S]) and of the logits (f32[S, vocab]).
+    pub input: u32,
+    pub output: u32,
+    pub arena_bytes: u64,
+}
+
+pub fn checksum_hex(h: u64) -> String {
+    format!("{h:016x}")
+}
+
+/// An opened, verified artifact (memory-mapped).
+pub struct Artifact {
+    pub path: PathBuf,
+    pub header: Header,
+    map: Mmap,
+}
+
+impl Artifact {
+    /// Opens and verifies an artifact: magic, version, header checksum, section bounds, code and
+    /// data checksums, kernel and buffer bounds, target and CPU features.
+    pub fn open(path: &Path) -> Result<Artifact> {
+        let pb = path.to_path_buf();
+        let corrupt = |msg: String| RuntimeError::Corrupt { path: pb.clone(), msg };
+        let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: pb.clone(), source })?;
+        // SAFETY: the map is read-only; a concurrent truncation of the file is outside our contract.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: pb.clone(), source })?;
+        if map.len() < PREAMBLE || &map[..8] != MAGIC {
+            return Err(corrupt("not an llmc artifact (bad magic)".into()));
+        }
+        let version = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(RuntimeError::Version { path: pb, found: version, expected: FORMAT_VERSION });
+        }
+        let hlen = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes"));
+        let hsum = u64::from_le_bytes(map[24..32].try_into().expect("8 bytes"));
+        let hend = (PREAMBLE as u64).checked_add(hlen).filter(|&e| e <= map.len() as u64).ok_or_else(|| corrupt(format!("header length {hlen} exceeds the file ({} bytes)", map.len())))?;
+        let hbytes = &map[PREAMBLE..hend as usize];
+        if xxhash_rust::xxh3::xxh3_64(hbytes) != hsum {
+            return Err(RuntimeError::Checksum { path: pb, section: "header" });
+        }
+        let header: Header = serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("header: {e}")))?;
+        let section = |off: u64, len: u64, what: &str| -> Result<std::ops::Range<usize>> {
+            match off.checked_add(len) {
+                Some(end) if off >= hend && end <= map.len() as u64 => Ok(off as usize..end as usize),
+                _ => Err(corrupt(format!("{what} section {off}+{len} lies outside the file ({} bytes)", map.len()))),
+            }
+        };
+        let code = section(header.code_offset, header.code_len, "code")?;
+        let data = section(header.data_offset, header.data_len, "data")?;
+        if checksum_hex(xxhash_rust::xxh3::xxh3_64(&map[code.clone()])) != header.code_checksum {
+            return Err(RuntimeError::Checksum { path: pb, section: "code" });
+        }
+        if checksum_hex(xxhash_rust::xxh3::xxh3_64(&map[data.clone()])) != header.data_checksum {
+            return Err(RuntimeError::Checksum { path: pb, section: "data" });
+        }
+        validate(&header).map_err(corrupt)?;
+        if header.target != TARGET_X86_64 || !cfg!(target_arch = "x86_64") {
+            return Err(RuntimeError::Target { path: pb, target: header.target.clone() });
+        }
+        for f in &header.cpu_features {
+            if cpu_has(f) != Some(true) {
+                return Err(RuntimeError::CpuFeature { path: pb, feature: f.clone() });
+            }
+        }
+        Ok(Artifact { path: pb, header, map })
+    }
+
+    pub fn code(&self) -> &[u8] {
+        let h = &self.header;
+        &self.map[h.code_offset as usize..(h.code_offset + h.code_len) as usize]
+    }
+
+    pub fn data(&self) -> &[u8] {
+        let h = &self.header;
+        &self.map[h.data_offset as usize..(h.data_offset + h.data_len) as usize]
+    }
+
+    /// Total file size in bytes.
+    pub fn file_len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Internal consistency of a header whose bytes passed the checksum (a defence against
+/// artifacts written by a buggy or hostile producer: no index or range may escape its section).
+fn validate(h: &Header) -> std::result::Result<(), String> {
+    for k in &h.kernels {
+        if k.offset.checked_add(k.len).is_none_or(|e| e > h.code_len) || k.len == 0 {
+            return Err(format!("kernel `{}` lies outside the code section", k.name));
+        }
+    }
+    for (i, b) in h.buffers.iter().enumerate() {
+        match b {
+            BufferDecl::Data { name, offset, bytes } => {
+                if offset.checked_add(*bytes).is_none_or(|e| e > h.data_len) {
+                    return Err(format!("buffer {i} (`{name}`) lies outside the data section"));
+                }
+            }
+            BufferDecl::Arena { offset, bytes } => {
+                if offset.checked_add(*bytes).is_none_or(|e| e > h.arena_bytes) {
+                    return Err(format!("buffer {i} lies outside the arena"));
+                }
+            }
+            BufferDecl::State { index } => {
+                if *index as usize >= h.states.len() {
+                    return Err(format!("buffer {i} names state {index}, which does not exist"));
+                }
+            }
+        }
+    }
+    let nb = h.buffers.len();
+    for (i, s) in h.steps.iter().enumerate() {
+        if s.kernel as usize >= h.kernels.len() || s.args.iter().any(|&a| a as usize >= nb) {
+            return Err(format!("step {i} names a kernel or buffer that does not exist"));
+        }
+    }
+    for (what, b) in [("input", h.input), ("output", h.output)] {
+        match h.buffers.get(b as usize) {
+            Some(BufferDecl::Arena { bytes, .. }) => {
+                let per_token = if what == "input" { 4 } else { 4 * h.vocab_size };
+                if *bytes < per_token.saturating_mul(h.max_chunk) {
+                    return Err(format!("{what} buffer is smaller than {} tokens", h.max_chunk));
+                }
+            }
+            _ => return Err(format!("{what} buffer must be an arena buffer")),
+        }
+    }
+    if h.max_chunk == 0 || h.max_context == 0 || h.vocab_size == 0 || h.max_chunk > h.max_context {
+        return Err("max_chunk, max_context and vocab_size must be positive, max_chunk <= max_context".into());
+    }
+    if h.arena_bytes > (1u64 << 40) || h.states.iter().any(|s| s.bytes > (1u64 << 40)) {
+        return Err("arena or state sizes are absurd".into());
+    }
+    Ok(())
+}
+
+/// Streams an artifact to disk: code, then data buffers one at a time, then the header, so that
+/// writing never holds more than one tensor in memory.
+pub struct ArtifactWriter {
+    file: std::fs::File,
+    path: PathBuf,
+    reserved: u64,
+    code_offset: u64,
+    code_len: u64,
+    data_offset: u64,
+    data_pos: u64,
+    data_hash: xxhash_rust::xxh3::Xxh3,
+    code_checksum: String,
+}
+
+impl ArtifactWriter {
+    /// Creates `path`, reserving `header_reserve` bytes for the header, and writes the code.
+    pub fn create(path: &Path, header_reserve: u64, code: &[u8]) -> Result<Self> {
+        use std::io::{Seek, SeekFrom, Write};
+        let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
+        let reserved = round_up(PREAMBLE as u64 + header_reserve, 64);
+        let code_offset = reserved;
+        let code_len = code.len() as u64;
+        let data_offset = round_up(code_offset + code_len, 4096);
+        let mut file = std::fs::File::create(path).map_err(io)?;
+        file.seek(SeekFrom::Start(code_offset)).map_err(io)?;
+        file.write_all(code).map_err(io)?;
+        file.set_len(data_offset).map_err(io)?;
+        file.seek(SeekFrom::Start(data_offset)).map_err(io)?;
+        Ok(ArtifactWriter {
+            file,
+            path: path.to_path_buf(),
+            reserved,
+            code_offset,
+            code_len,
+            data_offset,
+            data_pos: 0,
+            data_hash: xxhash_rust::xxh3::Xxh3::new(),
+            code_checksum: checksum_hex(xxhash_rust::xxh3::xxh3_64(code)),
+        })
+    }
+
+    /// Appends a data buffer (64-aligned); returns its offset within the data section.
+    pub fn push_data(&mut self, bytes: &[u8]) -> Result<u64> {
+        use std::io::Write;
+        let io = |source| RuntimeError::Io { path: self.path.clone(), source };
+        let aligned = round_up(self.data_pos, 64);
+        let pad = vec![0u8; (aligned - self.data_pos) as usize];
+        self.file.write_all(&pad).map_err(io)?;
+        self.data_hash.update(&pad);
+        self.file.write_all(bytes).map_err(io)?;
+        self.data_hash.update(bytes);
+        self.data_pos = aligned + bytes.len() as u64;
+        Ok(aligned)
+    }
+
+    /// Fills in section fields and checksums of `header`, writes it, and returns the file size.
+    pub fn finish(mut self, mut header: Header) -> Result<u64> {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = self.path.clone();
+        let io = |source| RuntimeError::Io { path: path.clone(), source };
+        header.code_offset = self.code_offset;
+        header.code_len = self.code_len;
+        header.data_offset = self.data_offset;
+        header.data_len = self.data_pos;
+        header.code_checksum = self.code_checksum.clone();
+        header.data_checksum = checksum_hex(self.data_hash.digest());
+        let json = serde_json::to_vec(&header).map_err(|e| RuntimeError::Other(format!("serialize header: {e}")))?;
+        if PREAMBLE as u64 + json.len() as u64 > self.reserved {
+            return Err(RuntimeError::Other(format!(
+                "internal: header of {} bytes exceeds the {} reserved",
+                json.len(),
+                self.reserved - PREAMBLE as u64
+            )));
+        }
+        let mut pre = Vec::with_capacity(PREAMBLE);
+        pre.extend_from_slice(MAGIC);
+        pre.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        pre.extend_from_slice(&0u32.to_le_bytes());
+        pre.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        pre.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
+        self.file.seek(SeekFrom::Start(0)).map_err(io)?;
+        self.file.write_all(&pre).map_err(io)?;
+        self.file.write_all(&json).map_err(io)?;
+        let pad = self.reserved - PREAMBLE as u64 - json.len() as u64;
+        self.file.write_all(&vec![b' '; pad as usize]).map_err(io)?;
+        self.file.flush().map_err(io)?;
+        Ok(self.data_offset + self.data_pos)
+    }
+}
+
+/// The header's serialized size with `header`'s current contents (section fields are fixed-width
+/// enough that an upper bound is this plus a small margin).
+pub fn header_size_bound(header: &Header) -> u64 {
+    serde_json::to_vec(header).map(|v| v.len() as u64).unwrap_or(0) + 256
+}
+
+pub fn round_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}

@@ -1,0 +1,32 @@
+//! The runtime's error type.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file is not an llmc artifact, or its structure is damaged.
+    #[error("{path}: corrupt artifact: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+    /// A checksum did not match: the named section was modified or truncated.
+    #[error("{path}: corrupt artifact: checksum mismatch in the {section} section")]
+    Checksum { path: PathBuf, section: &'static str },
+    #[error("{path}: artifact format version {found}, this runtime reads version {expected}")]
+    Version { path: PathBuf, found: u32, expected: u32 },
+    #[error("{path}: artifact was compiled for target `{target}`, which this runtime cannot run")]
+    Target { path: PathBuf, target: String },
+    #[error("{path}: artifact needs CPU feature `{feature}`, which this CPU lacks")]
+    CpuFeature { path: PathBuf, feature: String },
+    #[error("token id {id} at position {index} is out of range: the vocabulary has {vocab} tokens")]
+    TokenOutOfRange { id: i64, index: usize, vocab: usize },
+    #[error("{needed} tokens do not fit the compiled context of {max_context} tokens")]
+    ContextOverflow { needed: usize, max_context: usize },
+    #[error("empty input: at least one token id is needed")]
+    EmptyInput,
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

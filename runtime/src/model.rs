@@ -1,0 +1,260 @@
+//! A loaded model and its sessions.
+//!
+//! A [`Model`] is an opened artifact with its code mapped executable; it is immutable and shared.
+//! A [`Session`] owns what one conversation mutates: the activation arena (sized by the compile-time
+//! memory plan) and the KV-cache state. Running a step is a walk over the compile-time step list,
+//! each step one call of a compiled kernel with precomputed buffer pointers.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::artifact::{Artifact, BufferDecl, Header};
+use crate::error::{Result, RuntimeError};
+use crate::exec::{CodeMemory, KernelFn};
+use crate::sample::argmax;
+
+/// A loaded, verified, executable model.
+pub struct Model {
+    artifact: Artifact,
+    _code: CodeMemory,
+    kernels: Vec<KernelFn>,
+}
+
+// SAFETY: the model is immutable after loading; kernels are pure functions of their buffers.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Opens `path`, verifies it (see [`Artifact::open`]) and maps its code.
+    pub fn load(path: &Path) -> Result<Arc<Model>> {
+        let artifact = Artifact::open(path)?;
+        let code = CodeMemory::new(artifact.code())?;
+        // SAFETY: offsets were validated against the code section and name functions compiled for
+        // the kernel ABI by the compiler that wrote this checksummed artifact.
+        let kernels = artifact.header.kernels.iter().map(|k| unsafe { code.kernel(k.offset as usize) }).collect();
+        Ok(Arc::new(Model { artifact, _code: code, kernels }))
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.artifact.header
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.header().vocab_size as usize
+    }
+    pub fn max_context(&self) -> usize {
+        self.header().max_context as usize
+    }
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.header().meta.get(key).map(|s| s.as_str())
+    }
+    /// End-of-sequence token ids recorded from the checkpoint's config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.meta("eos_token_id")
+            .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+    pub fn file_len(&self) -> usize {
+        self.artifact.file_len()
+    }
+}
+
+/// 64-byte aligned, zeroed heap memory.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    fn new(bytes: usize) -> Result<Self> {
+        let layout = Layout::from_size_align(bytes.max(64), 64).map_err(|e| RuntimeError::Other(e.to_string()))?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(RuntimeError::Other(format!("out of memory allocating {bytes} bytes")));
+        }
+        Ok(AlignedBuf { ptr, layout })
+    }
+    fn zero(&mut self) {
+        // SAFETY: ptr is valid for layout.size() bytes.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Timings of a [`Session::generate`] call.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl GenerateStats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_seconds)
+    }
+    /// Decode rate over the tokens produced by decode steps (the first new token comes from prefill).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.generated_tokens.saturating_sub(1), self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if n == 0 || s <= 0.0 {
+        0.0
+    } else {
+        n as f64 / s
+    }
+}
+
+/// One conversation: activation arena, KV cache, and the number of cached tokens.
+pub struct Session {
+    model: Arc<Model>,
+    _arena: AlignedBuf,
+    states: Vec<AlignedBuf>,
+    /// Per step, the kernel-ABI pointer array.
+    ptrs: Vec<Vec<*mut u8>>,
+    input: *mut i32,
+    output: *const f32,
+    past: usize,
+}
+
+// SAFETY: the raw pointers point into memory the session owns (arena, states) or the model's
+// read-only map, which the session keeps alive through its Arc.
+unsafe impl Send for Session {}
+
+impl Session {
+    pub fn new(model: Arc<Model>) -> Result<Session> {
+        let h = model.header();
+        let arena = AlignedBuf::new(h.arena_bytes as usize)?;
+        let states = h.states.iter().map(|s| AlignedBuf::new(s.bytes as usize)).collect::<Result<Vec<_>>>()?;
+        let data = model.artifact.data().as_ptr();
+        let buf_ptr = |i: u32| -> *mut u8 {
+            match &h.buffers[i as usize] {
+                // SAFETY (all three): offsets were validated against their regions at load.
+                BufferDecl::Data { offset, .. } => unsafe { data.add(*offset as usize) as *mut u8 },
+                BufferDecl::Arena { offset, .. } => unsafe { arena.ptr.add(*offset as usize) },
+                BufferDecl::State { index } => states[*index as usize].ptr,
+            }
+        };
+        let ptrs = h.steps.iter().map(|s| s.args.iter().map(|&a| buf_ptr(a)).collect()).collect();
+        let input = buf_ptr(h.input) as *mut i32;
+        let output = buf_ptr(h.output) as *const f32;
+        Ok(Session { model, _arena: arena, states, ptrs, input, output, past: 0 })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Tokens in the KV cache.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        for s in &mut self.states {
+            s.zero();
+        }
+        self.past = 0;
+    }
+
+    /// Checks ids against the vocabulary and the context before anything runs.
+    pub fn check_input(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let vocab = self.model.vocab_size();
+        if let Some((index, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(RuntimeError::TokenOutOfRange { id: id as i64, index, vocab });
+        }
+        let needed = self.past + ids.len();
+        if needed > self.model.max_context() {
+            return Err(RuntimeError::ContextOverflow { needed, max_context: self.model.max_context() });
+        }
+        Ok(())
+    }
+
+    /// Appends `ids` to the conversation and returns logits: every position's (`[n, vocab]`) when
+    /// `all_logits`, else only the last position's (`[vocab]`). Long inputs run in chunks.
+    pub fn forward(&mut self, ids: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        self.check_input(ids)?;
+        let vocab = self.model.vocab_size();
+        let chunk = self.model.header().max_chunk as usize;
+        let mut out = Vec::with_capacity(if all_logits { ids.len() * vocab } else { vocab });
+        for (ci, part) in ids.chunks(chunk).enumerate() {
+            let s = part.len();
+            // SAFETY: the input buffer holds max_chunk i32s (validated at load); s <= max_chunk.
+            unsafe {
+                for (i, &id) in part.iter().enumerate() {
+                    *self.input.add(i) = id as i32;
+                }
+            }
+            for (step, ptrs) in self.model.header().steps.iter().zip(&self.ptrs) {
+                let k = self.model.kernels[step.kernel as usize];
+                // SAFETY: pointers cover each buffer at its largest size; s + past <= max_context.
+                unsafe { k(ptrs.as_ptr(), s as i64, self.past as i64, 0, 1) };
+            }
+            self.past += s;
+            // SAFETY: the output buffer holds s * vocab f32s after the steps ran.
+            let logits = unsafe { std::slice::from_raw_parts(self.output, s * vocab) };
+            if all_logits {
+                out.extend_from_slice(logits);
+            } else if (ci + 1) * chunk >= ids.len() {
+                out.extend_from_slice(&logits[(s - 1) * vocab..]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Greedy generation: runs `prompt`, then up to `max_new` tokens, stopping after any id in
+    /// `stop`. Returns the new ids, the prompt's logits (`[prompt, vocab]`) when asked, and timings.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        want_prompt_logits: bool,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<(Vec<u32>, Option<Vec<f32>>, GenerateStats)> {
+        let vocab = self.model.vocab_size();
+        let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
+        // The last new token is never fed back, so generation needs `max_new - 1` more rows.
+        let needed = self.past + prompt.len() + max_new.saturating_sub(1);
+        if needed > self.model.max_context() {
+            return Err(RuntimeError::ContextOverflow { needed, max_context: self.model.max_context() });
+        }
+        let t0 = Instant::now();
+        let logits = self.forward(prompt, want_prompt_logits)?;
+        stats.prefill_seconds = t0.elapsed().as_secs_f64();
+        let last = &logits[logits.len() - vocab..];
+        let mut new = Vec::with_capacity(max_new);
+        if max_new == 0 {
+            return Ok((new, want_prompt_logits.then_some(logits), stats));
+        }
+        let mut next = argmax(last) as u32;
+        let t1 = Instant::now();
+        loop {
+            new.push(next);
+            on_token(next);
+            if new.len() >= max_new || stop.contains(&next) {
+                break;
+            }
+            let l = self.forward(&[next], false)?;
+            next = argmax(&l) as u32;
+        }
+        stats.decode_seconds = t1.elapsed().as_secs_f64();
+        stats.generated_tokens = new.len();
+        Ok((new, want_prompt_logits.then_some(logits), stats))
+    }
+}
