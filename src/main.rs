@@ -1,34 +1,53 @@
 //! `llmc`: the command-line driver. Thin by design: it parses arguments and calls the crates in
-//! processing order (frontend -> passes -> codegen -> runtime).
+//! processing order (frontend -> passes -> codegen -> runtime). Progress bars go to stderr (hidden
+//! when it is not a terminal or with `--quiet`), `--json` makes the last stdout line one JSON object
+//! on every command, and `RUST_LOG` turns on `tracing` logs of the main phases.
 
+mod embed;
+mod emit_lib;
+
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use llmc_codegen as codegen;
 use llmc_frontend as frontend;
 use llmc_passes as passes;
 use llmc_runtime as runtime;
+use runtime::{Sampler, SamplingParams, Session, StopConditions, Tokenizer};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(name = "llmc", version, about = "Ahead-of-time compiler for transformer language models")]
 struct Cli {
+    /// No progress bars and no summaries on stderr (errors still print).
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compile a checkpoint (directory, .safetensors file or sharded index) into an artifact.
+    /// Compile a checkpoint (directory, .safetensors file or sharded index) into an artifact, or
+    /// with `--emit lib` into a static library and C header.
     Compile(CompileArgs),
-    /// Run an artifact: prefill the prompt, then decode greedily.
+    /// Run an artifact: prefill the prompt (ids or text), then decode (greedy unless sampling
+    /// options are given; speculative with --draft).
     Run(RunArgs),
+    /// Measure prefill and decode speed and peak memory (optionally speculative decoding's gain).
+    Bench(BenchArgs),
+    /// Sentence embeddings from an encoder artifact (BertModel), pooled and normalized as the
+    /// checkpoint's sentence-transformers configuration says.
+    Embed(embed::EmbedArgs),
     /// Print the text IR of a checkpoint (after the default pipeline unless --after says otherwise).
     DumpIr(DumpIrArgs),
     /// List the passes with a one-line summary each.
-    Passes,
+    Passes(PassesArgs),
 }
 
 #[derive(Args)]
@@ -53,6 +72,15 @@ struct PipelineArgs {
     max_context: Option<usize>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Emit {
+    /// One artifact file, run with `llmc run` or loaded through the runtime API.
+    Artifact,
+    /// DIR/libllmc_model.a (runtime + model) and DIR/model.h (C API) for linking into an
+    /// application, plus DIR/model.llmc.
+    Lib,
+}
+
 #[derive(Args)]
 struct CompileArgs {
     /// Model directory, `.safetensors` file (config.json beside it) or `model.safetensors.index.json`.
@@ -60,12 +88,18 @@ struct CompileArgs {
     /// Code generation target.
     #[arg(long, default_value = "cpu")]
     target: String,
-    /// Output artifact path.
+    /// Output: the artifact file, or with `--emit lib` the directory to write.
     #[arg(short, long)]
     output: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "artifact")]
+    emit: Emit,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
     #[arg(long = "max-chunk")]
     max_chunk: Option<usize>,
+    /// Leave out the checkpoint's tokenizer.json and chat template (the artifact then takes ids only).
+    #[arg(long = "no-tokenizer")]
+    no_tokenizer: bool,
     /// Print the compile report as one JSON line.
     #[arg(long)]
     json: bool,
@@ -74,21 +108,111 @@ struct CompileArgs {
 }
 
 #[derive(Args)]
+struct SamplingArgs {
+    /// Softmax temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long = "top-k", default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to P (1: all).
+    #[arg(long = "top-p", default_value_t = 1.0, allow_hyphen_values = true)]
+    top_p: f32,
+    /// Penalize tokens already in the sequence (Hugging Face's rule; 1: off, 1.1-1.3 typical).
+    #[arg(long = "repetition-penalty", default_value_t = 1.0, allow_hyphen_values = true)]
+    repetition_penalty: f32,
+    /// Seed of the sampler (the same seed gives the same text); default: from the clock, reported.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        });
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+        }
+    }
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Artifact written by `llmc compile`.
     artifact: PathBuf,
     /// Prompt token ids, comma-separated.
-    #[arg(long = "input-ids", value_name = "IDS")]
-    input_ids: String,
+    #[arg(long = "input-ids", value_name = "IDS", required_unless_present = "prompt", conflicts_with = "prompt")]
+    input_ids: Option<String>,
+    /// Prompt text, tokenized with the tokenizer the artifact carries; the generated text streams
+    /// to stdout.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Format --prompt as a user message with the checkpoint's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Tokens to generate.
     #[arg(long = "max-new-tokens", default_value_t = 32)]
     max_new_tokens: usize,
-    /// Write the logits of every prompt position as a float32 .npy of shape [prompt_len, vocab].
-    #[arg(long = "logits-out", value_name = "FILE.npy")]
-    logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Also stop after this token: an id or a token string such as `<|im_end|>` (repeatable).
+    #[arg(long, value_name = "TOKEN")]
+    stop: Vec<String>,
     /// Keep generating after an end-of-sequence token.
     #[arg(long = "ignore-eos")]
     ignore_eos: bool,
+    /// Draft model (an artifact with the same vocabulary) for speculative decoding; it runs on
+    /// one thread (a small model's steps are too short to split).
+    #[arg(long, value_name = "ARTIFACT")]
+    draft: Option<PathBuf>,
+    /// Tokens the draft proposes per round.
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "draft")]
+    speculate: usize,
+    /// Threads each kernel is split across (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write the logits of every prompt position as a float32 .npy of shape [prompt_len, vocab].
+    #[arg(long = "logits-out", value_name = "FILE.npy", conflicts_with = "draft")]
+    logits_out: Option<PathBuf>,
+    /// Make the last stdout line one JSON object (the text is then not streamed).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Artifact written by `llmc compile`.
+    artifact: PathBuf,
+    /// Prompt length in tokens (fixed pseudo-random ids).
+    #[arg(long = "prompt-len", default_value_t = 128)]
+    prompt_len: usize,
+    /// Use this text (tokenized) as the prompt instead of pseudo-random ids.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Tokens to generate per repetition (greedy, end-of-sequence ignored).
+    #[arg(long, default_value_t = 64)]
+    gen: usize,
+    /// Timed repetitions (after one warm-up); the reported rates are their medians.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Threads each kernel is split across (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Draft model: also measure speculative decoding (acceptance rate, speedup over the target
+    /// alone); it runs on one thread.
+    #[arg(long, value_name = "ARTIFACT")]
+    draft: Option<PathBuf>,
+    /// Tokens the draft proposes per round.
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "draft")]
+    speculate: usize,
     /// Make the last stdout line one JSON object.
     #[arg(long)]
     json: bool,
@@ -106,6 +230,21 @@ struct DumpIrArgs {
     passes: Option<String>,
     #[arg(long = "max-context")]
     max_context: Option<usize>,
+    /// Print one JSON object {"passes": [...], "ir": TEXT} instead of the text.
+    #[arg(long)]
+    json: bool,
+    /// Explain why the optimizer's extracted form of VALUE won (its cost against the alternatives
+    /// in its e-class). VALUE (e.g. `%42`) names a value of the IR as it reaches the `optimize`
+    /// pass: print that IR with `--after` and the pass before `optimize` in the pipeline.
+    #[arg(long, value_name = "VALUE")]
+    explain: Option<String>,
+}
+
+#[derive(Args)]
+struct PassesArgs {
+    /// Print one JSON object: every pass with its summary, and the default pipeline.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,11 +265,15 @@ enum CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing();
+    let quiet = cli.quiet;
     let res = match cli.cmd {
-        Cmd::Compile(a) => compile(a),
-        Cmd::Run(a) => run(a),
+        Cmd::Compile(a) => compile(a, quiet),
+        Cmd::Run(a) => run(a, quiet),
+        Cmd::Bench(a) => bench(a, quiet),
+        Cmd::Embed(a) => embed::embed(a),
         Cmd::DumpIr(a) => dump_ir(a),
-        Cmd::Passes => list_passes(),
+        Cmd::Passes(a) => list_passes(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +293,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// `tracing` output on stderr, filtered by `RUST_LOG` (e.g. `RUST_LOG=info` or `llmc=debug`);
+/// nothing when it is unset.
+fn init_tracing() {
+    let Ok(spec) = std::env::var("RUST_LOG") else { return };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing::level_filters::LevelFilter::OFF.into())
+        .parse_lossy(spec);
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// A progress bar on stderr: hidden when stderr is not a terminal or with `--quiet`.
+fn progress(quiet: bool, len: u64, template: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
 fn pipeline(spec: &Option<String>) -> Vec<String> {
     match spec {
         Some(s) => passes::parse_pipeline(s),
@@ -157,9 +322,11 @@ fn pipeline(spec: &Option<String>) -> Vec<String> {
     }
 }
 
-/// Loads the model and runs the pass pipeline, printing IR where asked (to stdout).
-fn optimize(model: &Path, p: &PipelineArgs) -> Result<frontend::Model, CliError> {
+/// Loads the model and runs the pass pipeline, printing IR where asked (to `out`).
+fn optimize(model: &Path, p: &PipelineArgs, out: &mut dyn Write) -> Result<frontend::Model, CliError> {
+    let t0 = Instant::now();
     let mut m = frontend::load(model, &frontend::Options { max_context: p.max_context })?;
+    info!(model = %model.display(), nodes = m.graph.node_count(), seconds = t0.elapsed().as_secs_f64(), "checkpoint loaded");
     let print = if p.print_ir_after_all {
         passes::PrintAfter::All
     } else if !p.print_ir_after.is_empty() {
@@ -171,8 +338,9 @@ fn optimize(model: &Path, p: &PipelineArgs) -> Result<frontend::Model, CliError>
         .print_after(print)
         .dump_dir(p.dump_ir.clone())
         .stats(p.pass_stats);
-    let stdout = std::io::stdout();
-    let stats = pm.run(&mut m.graph, &mut stdout.lock())?;
+    let t1 = Instant::now();
+    let stats = pm.run(&mut m.graph, out)?;
+    info!(passes = stats.len(), nodes = m.graph.node_count(), seconds = t1.elapsed().as_secs_f64(), "passes done");
     if p.pass_stats {
         for (name, st, dt) in &stats {
             let counters: Vec<String> = st.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -182,29 +350,183 @@ fn optimize(model: &Path, p: &PipelineArgs) -> Result<frontend::Model, CliError>
     Ok(m)
 }
 
-fn compile(a: CompileArgs) -> Result<(), CliError> {
+/// A weight source that advances a progress bar per tensor written.
+struct ProgressWeights<'a> {
+    inner: &'a dyn llmc_ir::WeightSource,
+    bar: &'a ProgressBar,
+}
+
+impl llmc_ir::WeightSource for ProgressWeights<'_> {
+    fn load(&self, name: &str, ty: &llmc_ir::TensorType) -> llmc_ir::Result<Vec<f32>> {
+        let v = self.inner.load(name, ty)?;
+        self.bar.inc(1);
+        Ok(v)
+    }
+}
+
+/// What `compile` carries besides the graph: tokenizer.json, chat template, stop tokens.
+#[derive(Default)]
+struct TextAssets {
+    tokenizer: Option<Vec<u8>>,
+    chat_template: bool,
+}
+
+/// Reads `name` in `dir` as JSON if the file exists.
+fn json_beside(dir: &Path, name: &str) -> Result<Option<serde_json::Value>, CliError> {
+    let p = dir.join(name);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| CliError::Usage(format!("{}: not valid JSON: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CliError::Usage(format!("{}: {e}", p.display()))),
+    }
+}
+
+/// Collects tokenizer.json (verified to parse), the chat template and special-token strings from
+/// tokenizer_config.json / chat_template.jinja, and generation_config.json's end-of-sequence ids
+/// (merged into the `eos_token_id` meta) from the checkpoint directory.
+fn text_assets(m: &mut frontend::Model, vocab: usize) -> Result<TextAssets, CliError> {
+    use runtime::tokenizer::{BOS_TOKEN_META, CHAT_TEMPLATE_META, EOS_TOKEN_META};
+    let mut assets = TextAssets::default();
+    let dir = m.dir.clone();
+    let tok_path = dir.join("tokenizer.json");
+    if let Ok(bytes) = std::fs::read(&tok_path) {
+        let t = Tokenizer::from_bytes(&tok_path.display().to_string(), &bytes)?;
+        if t.vocab_size() > vocab {
+            eprintln!(
+                "warning: {} has {} tokens, more than the model's vocabulary of {vocab}; ids past it will be refused",
+                tok_path.display(),
+                t.vocab_size()
+            );
+        }
+        assets.tokenizer = Some(bytes);
+    }
+    let meta = &mut m.graph.meta;
+    if let Some(cfg) = json_beside(&dir, "tokenizer_config.json")? {
+        let template = match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            // A list of named templates: the "default" one, else the first.
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or(list.first())
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        if let Some(t) = template {
+            meta.insert(CHAT_TEMPLATE_META.into(), t);
+        }
+        for (key, field) in [(BOS_TOKEN_META, "bos_token"), (EOS_TOKEN_META, "eos_token")] {
+            let v = &cfg[field];
+            if let Some(s) = v.as_str().or_else(|| v["content"].as_str()) {
+                meta.insert(key.into(), s.to_string());
+            }
+        }
+    }
+    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        meta.insert(CHAT_TEMPLATE_META.into(), t);
+    }
+    assets.chat_template = meta.contains_key(CHAT_TEMPLATE_META);
+    if let Some(gen) = json_beside(&dir, "generation_config.json")? {
+        let mut ids: BTreeSet<u64> =
+            meta.get("eos_token_id").map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect()).unwrap_or_default();
+        match &gen["eos_token_id"] {
+            serde_json::Value::Number(n) => ids.extend(n.as_u64()),
+            serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(|v| v.as_u64())),
+            _ => {}
+        }
+        if !ids.is_empty() {
+            meta.insert("eos_token_id".into(), ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(assets)
+}
+
+fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     let t0 = Instant::now();
     let backend = codegen::backend(&a.target)?;
-    let m = optimize(&a.model, &a.pipeline)?;
-    let opts = codegen::CompileOptions { max_chunk: a.max_chunk };
-    let r = backend.compile(&m.graph, &m.checkpoint, &opts, &a.output)?;
+    let artifact_path = match a.emit {
+        Emit::Artifact => a.output.clone(),
+        Emit::Lib => {
+            std::fs::create_dir_all(&a.output).map_err(|e| CliError::Usage(format!("{}: {e}", a.output.display())))?;
+            a.output.join("model.llmc")
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut m = optimize(&a.model, &a.pipeline, &mut stdout.lock())?;
+    // The token vocabulary: the `vocab_size` meta (an encoder's output is its hidden size), else
+    // the logits' width.
+    let vocab = match m.graph.outputs.first().map(|&o| m.graph.ty(o).shape.clone()).as_deref() {
+        _ if m.graph.meta.contains_key("vocab_size") => m.graph.meta["vocab_size"].parse().unwrap_or(usize::MAX),
+        Some([_, llmc_ir::Dim::N(v)]) => *v,
+        _ => usize::MAX,
+    };
+    let assets = if a.no_tokenizer { TextAssets::default() } else { text_assets(&mut m, vocab)? };
+    let mut opts = codegen::CompileOptions { max_chunk: a.max_chunk, ..Default::default() };
+    if let Some(t) = &assets.tokenizer {
+        opts.blobs.push((runtime::tokenizer::TOKENIZER_BLOB.to_string(), t.clone()));
+    }
+    let weights: BTreeSet<&str> = m
+        .graph
+        .g
+        .node_indices()
+        .filter_map(|n| match m.graph.op(n) {
+            llmc_ir::Op::Weight { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let bar = progress(quiet, weights.len() as u64, "writing weights [{bar:30}] {pos}/{len} tensors {elapsed}");
+    let source = ProgressWeights { inner: &m.checkpoint, bar: &bar };
+    let t1 = Instant::now();
+    let r = backend.compile(&m.graph, &source, &opts, &artifact_path)?;
+    bar.finish_and_clear();
+    info!(output = %artifact_path.display(), steps = r.steps, kernels = r.kernels, file_bytes = r.file_bytes, seconds = t1.elapsed().as_secs_f64(), "artifact written");
+    let lib = match a.emit {
+        Emit::Lib => {
+            let t2 = Instant::now();
+            let lib = emit_lib::write(&a.output, &artifact_path).map_err(CliError::Usage)?;
+            info!(library = %lib.library.display(), runtime = %lib.runtime.display(), seconds = t2.elapsed().as_secs_f64(), "library written");
+            Some(lib)
+        }
+        Emit::Artifact => None,
+    };
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "output": a.output.display().to_string(), "target": backend.name(), "nodes": r.nodes, "steps": r.steps,
             "kernels": r.kernels, "code_bytes": r.code_bytes, "weight_bytes": r.weight_bytes,
             "arena_bytes": r.arena_bytes, "kv_cache_bytes": r.state_bytes, "file_bytes": r.file_bytes,
             "max_chunk": r.max_chunk, "max_context": r.max_context, "seconds": secs,
+            "tokenizer": assets.tokenizer.is_some(), "chat_template": assets.chat_template,
+            "emit": if lib.is_some() { "lib" } else { "artifact" },
         });
+        if let Some(l) = &lib {
+            j["artifact"] = artifact_path.display().to_string().into();
+            j["library"] = l.library.display().to_string().into();
+            j["header"] = l.header.display().to_string().into();
+            j["runtime_library"] = l.runtime.display().to_string().into();
+        }
         println!("{j}");
-    } else {
+    } else if !quiet {
         eprintln!(
             "compiled {} -> {} ({} target): {} nodes, {} steps, {} distinct kernels ({} KiB code), {:.1} MiB weights, \
-             peak activations {:.2} MiB (chunk {} tokens), KV cache {:.2} MiB ({} tokens), {:.2} s",
-            a.model.display(), a.output.display(), backend.name(), r.nodes, r.steps, r.kernels, r.code_bytes / 1024,
+             peak activations {:.2} MiB (chunk {} tokens), KV cache {:.2} MiB ({} tokens), tokenizer {}, {:.2} s",
+            a.model.display(), artifact_path.display(), backend.name(), r.nodes, r.steps, r.kernels, r.code_bytes / 1024,
             r.weight_bytes as f64 / 1048576.0, r.arena_bytes as f64 / 1048576.0, r.max_chunk,
-            r.state_bytes as f64 / 1048576.0, r.max_context, secs
+            r.state_bytes as f64 / 1048576.0, r.max_context,
+            match (&assets.tokenizer, assets.chat_template) {
+                (Some(_), true) => "and chat template included",
+                (Some(_), false) => "included",
+                _ => "not included",
+            },
+            secs
         );
+        if let Some(l) = &lib {
+            eprintln!(
+                "library {} and header {}; link with: cc app.c -I {} -L {} -lllmc_model -lpthread -ldl -lm",
+                l.library.display(), l.header.display(), a.output.display(), a.output.display()
+            );
+        }
     }
     Ok(())
 }
@@ -221,36 +543,313 @@ fn parse_ids(s: &str) -> Result<Vec<u32>, CliError> {
         .collect()
 }
 
-fn run(a: RunArgs) -> Result<(), CliError> {
-    let ids = parse_ids(&a.input_ids)?;
+/// The tokenizer the artifact carries, if any (parse errors are errors; absence is not).
+fn maybe_tokenizer(model: &runtime::Model) -> Result<Option<Tokenizer>, CliError> {
+    match model.blob(runtime::tokenizer::TOKENIZER_BLOB) {
+        Some(_) => Ok(Some(Tokenizer::from_model(model)?)),
+        None => Ok(None),
+    }
+}
+
+/// Stop ids: the model's end-of-sequence ids unless `ignore_eos`, plus each `--stop` (an id or a
+/// token string).
+fn stop_ids(model: &runtime::Model, tok: Option<&Tokenizer>, extra: &[String], ignore_eos: bool) -> Result<Vec<u32>, CliError> {
+    let mut stop = if ignore_eos { vec![] } else { model.eos_ids() };
+    for s in extra {
+        let id = match (s.parse::<u32>(), tok) {
+            (Ok(id), _) => id,
+            (Err(_), Some(t)) => t
+                .token_to_id(s)
+                .ok_or_else(|| CliError::Usage(format!("--stop: `{s}` is not a token of the vocabulary (give a single token or an id)")))?,
+            (Err(_), None) => {
+                return Err(CliError::Usage(format!(
+                    "--stop: `{s}` is not a token id, and the artifact carries no tokenizer to look it up"
+                )))
+            }
+        };
+        if id as usize >= model.vocab_size() {
+            return Err(CliError::Usage(format!("--stop: token id {id} is out of range: the vocabulary has {} tokens", model.vocab_size())));
+        }
+        stop.push(id);
+    }
+    Ok(stop)
+}
+
+fn new_session(model: &std::sync::Arc<runtime::Model>, threads: Option<usize>) -> Result<Session, CliError> {
+    let n = threads.unwrap_or_else(runtime::model::default_threads);
+    if n == 0 {
+        return Err(CliError::Usage("--threads must be at least 1".into()));
+    }
+    Ok(Session::with_threads(model.clone(), n)?)
+}
+
+fn run(a: RunArgs, quiet: bool) -> Result<(), CliError> {
+    let t0 = Instant::now();
     let model = runtime::Model::load(&a.artifact)?;
-    let mut session = runtime::Session::new(model.clone())?;
-    let stop = if a.ignore_eos { vec![] } else { model.eos_ids() };
-    let (new, logits, st) = session.generate(&ids, a.max_new_tokens, &stop, a.logits_out.is_some(), |_| {})?;
+    info!(artifact = %a.artifact.display(), file_bytes = model.file_len(), seconds = t0.elapsed().as_secs_f64(), "artifact loaded");
+    if model.meta("task") == Some("embedding") {
+        return Err(CliError::Usage(format!("{} is an embedding model: use `llmc embed`", a.artifact.display())));
+    }
+    // A text prompt needs the tokenizer (an error says why it is missing); ids use it for `text`.
+    let tok = match a.prompt {
+        Some(_) => Some(Tokenizer::from_model(&model)?),
+        None => maybe_tokenizer(&model)?,
+    };
+    let mut prompt_text = None;
+    let ids = match (&a.input_ids, &a.prompt) {
+        (Some(s), _) => parse_ids(s)?,
+        (None, Some(text)) => {
+            let t = tok.as_ref().ok_or_else(|| CliError::Usage("--prompt needs a tokenizer".into()))?;
+            if a.chat {
+                let tmpl = runtime::ChatTemplate::from_model(&model)?;
+                let mut msgs = Vec::new();
+                if let Some(sys) = &a.system {
+                    msgs.push(runtime::ChatMessage::new("system", sys));
+                }
+                msgs.push(runtime::ChatMessage::new("user", text));
+                let rendered = tmpl.render(&msgs, true)?;
+                let ids = t.encode(&rendered, false)?;
+                prompt_text = Some(rendered);
+                ids
+            } else {
+                t.encode(text, true)?
+            }
+        }
+        (None, None) => return Err(CliError::Usage("give the prompt with --input-ids or --prompt".into())),
+    };
+    info!(tokens = ids.len(), "prompt tokenized");
+    let stop = StopConditions { max_new: a.max_new_tokens, stop: stop_ids(&model, tok.as_ref(), &a.stop, a.ignore_eos)? };
+    let params = a.sampling.params();
+    let mut sampler = Sampler::new(params.clone())?;
+    let mut session = new_session(&model, a.threads)?;
+
+    // Stream text to stdout when a text prompt is given and the output is not JSON.
+    let stream_text = a.prompt.is_some() && !a.json;
+    let mut stream = if stream_text { tok.as_ref().map(|t| t.stream(true)) } else { None };
+    let mut stream_err: Option<CliError> = None;
+    let mut out = std::io::stdout().lock();
+    let bar = if stream_text { ProgressBar::hidden() } else { progress(quiet, a.max_new_tokens as u64, "generating [{bar:30}] {pos}/{len} tokens {per_sec}") };
+    let mut on_token = |id: u32| {
+        bar.inc(1);
+        if let Some(s) = stream.as_mut() {
+            let r = s.push(id).map_err(CliError::from).and_then(|p| {
+                out.write_all(p.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            });
+            if let (Err(e), None) = (r, &stream_err) {
+                stream_err = Some(e);
+            }
+        }
+    };
+    let mut spec_json = serde_json::Value::Null;
+    let (new, logits, st) = match &a.draft {
+        None => runtime::generate(&mut session, &ids, &stop, &mut sampler, a.logits_out.is_some(), &mut on_token)?,
+        Some(draft_path) => {
+            let draft = runtime::Model::load(draft_path)?;
+            let mut dsession = new_session(&draft, Some(1))?;
+            let (new, sst) = runtime::generate_speculative(&mut session, &mut dsession, &ids, a.speculate, &stop, &mut sampler, &mut on_token)?;
+            info!(rounds = sst.rounds, proposed = sst.proposed, accepted = sst.accepted, "speculative decoding done");
+            spec_json = serde_json::json!({
+                "draft": draft_path.display().to_string(), "k": a.speculate, "rounds": sst.rounds,
+                "proposed": sst.proposed, "accepted": sst.accepted, "acceptance_rate": sst.acceptance_rate(),
+                "tokens_per_round": sst.tokens_per_round(),
+            });
+            (new, None, sst.generate)
+        }
+    };
+    bar.finish_and_clear();
+    info!(generated = new.len(), prefill_seconds = st.prefill_seconds, decode_seconds = st.decode_seconds, "generation done");
+    if let Some(e) = stream_err {
+        return Err(e);
+    }
+    if let Some(s) = stream.as_mut() {
+        out.write_all(s.finish()?.as_bytes())?;
+        writeln!(out)?;
+    }
     if let (Some(path), Some(l)) = (&a.logits_out, &logits) {
         runtime::npy::write_f32(path, &[ids.len(), model.vocab_size()], l)?;
     }
-    let mut out = std::io::stdout().lock();
+    let stop_reason = match new.last() {
+        Some(t) if stop.stop.contains(t) => "stop_token",
+        _ => "max_new_tokens",
+    };
     if a.json {
+        let text = match &tok {
+            Some(t) => serde_json::Value::from(t.decode(&new, true)?),
+            None => serde_json::Value::Null,
+        };
         let j = serde_json::json!({
             "prompt_ids": ids, "generated_ids": new,
             "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
             "prefill_seconds": st.prefill_seconds, "decode_seconds": st.decode_seconds,
             "prefill_tokens_per_s": st.prefill_tokens_per_s(), "decode_tokens_per_s": st.decode_tokens_per_s(),
+            "text": text, "prompt_text": prompt_text, "stop_reason": stop_reason, "threads": session.threads(),
+            "sampling": {
+                "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "repetition_penalty": params.repetition_penalty,
+                "seed": if params.is_greedy() { None } else { Some(params.seed) },
+            },
+            "speculative": spec_json,
         });
         writeln!(out, "{j}")?;
     } else {
-        let s: Vec<String> = new.iter().map(|i| i.to_string()).collect();
-        writeln!(out, "{}", s.join(","))?;
-        eprintln!(
-            "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
-            st.prompt_tokens, st.prefill_tokens_per_s(), st.generated_tokens, st.decode_tokens_per_s()
-        );
+        if !stream_text {
+            let s: Vec<String> = new.iter().map(|i| i.to_string()).collect();
+            writeln!(out, "{}", s.join(","))?;
+        }
+        if !quiet {
+            eprintln!(
+                "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
+                st.prompt_tokens, st.prefill_tokens_per_s(), st.generated_tokens, st.decode_tokens_per_s()
+            );
+            if !spec_json.is_null() {
+                eprintln!(
+                    "speculative: {} of {} drafted tokens accepted ({:.0}%), {:.2} tokens per target step",
+                    spec_json["accepted"], spec_json["proposed"],
+                    100.0 * spec_json["acceptance_rate"].as_f64().unwrap_or(0.0),
+                    spec_json["tokens_per_round"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident memory of this process (`VmHWM` in /proc/self/status), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
+    if a.reps == 0 || a.gen == 0 {
+        return Err(CliError::Usage("--reps and --gen must be at least 1".into()));
+    }
+    let model = runtime::Model::load(&a.artifact)?;
+    let prompt: Vec<u32> = match &a.prompt {
+        Some(text) => Tokenizer::from_model(&model)?.encode(text, true)?,
+        None => {
+            if a.prompt_len == 0 {
+                return Err(CliError::Usage("--prompt-len must be at least 1".into()));
+            }
+            let mut rng = runtime::sample::Pcg32::new(a.prompt_len as u64, 1);
+            (0..a.prompt_len).map(|_| rng.next_u32() % model.vocab_size() as u32).collect()
+        }
+    };
+    let needed = prompt.len() + a.gen - 1;
+    if needed > model.max_context() {
+        return Err(CliError::Usage(format!(
+            "--prompt-len {} plus --gen {} do not fit the compiled context of {} tokens",
+            prompt.len(), a.gen, model.max_context()
+        )));
+    }
+    let stop = StopConditions { max_new: a.gen, stop: vec![] };
+    let mut session = new_session(&model, a.threads)?;
+    let draft = match &a.draft {
+        Some(p) => {
+            let d = runtime::Model::load(p)?;
+            let s = new_session(&d, Some(1))?;
+            Some(s)
+        }
+        None => None,
+    };
+    let runs = a.reps + 1;
+    let total = runs * if draft.is_some() { 2 } else { 1 };
+    let bar = progress(quiet, total as u64, "benchmarking [{bar:30}] {pos}/{len} runs {elapsed}");
+    let (mut prefill, mut decode) = (vec![], vec![]);
+    let mut plain_ids = vec![];
+    for rep in 0..runs {
+        session.reset();
+        let (ids, _, st) = runtime::generate(&mut session, &prompt, &stop, &mut Sampler::greedy(), false, |_| {})?;
+        bar.inc(1);
+        info!(rep, prefill_tokens_per_s = st.prefill_tokens_per_s(), decode_tokens_per_s = st.decode_tokens_per_s(), "bench run");
+        if rep > 0 {
+            prefill.push(st.prefill_tokens_per_s());
+            decode.push(st.decode_tokens_per_s());
+        }
+        plain_ids = ids;
+    }
+    let (p_med, d_med) = (median(&prefill), median(&decode));
+    let mut spec = serde_json::Value::Null;
+    if let Some(mut dsession) = draft {
+        let mut sdecode = vec![];
+        let mut last = None;
+        for rep in 0..runs {
+            let (ids, sst) = runtime::generate_speculative(&mut session, &mut dsession, &prompt, a.speculate, &stop, &mut Sampler::greedy(), |_| {})?;
+            bar.inc(1);
+            if rep > 0 {
+                sdecode.push(sst.generate.decode_tokens_per_s());
+            }
+            last = Some((ids, sst));
+        }
+        let (ids, sst) = last.expect("at least one run");
+        let s_med = median(&sdecode);
+        spec = serde_json::json!({
+            "draft": a.draft.as_ref().map(|p| p.display().to_string()), "k": a.speculate,
+            "acceptance_rate": sst.acceptance_rate(), "tokens_per_round": sst.tokens_per_round(),
+            "decode_tokens_per_s": s_med, "speedup": if d_med > 0.0 { s_med / d_med } else { 0.0 },
+            "identical_output": ids == plain_ids,
+        });
+    }
+    bar.finish_and_clear();
+    let peak = peak_rss_bytes();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: prompt {} tokens, {} generated, {} threads, median of {} runs",
+        a.artifact.display(), prompt.len(), a.gen, session.threads(), a.reps
+    )?;
+    writeln!(out, "prefill  {p_med:>10.1} tokens/s")?;
+    writeln!(out, "decode   {d_med:>10.1} tokens/s")?;
+    if let Some(p) = peak {
+        writeln!(out, "peak memory {:.1} MiB (VmHWM)", p as f64 / 1048576.0)?;
+    }
+    if !spec.is_null() {
+        writeln!(
+            out,
+            "speculative (k={}): acceptance {:.1}%, {:.2} tokens per target step, decode {:.1} tokens/s, speedup {:.2}x, output {}",
+            a.speculate,
+            100.0 * spec["acceptance_rate"].as_f64().unwrap_or(0.0),
+            spec["tokens_per_round"].as_f64().unwrap_or(0.0),
+            spec["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            spec["speedup"].as_f64().unwrap_or(0.0),
+            if spec["identical_output"] == true { "identical to the target alone" } else { "DIFFERS from the target alone" },
+        )?;
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "artifact": a.artifact.display().to_string(), "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
+            "reps": a.reps, "threads": session.threads(),
+            "prefill_tokens_per_s": p_med, "decode_tokens_per_s": d_med,
+            "prefill_tokens_per_s_runs": prefill, "decode_tokens_per_s_runs": decode,
+            "peak_rss_bytes": peak, "speculative": spec,
+        });
+        writeln!(out, "{j}")?;
     }
     Ok(())
 }
 
 fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
+    if let Some(value) = &a.explain {
+        let before: Vec<String> = pipeline(&a.passes).into_iter().take_while(|p| p != "optimize").collect();
+        let mut m = frontend::load(&a.model, &frontend::Options { max_context: a.max_context })?;
+        passes::PassManager::new(&before)?.run(&mut m.graph, &mut std::io::sink())?;
+        print!("{}", passes::explain(&m.graph, value)?);
+        return Ok(());
+    }
     let p = PipelineArgs {
         passes: a.passes.clone(),
         print_ir_after: match a.after.as_deref() {
@@ -262,15 +861,35 @@ fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
         pass_stats: false,
         max_context: a.max_context,
     };
-    let m = optimize(&a.model, &p)?;
+    if a.json {
+        let mut buf = Vec::new();
+        let m = optimize(&a.model, &p, &mut buf)?;
+        let mut text = String::from_utf8_lossy(&buf).into_owned();
+        if a.after.is_none() {
+            text.push_str(&llmc_ir::print(&m.graph));
+        }
+        let j = serde_json::json!({ "passes": pipeline(&a.passes), "after": a.after, "ir": text });
+        println!("{j}");
+        return Ok(());
+    }
+    let stdout = std::io::stdout();
+    let m = optimize(&a.model, &p, &mut stdout.lock())?;
     if a.after.is_none() {
         print!("{}", llmc_ir::print(&m.graph));
     }
     Ok(())
 }
 
-fn list_passes() -> Result<(), CliError> {
+fn list_passes(a: PassesArgs) -> Result<(), CliError> {
     let default = passes::default_pipeline();
+    if a.json {
+        let list: Vec<serde_json::Value> = passes::all_passes()
+            .iter()
+            .map(|p| serde_json::json!({ "name": p.name(), "summary": p.summary(), "default": default.contains(&p.name()) }))
+            .collect();
+        println!("{}", serde_json::json!({ "passes": list, "default_pipeline": default }));
+        return Ok(());
+    }
     for p in passes::all_passes() {
         let mark = if default.contains(&p.name()) { "*" } else { " " };
         println!("{mark} {:<18} {}", p.name(), p.summary());

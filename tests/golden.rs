@@ -111,6 +111,46 @@ fn golden_gpt2() {
     golden_case("gpt2");
 }
 
+#[test]
+fn golden_mistral_sliding() {
+    golden_case("mistral_sliding");
+}
+
+#[test]
+fn golden_qwen2() {
+    golden_case("qwen2");
+}
+
+#[test]
+fn golden_qwen3() {
+    golden_case("qwen3");
+}
+
+#[test]
+fn golden_gemma() {
+    golden_case("gemma");
+}
+
+#[test]
+fn golden_phi3() {
+    golden_case("phi3");
+}
+
+#[test]
+fn golden_neox() {
+    golden_case("neox");
+}
+
+#[test]
+fn golden_neox_sequential() {
+    golden_case("neox_sequential");
+}
+
+#[test]
+fn golden_mixtral() {
+    golden_case("mixtral");
+}
+
 /// The trained demo model: greedy continuations of three prompts equal transformers' (32 tokens),
 /// and the first prompt's logits match.
 #[test]
@@ -144,10 +184,20 @@ fn golden_seedlm() {
 /// A prompt longer than one step's chunk runs in several chunks and gives the same logits.
 #[test]
 fn chunked_prefill_matches_single_step() {
-    let dir = fixture("llama_gqa_llama3");
-    let tmp = tmpdir("golden-chunked");
-    let art = tmp.join("chunk4.llmc");
-    compile(&dir, &art, &["--max-chunk", "4"]);
+    chunked_prefill("llama_gqa_llama3", "4");
+}
+
+/// Sliding-window attention across chunk boundaries: Mistral's window of 8 over 5-token chunks.
+#[test]
+fn chunked_prefill_sliding_window() {
+    chunked_prefill("mistral_sliding", "5");
+}
+
+fn chunked_prefill(case: &str, chunk: &str) {
+    let dir = fixture(case);
+    let tmp = tmpdir(&format!("golden-chunked-{case}"));
+    let art = tmp.join("chunked.llmc");
+    compile(&dir, &art, &["--max-chunk", chunk]);
     let greedy = read_json(&dir.join("greedy.json"));
     let prompt = ids_of(&greedy["prompt_ids"]);
     let logits_path = tmp.join("logits.npy");
@@ -155,5 +205,5 @@ fn chunked_prefill_matches_single_step() {
     let (_, got) = npy::read_f32(&logits_path).unwrap();
     let (_, want) = npy::read_f32(&dir.join("logits.npy")).unwrap();
     let err = max_abs_diff(&got, &want);
-    assert!(err <= TOL, "chunked prefill differs by {err}");
+    assert!(err <= TOL, "{case}: chunked prefill differs by {err}");
 }

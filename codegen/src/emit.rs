@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ir::{Graph, Op, WeightSource};
-use runtime::artifact::{ArtifactWriter, BufferDecl, Header, KernelEntry, StateEntry, Step, TARGET_X86_64};
+use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, Header, KernelEntry, StateEntry, Step, TARGET_X86_64};
 
 use crate::cpu::{compile_kernel, host_isa, KernelCode, KernelCtx};
 use crate::error::{CodegenError, Result};
@@ -17,6 +17,8 @@ use crate::plan::{plan, Place};
 pub struct CompileOptions {
     /// Largest number of tokens per step (prefill chunk); default `min(512, max_context)`.
     pub max_chunk: Option<usize>,
+    /// Named non-tensor bytes to carry in the data section (`tokenizer.json`), see `Header::blobs`.
+    pub blobs: Vec<(String, Vec<u8>)>,
 }
 
 /// What a compilation produced, for the compiler's report.
@@ -34,6 +36,13 @@ pub struct CompileReport {
     pub max_context: usize,
     pub codegen_seconds: f64,
     pub write_seconds: f64,
+}
+
+/// The little-endian bytes of `v` without a copy (x86-64 is little-endian).
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    const _: () = assert!(cfg!(target_endian = "little"));
+    // SAFETY: f32 has no padding and alignment 4 >= 1; the slice covers exactly v's memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 fn meta_usize(g: &Graph, key: &str) -> Option<usize> {
@@ -79,6 +88,9 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
     let mut table_buf: HashMap<Vec<u32>, usize> = HashMap::new();
     let mut steps = Vec::new();
     for (i, &n) in mp.order.iter().enumerate() {
+        if matches!(mp.places[mp.buffer_of[&n]], Place::WeightConcat { .. }) {
+            continue; // computed at compile time, written to the data section below
+        }
         let ins = g.inputs(n);
         let mut key = format!("{:?}|{}", g.op(n), g.ty(n));
         for &x in &ins {
@@ -122,6 +134,11 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         }
         steps.push(Step { kernel, args, label: format!("%{i} = {}", g.op(n).name()) });
     }
+    // Keep only the data buffers some step (or the input/output) uses: a weight consumed only by
+    // a compile-time concat is stored once, inside the concat.
+    let mut input_buf = mp.buffer_of[&input] as u32;
+    let mut output_buf = mp.buffer_of[&output] as u32;
+    let places = retain_used(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
     let codegen_seconds = t0.elapsed().as_secs_f64();
 
     // Header with placeholder offsets as wide as any real one, to bound its size.
@@ -131,6 +148,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         .map(|p| match p {
             Place::Weight { name, bytes, .. } => BufferDecl::Data { name: name.clone(), offset: wide, bytes: *bytes },
             Place::Const { values } => BufferDecl::Data { name: String::new(), offset: wide, bytes: values.len() as u64 * 4 },
+            Place::WeightConcat { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
             Place::Arena { offset, bytes } => BufferDecl::Arena { offset: *offset, bytes: *bytes },
             Place::State { index } => BufferDecl::State { index: *index as u32 },
         })
@@ -157,9 +175,10 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         buffers: buffers.clone(),
         states,
         steps,
-        input: mp.buffer_of[&input] as u32,
-        output: mp.buffer_of[&output] as u32,
+        input: input_buf,
+        output: output_buf,
         arena_bytes: mp.arena_bytes,
+        blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };
     let reserve = runtime::artifact::header_size_bound(&header);
 
@@ -168,21 +187,22 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
     let mut w = ArtifactWriter::create(out, reserve, &code)?;
     let mut weight_bytes = 0;
     for (i, p) in places.iter().enumerate() {
-        let bytes: Vec<u8> = match p {
-            Place::Weight { name, ty, .. } => {
-                let v = weights.load(name, ty)?;
-                weight_bytes += v.len() as u64 * 4;
-                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        let off = match p {
+            Place::Weight { .. } | Place::WeightConcat { .. } => {
+                weight_bytes += data_bytes(p);
+                push_place(&mut w, p, weights)?
             }
-            Place::Const { values } => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Place::Const { values } => w.push_data(f32_bytes(values))?,
             _ => continue,
         };
-        let off = w.push_data(&bytes)?;
         if let BufferDecl::Data { offset, .. } = &mut buffers[i] {
             *offset = off;
         }
     }
     header.buffers = buffers;
+    for ((_, bytes), entry) in opts.blobs.iter().zip(&mut header.blobs) {
+        entry.offset = w.push_data(bytes)?;
+    }
     let file_bytes = w.finish(header.clone())?;
     Ok(CompileReport {
         nodes: g.node_count(),
@@ -198,4 +218,102 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         codegen_seconds,
         write_seconds: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// Drops the data buffers (weights, constants, compile-time concats) that no step and no `roots`
+/// entry references, renumbering the rest in `steps` and `roots`. Arena and state buffers stay.
+fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> Vec<Place> {
+    let mut used = vec![false; places.len()];
+    for &a in steps.iter().flat_map(|s| &s.args) {
+        used[a as usize] = true;
+    }
+    for r in roots.iter() {
+        used[**r as usize] = true;
+    }
+    let mut new_index = vec![u32::MAX; places.len()];
+    let mut kept = Vec::with_capacity(places.len());
+    for (i, p) in places.into_iter().enumerate() {
+        if used[i] || !p.is_data() {
+            new_index[i] = kept.len() as u32;
+            kept.push(p);
+        }
+    }
+    for a in steps.iter_mut().flat_map(|s| &mut s.args) {
+        *a = new_index[*a as usize];
+    }
+    for r in roots.iter_mut() {
+        **r = new_index[**r as usize];
+    }
+    kept
+}
+
+/// A readable name for a data buffer: the weight's name, `concat(..)` of its parts' names.
+fn data_name(p: &Place) -> String {
+    match p {
+        Place::Weight { name, .. } => name.clone(),
+        Place::WeightConcat { parts, axis, .. } => {
+            let names: Vec<String> = parts.iter().map(|(q, _)| data_name(q)).collect();
+            format!("concat{{axis={axis}}}({})", names.join(", "))
+        }
+        _ => "const".into(),
+    }
+}
+
+/// Bytes of a data place.
+fn data_bytes(p: &Place) -> u64 {
+    match p {
+        Place::Weight { bytes, .. } | Place::WeightConcat { bytes, .. } => *bytes,
+        Place::Const { values } => values.len() as u64 * 4,
+        _ => 0,
+    }
+}
+
+/// The f32 values of a data place (`Weight`, `Const`, `WeightConcat`), row-major.
+fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
+    Ok(match p {
+        Place::Weight { name, ty, .. } => weights.load(name, ty)?,
+        Place::Const { values } => values.clone(),
+        Place::WeightConcat { parts, axis, bytes } => {
+            // outer rows; each part contributes (its extent on `axis`) x (inner) elements per row.
+            let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
+            let mut out = Vec::with_capacity(*bytes as usize / 4);
+            let datas = parts.iter().map(|(q, _)| place_values(q, weights)).collect::<Result<Vec<_>>>()?;
+            for o in 0..outer {
+                for ((_, sh), d) in parts.iter().zip(&datas) {
+                    let row: usize = sh[*axis..].iter().product();
+                    out.extend_from_slice(&d[o * row..(o + 1) * row]);
+                }
+            }
+            out
+        }
+        Place::Arena { .. } | Place::State { .. } => {
+            return Err(CodegenError::Target(format!("bug: {p:?} has no compile-time value")))
+        }
+    })
+}
+
+/// Writes a weight or compile-time concat to the data section and returns its offset. A concat
+/// along its outermost non-unit extent whose parts (all but the last) are multiples of the data
+/// alignment is streamed part by part, one part in memory at a time; others are built in memory.
+fn push_place(w: &mut ArtifactWriter, p: &Place, weights: &dyn WeightSource) -> Result<u64> {
+    if let Place::WeightConcat { parts, axis, .. } = p {
+        let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
+        let aligned = parts.iter().rev().skip(1).all(|(q, _)| data_bytes(q).is_multiple_of(64));
+        if outer == 1 && aligned && !parts.is_empty() {
+            let mut start = None;
+            let mut end = 0;
+            for (q, _) in parts {
+                let v = place_values(q, weights)?;
+                let off = w.push_data(f32_bytes(&v))?;
+                if start.is_some() && off != end {
+                    return Err(CodegenError::Target(format!("bug: concat part written at {off}, expected {end}")));
+                }
+                start.get_or_insert(off);
+                end = off + v.len() as u64 * 4;
+            }
+            return Ok(start.unwrap_or(0));
+        }
+    }
+    let v = place_values(p, weights)?;
+    Ok(w.push_data(f32_bytes(&v))?)
 }

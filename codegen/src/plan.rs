@@ -2,6 +2,10 @@
 //!
 //! Weights and constants live in the artifact's data section, KV-cache outputs in their state
 //! tensors, reshapes alias their operand, and every other value gets a slot in one activation arena.
+//! A `concat` whose operands are all data (weights, constants, reshapes of them, or such concats:
+//! the optimizer's merged Q/K/V and gate/up weights) is itself data, computed at compile time
+//! ([`Place::WeightConcat`]); it gets no kernel, and its parts are written to the artifact only if
+//! something else uses them.
 //! Arena slots are sized for the largest step (`S = max_chunk`, `T = max_context`) and assigned by
 //! first-fit over live ranges in execution order, so values whose lifetimes do not overlap share
 //! memory; a value's slot never overlaps its operands' slots.
@@ -19,10 +23,20 @@ pub enum Place {
     Weight { name: String, ty: ir::TensorType, bytes: u64 },
     /// An inline constant.
     Const { values: Vec<f32> },
+    /// A constant derived at compile time: `parts` (each a `Weight`, `Const` or `WeightConcat`,
+    /// with its shape as the concat's operand) concatenated along `axis`; `bytes` in total.
+    WeightConcat { parts: Vec<(Place, Vec<usize>)>, axis: usize, bytes: u64 },
     /// A slot in the arena.
     Arena { offset: u64, bytes: u64 },
     /// A KV-cache state (index into `graph.states`).
     State { index: usize },
+}
+
+impl Place {
+    /// Whether the value is known at compile time (lives in the artifact's data section).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Place::Weight { .. } | Place::Const { .. } | Place::WeightConcat { .. })
+    }
 }
 
 pub struct MemoryPlan {
@@ -108,6 +122,18 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
                 places.push(Place::Const { values: values.clone() });
                 places.len() - 1
             }
+            Op::Concat { axis, .. } if g.inputs(n).iter().all(|x| places[buffer_of[x]].is_data()) => {
+                let parts = g
+                    .inputs(n)
+                    .iter()
+                    .map(|x| {
+                        let shape = g.ty(*x).shape.iter().map(|d| d.as_const().unwrap_or(0)).collect();
+                        (places[buffer_of[x]].clone(), shape)
+                    })
+                    .collect();
+                places.push(Place::WeightConcat { parts, axis: *axis, bytes });
+                places.len() - 1
+            }
             Op::KvConcat { state } => {
                 let index = g
                     .states
@@ -132,7 +158,10 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
     let mut last: HashMap<usize, usize> = HashMap::new();
     for &n in &order {
         let b = buffer_of[&n];
-        first.entry(b).or_insert(pos[&n]);
+        // Graph inputs are written by the runtime before the first step runs.
+        let def = if matches!(g.op(n), Op::Input { .. }) { 0 } else { pos[&n] };
+        let f = first.entry(b).or_insert(def);
+        *f = (*f).min(def);
         let l = last.entry(b).or_insert(pos[&n]);
         for u in g.users(n) {
             *l = (*l).max(pos[&u]);
@@ -146,9 +175,14 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
     for (&b, &l) in &last {
         frees.entry(l).or_default().push(b);
     }
-    for (i, &n) in order.iter().enumerate() {
-        let b = buffer_of[&n];
-        if first[&b] == i {
+    let mut starts: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (&b, &f) in &first {
+        starts.entry(f).or_default().push(b);
+    }
+    for i in 0..order.len() {
+        let mut born = starts.remove(&i).unwrap_or_default();
+        born.sort();
+        for b in born {
             if let Place::Arena { offset, bytes } = &mut places[b] {
                 *offset = arena.alloc(*bytes);
             }
@@ -169,6 +203,31 @@ mod tests {
     use super::*;
     use ir::{Dim, Op, TensorType, UnaryOp};
 
+    /// The runtime writes token ids before step 0, so the input's slot must not be shared with any
+    /// value computed before the input node appears in the order.
+    #[test]
+    fn input_slot_is_live_from_the_start() {
+        let mut g = Graph::new("t");
+        let pos = g.add(Op::Positions, &[], None).unwrap();
+        let table = g.add(Op::Weight { name: "wpe".into(), stored: ir::DType::F32 }, &[], Some(TensorType::f32(vec![Dim::N(8), Dim::N(4)]))).unwrap();
+        let pe = g.add(Op::Gather, &[table, pos], None).unwrap();
+        let pe2 = g.add(Op::Unary(UnaryOp::Exp), &[pe], None).unwrap();
+        let ids = g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(ir::DType::I32, vec![Dim::S]))).unwrap();
+        let te = g.add(Op::Gather, &[table, ids], None).unwrap();
+        let x = g.add(Op::Binary(ir::BinaryOp::Add), &[te, pe2], None).unwrap();
+        g.outputs.push(x);
+        let p = plan(&g, 4, 8).unwrap();
+        let span = |n: NodeId| match p.places[p.buffer_of[&n]] {
+            Place::Arena { offset, bytes } => offset..offset + bytes,
+            ref other => panic!("{other:?}"),
+        };
+        let input = span(ids);
+        for n in [pos, pe, pe2] {
+            let o = span(n);
+            assert!(o.end <= input.start || input.end <= o.start, "value computed before the input overlaps its slot");
+        }
+    }
+
     #[test]
     fn arena_reuses_dead_slots_and_never_overlaps_operands() {
         let mut g = Graph::new("t");
@@ -188,5 +247,42 @@ mod tests {
             let (a, b) = (&p.places[p.buffer_of[&pair[0]]], &p.places[p.buffer_of[&pair[1]]]);
             assert_ne!(a, b, "a value's slot must differ from its operand's");
         }
+    }
+
+    #[test]
+    fn concats_of_data_are_compile_time_constants() {
+        use Dim::{N, S};
+        let mut g = Graph::new("t");
+        let w = |g: &mut Graph, name: &str, shape: Vec<Dim>| {
+            g.add(Op::Weight { name: name.into(), stored: ir::DType::F32 }, &[], Some(TensorType::f32(shape))).unwrap()
+        };
+        let wq = w(&mut g, "q", vec![N(4), N(8)]);
+        let wk = w(&mut g, "k", vec![N(2), N(8)]);
+        let c = g.add(Op::Const { values: vec![0.5; 16] }, &[], Some(TensorType::f32(vec![N(2), N(8)]))).unwrap();
+        let cr = g.add(Op::Reshape, &[c], Some(TensorType::f32(vec![N(2), N(8)]))).unwrap();
+        let qk = g.add(Op::Concat { axis: 0, n: 3 }, &[wq, wk, cr], None).unwrap();
+        let ids = g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(ir::DType::I32, vec![S]))).unwrap();
+        let x = g.add(Op::Gather, &[wq, ids], None).unwrap(); // [S, 8]
+        let lin = Op::Linear { transpose_b: true, bias: false, act: None, residual: false };
+        let y = g.add(lin, &[x, qk], None).unwrap(); // [S, 8]
+        let y2 = g.add(Op::Concat { axis: 1, n: 2 }, &[y, x], None).unwrap(); // an activation concat
+        g.outputs.push(y2);
+        let p = plan(&g, 4, 8).unwrap();
+        match &p.places[p.buffer_of[&qk]] {
+            Place::WeightConcat { parts, axis: 0, bytes } => {
+                assert_eq!(*bytes, 8 * 8 * 4);
+                assert_eq!(parts.len(), 3);
+                assert!(matches!(&parts[0], (Place::Weight { name, .. }, sh) if name == "q" && *sh == vec![4, 8]));
+                assert!(matches!(&parts[2], (Place::Const { .. }, sh) if *sh == vec![2, 8]));
+            }
+            other => panic!("concat of weights planned as {other:?}"),
+        }
+        // The activation concat is an arena slot, distinct from its operands'.
+        assert!(matches!(p.places[p.buffer_of[&y2]], Place::Arena { .. }));
+        assert_ne!(p.places[p.buffer_of[&y2]], p.places[p.buffer_of[&y]]);
+        assert_ne!(p.places[p.buffer_of[&y2]], p.places[p.buffer_of[&x]]);
+        // Only activations take arena memory, none for the weights' concat: the ids (16 bytes,
+        // one 64-byte slot), x and y (f32[4, 8]) and y2 (f32[4, 16]), all live when y2 is made.
+        assert_eq!(p.arena_bytes, 64 + 2 * (4 * 8 * 4) + 4 * 16 * 4);
     }
 }

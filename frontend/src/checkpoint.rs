@@ -5,8 +5,10 @@
 //! `model.safetensors.index.json`), a single `.safetensors` file with `config.json` beside it, or a
 //! sharded index file. Every shard is mapped with `memmap2` and its header parsed by
 //! `safetensors`, which rejects oversized headers, truncated data and bad offsets; tensor data is
-//! only touched when a tensor is read, one tensor at a time, so a model is never copied into RAM
-//! as a whole.
+//! only touched when a tensor is read, one tensor at a time, and the pages a read touched are
+//! handed back to the kernel right after it, so a model is never resident in RAM as a whole.
+//! Every weight read is checked for NaN and infinity, reported with the tensor's name.
+//! [`Checkpoint::from_bytes`] indexes a safetensors file already in memory (used by the fuzzers).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use llmc_ir::{DType, IrError, TensorType, WeightSource};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{FrontendError, Result};
@@ -25,6 +27,9 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// Name of the model configuration.
 pub const CONFIG_FILE: &str = "config.json";
+/// Largest accepted `config.json` or index file: real ones are a few KiB (an index of a model with
+/// a million tensors would be ~100 MiB). Bigger files are refused before being read.
+pub const MAX_JSON_FILE: u64 = 128 << 20;
 
 /// What the checkpoint says about one tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +44,34 @@ pub struct TensorInfo {
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    data: ShardData,
+}
+
+/// A shard's bytes: a read-only file mapping, or a buffer given to [`Checkpoint::from_bytes`].
+#[derive(Debug)]
+enum ShardData {
+    Map(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl ShardData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ShardData::Map(m) => m,
+            ShardData::Bytes(b) => b,
+        }
+    }
+
+    /// Drops the pages of `range` from this process's resident set (mapped files only). The
+    /// mapping is read-only and file-backed, so the next access simply reads the file again.
+    fn release(&self, range: std::ops::Range<usize>) {
+        if let ShardData::Map(m) = self {
+            // SAFETY: MADV_DONTNEED on a read-only shared file mapping discards no data: the
+            // contents stay those of the file (re-read on the next access); the range is in bounds
+            // (checked when the shard was indexed). Failure only means the pages stay resident.
+            let _ = unsafe { m.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +126,7 @@ impl Checkpoint {
         if !config.is_file() {
             return Err(FrontendError::MissingConfig { dir });
         }
+        check_json_size(&config)?;
         let file = match files {
             Some(f) => f,
             None => {
@@ -114,6 +147,7 @@ impl Checkpoint {
     /// each mapping is checked against the shard's actual contents.
     fn open_index(index: &Path) -> Result<Checkpoint> {
         let bad = |msg: String| FrontendError::InvalidIndex { index: index.to_path_buf(), msg };
+        check_json_size(index)?;
         let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| FrontendError::ConfigNotJson { path: index.to_path_buf(), msg: e.to_string() })?;
@@ -157,37 +191,51 @@ impl Checkpoint {
 
     /// Maps each file and indexes its tensors; a name held by two shards is an error.
     fn open_files(files: &[PathBuf]) -> Result<Checkpoint> {
-        let mut shards = Vec::with_capacity(files.len());
-        let mut index = BTreeMap::new();
+        let mut ckpt = Checkpoint { shards: Vec::with_capacity(files.len()), index: BTreeMap::new() };
         for path in files {
             let file = File::open(path).map_err(|e| io_err(path, e))?;
             // SAFETY: the mapping is read-only; a checkpoint file modified while open is outside
             // what llmc supports (as for every reader of memory-mapped weights).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-            let st_err = |msg: String| FrontendError::Safetensors { path: path.clone(), msg };
-            let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|e| st_err(e.to_string()))?;
-            let data_start = n.checked_add(8).ok_or_else(|| st_err("header length overflows".into()))?;
-            let shard = shards.len();
-            for (name, info) in metadata.tensors() {
-                let (s, e) = info.data_offsets;
-                let (Some(start), Some(end)) = (data_start.checked_add(s), data_start.checked_add(e)) else {
-                    return Err(st_err(format!("offsets of `{name}` overflow")));
-                };
-                if start > end || end > map.len() {
-                    return Err(st_err(format!("offsets of `{name}` lie outside the file")));
-                }
-                let entry = Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start, end };
-                if let Some(prev) = index.insert(name.clone(), entry) {
-                    let other = shards.get(prev.shard).map(|s: &Shard| s.path.display().to_string()).unwrap_or_default();
-                    return Err(FrontendError::InvalidIndex {
-                        index: path.clone(),
-                        msg: format!("tensor `{name}` appears in both {other} and {}", path.display()),
-                    });
-                }
-            }
-            shards.push(Shard { path: path.clone(), map });
+            ckpt.add_shard(path, ShardData::Map(map))?;
         }
-        Ok(Checkpoint { shards, index })
+        Ok(ckpt)
+    }
+
+    /// A one-shard checkpoint from a safetensors file already in memory, checked exactly as
+    /// [`open`](Self::open) checks a file; `path` only names it in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Checkpoint> {
+        let mut ckpt = Checkpoint { shards: Vec::new(), index: BTreeMap::new() };
+        ckpt.add_shard(path, ShardData::Bytes(bytes))?;
+        Ok(ckpt)
+    }
+
+    /// Parses a shard's header, indexes its tensors and keeps the shard.
+    fn add_shard(&mut self, path: &Path, data: ShardData) -> Result<()> {
+        let bytes = data.bytes();
+        let st_err = |msg: String| FrontendError::Safetensors { path: path.to_path_buf(), msg };
+        let (n, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| st_err(explain(bytes, e.to_string())))?;
+        let data_start = n.checked_add(8).ok_or_else(|| st_err("header length overflows".into()))?;
+        let shard = self.shards.len();
+        for (name, info) in metadata.tensors() {
+            let (s, e) = info.data_offsets;
+            let (Some(start), Some(end)) = (data_start.checked_add(s), data_start.checked_add(e)) else {
+                return Err(st_err(format!("offsets of `{name}` overflow")));
+            };
+            if start > end || end > bytes.len() {
+                return Err(st_err(format!("offsets of `{name}` lie outside the file")));
+            }
+            let entry = Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start, end };
+            if let Some(prev) = self.index.insert(name.clone(), entry) {
+                let other = self.shards.get(prev.shard).map(|s| s.path.display().to_string()).unwrap_or_default();
+                return Err(FrontendError::InvalidIndex {
+                    index: path.to_path_buf(),
+                    msg: format!("tensor `{name}` appears in both {other} and {}", path.display()),
+                });
+            }
+        }
+        self.shards.push(Shard { path: path.to_path_buf(), data });
+        Ok(())
     }
 
     /// All tensor names, sorted.
@@ -222,25 +270,104 @@ impl Checkpoint {
         Ok(dtype)
     }
 
-    /// Reads `name` converted to f32, row-major.
+    /// Reads `name` converted to f32, row-major. The pages the read touched are released from
+    /// the resident set afterwards, so streaming every tensor once keeps at most one in RAM.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.index.get(name).ok_or_else(|| FrontendError::MissingTensor { name: name.to_string() })?;
-        let bytes = self
-            .shards
-            .get(e.shard)
-            .and_then(|s| s.map.get(e.start..e.end))
+        let shard = self.shards.get(e.shard);
+        let bytes = shard
+            .and_then(|s| s.data.bytes().get(e.start..e.end))
             .ok_or_else(|| FrontendError::Tensor { name: name.to_string(), msg: "byte range outside its shard".into() })?;
-        Ok(match e.dtype {
+        let values = match e.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             d => return Err(FrontendError::UnsupportedDtype { name: name.to_string(), dtype: d.to_string() }),
-        })
+        };
+        if let Some(s) = shard {
+            s.data.release(e.start..e.end);
+        }
+        Ok(values)
     }
 }
 
+/// Refuses a JSON file larger than [`MAX_JSON_FILE`] before reading it.
+fn check_json_size(path: &Path) -> Result<()> {
+    let len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
+    if len > MAX_JSON_FILE {
+        let msg = format!("{len} bytes is larger than the {MAX_JSON_FILE}-byte limit for JSON files");
+        return Err(FrontendError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg) });
+    }
+    Ok(())
+}
+
+/// `msg`, safetensors' error for `bytes`, made specific where it does not name the tensor at fault
+/// (sizes that disagree with dtype and shape, offsets outside the data or overlapping).
+fn explain(bytes: &[u8], msg: String) -> String {
+    let header = bytes
+        .get(..8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+        .and_then(|n| usize::try_from(n).ok())
+        .and_then(|n| Some((n, bytes.get(8..8usize.checked_add(n)?)?)));
+    let Some((n, header)) = header else { return msg };
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header) else { return msg };
+    let data_len = (bytes.len() - 8 - n) as u64;
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    for (name, t) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+        let offs: Option<Vec<u64>> = t.get("data_offsets").and_then(|o| o.as_array()).map(|a| a.iter().filter_map(|x| x.as_u64()).collect());
+        let Some(&[s, e]) = offs.as_deref() else { continue };
+        if e < s {
+            return format!("tensor `{name}`: data_offsets [{s}, {e}] end before they start");
+        }
+        if e > data_len {
+            return format!("tensor `{name}`: data_offsets [{s}, {e}] lie outside the {data_len}-byte data section");
+        }
+        let bits = match t.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => Some(64u64),
+            Some("F32" | "I32" | "U32") => Some(32),
+            Some("F16" | "BF16" | "I16" | "U16") => Some(16),
+            Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => Some(8),
+            _ => None,
+        };
+        let shape: Option<Vec<u64>> = t.get("shape").and_then(|o| o.as_array()).map(|a| a.iter().filter_map(|x| x.as_u64()).collect());
+        let need = shape.as_ref().and_then(|sh| sh.iter().try_fold(bits?, |a, &d| a.checked_mul(d))).map(|b| b / 8);
+        if let (Some(need), Some(sh)) = (need, &shape) {
+            if need != e - s {
+                let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+                return format!("tensor `{name}`: {dtype} {sh:?} needs {need} bytes, but data_offsets [{s}, {e}] hold {}", e - s);
+            }
+        }
+        spans.push((s, e, name));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        let ((s0, e0, a), (s1, e1, b)) = (w[0], w[1]);
+        if s1 < e0 {
+            return format!("tensors `{a}` [{s0}, {e0}] and `{b}` [{s1}, {e1}] overlap");
+        }
+    }
+    msg
+}
+
+/// The index and value of the first NaN or infinity in `v`, if any.
+pub fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
+    v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+}
+
+/// The row-major multi-index of flat index `i` in `shape`.
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut at = vec![0; shape.len()];
+    for (a, &d) in at.iter_mut().zip(shape).rev() {
+        if d > 0 {
+            *a = i % d;
+            i /= d;
+        }
+    }
+    at
+}
+
 /// Weights for the interpreter and the compiler: checks the element count against the graph's
-/// type, then converts to f32.
+/// type, converts to f32, and refuses a tensor holding NaN or infinity (naming the first one).
 impl WeightSource for Checkpoint {
     fn load(&self, name: &str, ty: &TensorType) -> llmc_ir::Result<Vec<f32>> {
         let werr = |msg: String| IrError::Weight { name: name.to_string(), msg };
@@ -250,6 +377,11 @@ impl WeightSource for Checkpoint {
             (Some(h), Some(w)) if h == w => {}
             _ => return Err(werr(format!("checkpoint shape {:?} does not fit type {ty}", e.shape))),
         }
-        self.read_f32(name).map_err(|err| werr(err.to_string()))
+        let v = self.read_f32(name).map_err(|err| werr(err.to_string()))?;
+        if let Some((i, x)) = first_non_finite(&v) {
+            let at = unravel(i, &e.shape);
+            return Err(werr(format!("element {at:?} (flat index {i}) is {x}: the checkpoint holds non-finite weights")));
+        }
+        Ok(v)
     }
 }

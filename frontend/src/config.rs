@@ -14,6 +14,14 @@ use crate::{Options, SUPPORTED_ARCHITECTURES};
 /// anywhere near it.
 pub const MAX_DIM: usize = i32::MAX as usize;
 
+/// Largest accepted count of repeated structures (the fields in [`COUNT_FIELDS`]: layers,
+/// experts). Architectures build per-layer tables from these before every tensor is checked, so
+/// an absurd count must fail here, not as an allocation of billions of entries; real models have
+/// at most a few hundred.
+pub const MAX_COUNT: usize = 1 << 16;
+/// The size fields bounded by [`MAX_COUNT`].
+pub const COUNT_FIELDS: &[&str] = &["num_hidden_layers", "n_layer", "num_layers", "num_local_experts", "num_experts"];
+
 /// Default cap on the compiled context when [`Options::max_context`] is unset.
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 
@@ -76,6 +84,9 @@ impl<'a> Cfg<'a> {
         let name = self.path(field);
         match v.as_u64() {
             Some(0) => Err(field_err(&name, "must be positive, got 0")),
+            Some(n) if n > MAX_COUNT as u64 && COUNT_FIELDS.contains(&field) => {
+                Err(field_err(&name, format!("{n} is larger than the supported maximum {MAX_COUNT}")))
+            }
             Some(n) if n <= MAX_DIM as u64 => Ok(n as usize),
             Some(n) => Err(field_err(&name, format!("{n} is larger than the supported maximum {MAX_DIM}"))),
             None => Err(field_err(&name, format!("must be a positive integer, got {v}"))),
@@ -155,9 +166,13 @@ pub fn architecture(config: &Value) -> Result<&'static str> {
         },
         Some(v) => return Err(field_err("architectures", format!("must be a list of names, got {v}"))),
         None => match cfg.string_opt("model_type")? {
-            Some("llama") => "LlamaForCausalLM".into(),
             Some("gpt2") => "GPT2LMHeadModel".into(),
-            Some(t) => return Err(FrontendError::UnsupportedArchitecture { name: format!("model_type {t}") }),
+            Some("gpt_neox") => "GPTNeoXForCausalLM".into(),
+            Some("bert") => "BertModel".into(),
+            Some(t) => match crate::llama::Family::ALL.iter().find(|f| f.model_type() == t) {
+                Some(f) => f.architecture().into(),
+                None => return Err(FrontendError::UnsupportedArchitecture { name: format!("model_type {t}") }),
+            },
             None => return Err(field_err("architectures", "missing (and no model_type to infer it from)")),
         },
     };
@@ -226,6 +241,10 @@ mod tests {
             assert!(e.contains(f), "{e}");
         }
         assert_eq!(c.size_or("n", 7).unwrap(), 7);
+        let v = json!({"num_hidden_layers": 2_000_000_000u64, "hidden_size": 2_000_000_000u64});
+        let e = Cfg::new(&v).size("num_hidden_layers").unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers") && e.contains("65536"), "{e}");
+        assert_eq!(Cfg::new(&v).size("hidden_size").unwrap(), 2_000_000_000);
     }
 
     #[test]

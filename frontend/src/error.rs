@@ -53,6 +53,10 @@ pub enum FrontendError {
     /// A tensor read asked for a different element count than the tensor holds.
     #[error("tensor `{name}`: {msg}")]
     Tensor { name: String, msg: String },
+    /// A sentence-transformers file beside `config.json` (`modules.json`, a Pooling config) that
+    /// llmc cannot follow.
+    #[error("{}: {msg}", path.display())]
+    SentenceConfig { path: PathBuf, msg: String },
     /// An invalid frontend option (for example `max_context = 0`).
     #[error("option `{name}`: {msg}")]
     InvalidOption { name: String, msg: String },

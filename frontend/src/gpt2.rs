@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use llmc_ir::{BinaryOp, Dim, Graph, NodeId, Op, UnaryOp};
+use llmc_ir::{Dim, Graph, NodeId, Op, UnaryOp};
 
 use crate::builder::{AttnDims, Builder};
 use crate::checkpoint::Checkpoint;
@@ -130,20 +130,6 @@ impl Gpt2Config {
     }
 }
 
-/// `(x - mean) * rsqrt(var + eps) * w + b`, over the last axis.
-fn layer_norm(b: &mut Builder<'_>, x: NodeId, w: NodeId, bias: NodeId, eps: f32) -> Result<NodeId> {
-    let mu = b.mean(x)?;
-    let xc = b.binary(BinaryOp::Sub, x, mu)?;
-    let sq = b.mul(xc, xc)?;
-    let var = b.mean(sq)?;
-    let e = b.scalar(eps)?;
-    let ve = b.add(var, e)?;
-    let r = b.unary(UnaryOp::Rsqrt, ve)?;
-    let y = b.mul(xc, r)?;
-    let y = b.mul(y, w)?;
-    b.add(y, bias)
-}
-
 /// `x W + bias` for a `Conv1D` weight `[in, out]`.
 fn conv1d(b: &mut Builder<'_>, x: NodeId, name: &str, inp: usize, out: usize) -> Result<NodeId> {
     let w = b.weight(&format!("{name}.weight"), &[inp, out])?;
@@ -175,12 +161,12 @@ pub fn build(config: &Value, ckpt: &Checkpoint, opts: &Options) -> Result<Graph>
     let (h, v, nh, im) = (c.n_embd, c.vocab_size, c.n_head, c.n_inner);
     let hd = h / nh;
     let eps = c.layer_norm_epsilon as f32;
-    let dims = AttnDims { heads: nh, kv_heads: nh, head_dim: hd, context };
+    let dims = AttnDims { heads: nh, kv_heads: nh, head_dim: hd, context, window: None };
     let scale = c.scale_attn_weights.then(|| (hd as f64).powf(-0.5) as f32);
     let norm = |b: &mut Builder<'_>, x: NodeId, name: String| -> Result<NodeId> {
         let w = b.weight(&format!("{name}.weight"), &[h])?;
         let bias = b.weight(&format!("{name}.bias"), &[h])?;
-        layer_norm(b, x, w, bias, eps)
+        b.layer_norm(x, w, bias, eps)
     };
 
     let ids = b.ids()?;

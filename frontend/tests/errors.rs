@@ -100,10 +100,10 @@ fn config_not_json() {
 
 #[test]
 fn unsupported_architecture_lists_supported_ones() {
-    let (_d, e) = llama_with(|c, _| c["architectures"] = json!(["MistralForCausalLM"]));
+    let (_d, e) = llama_with(|c, _| c["architectures"] = json!(["FalconForCausalLM"]));
     let msg = e.to_string();
-    assert!(matches!(e, FrontendError::UnsupportedArchitecture { ref name } if name == "MistralForCausalLM"));
-    assert!(msg.contains("MistralForCausalLM"), "{msg}");
+    assert!(matches!(e, FrontendError::UnsupportedArchitecture { ref name } if name == "FalconForCausalLM"));
+    assert!(msg.contains("FalconForCausalLM"), "{msg}");
     for a in SUPPORTED_ARCHITECTURES {
         assert!(msg.contains(a), "{msg}");
     }
@@ -278,8 +278,11 @@ fn zero_negative_and_huge_sizes() {
         c.as_object_mut().unwrap().remove("vocab_size");
     });
     assert!(matches!(e, FrontendError::ConfigField { ref field, ref msg } if field == "vocab_size" && msg == "missing"), "{e}");
-    // A huge layer count fails on the first missing layer, not by building a huge graph.
+    // A huge layer count fails on the config bound, not by building a huge graph.
     let (_d, e) = llama_with(|c, _| c["num_hidden_layers"] = json!(2_000_000_000));
+    assert!(matches!(e, FrontendError::ConfigField { ref field, .. } if field == "num_hidden_layers"), "{e}");
+    // A plausible but wrong layer count fails on the first missing layer.
+    let (_d, e) = llama_with(|c, _| c["num_hidden_layers"] = json!(500));
     assert!(matches!(e, FrontendError::MissingTensor { ref name } if name.starts_with("model.layers.2.")), "{e}");
     let e = gpt2_err(|c| c["n_layer"] = json!(0));
     assert!(matches!(e, FrontendError::ConfigField { ref field, .. } if field == "n_layer"), "{e}");

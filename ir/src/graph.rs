@@ -171,6 +171,17 @@ impl Graph {
     }
 }
 
+/// Op equality with floats compared by bit pattern (a NaN const equals itself, `-0.0 != 0.0`).
+pub fn ops_bitwise_eq(a: &Op, b: &Op) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    match (a, b) {
+        (Op::Const { values: x }, Op::Const { values: y }) => bits(x) == bits(y),
+        (Op::Attention { scale: x, window: wx }, Op::Attention { scale: y, window: wy }) => x.to_bits() == y.to_bits() && wx == wy,
+        (Op::RmsNorm { eps: x }, Op::RmsNorm { eps: y }) | (Op::LayerNorm { eps: x }, Op::LayerNorm { eps: y }) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
+}
+
 impl PartialEq for Graph {
     fn eq(&self, other: &Self) -> bool {
         self.name == other.name
@@ -178,7 +189,10 @@ impl PartialEq for Graph {
             && self.states == other.states
             && self.output_positions() == other.output_positions()
             && match (self.canonical(), other.canonical()) {
-                (Ok(a), Ok(b)) => a == b,
+                (Ok(a), Ok(b)) => {
+                    a.len() == b.len()
+                        && a.iter().zip(&b).all(|((oa, ta, ia), (ob, tb, ib))| ta == tb && ia == ib && ops_bitwise_eq(oa, ob))
+                }
                 _ => false,
             }
     }

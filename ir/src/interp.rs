@@ -281,6 +281,154 @@ impl<'w> Interpreter<'w> {
                 }
                 Tensor::new(out_shape, out)
             }
+            Op::Concat { axis, .. } => {
+                let outer: usize = out_shape[..*axis].iter().product();
+                let inner: usize = out_shape[axis + 1..].iter().product();
+                let mut out = Vec::with_capacity(out_shape.iter().product());
+                for o in 0..outer {
+                    for x in ins {
+                        let rows = x.shape[*axis] * inner;
+                        out.extend_from_slice(&x.data[o * rows..(o + 1) * rows]);
+                    }
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::Attention { scale, window } => {
+                let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+                let (s, nh, d) = (q.shape[0], q.shape[1], q.shape[2]);
+                let (t, nkv) = (k.shape[0], k.shape[1]);
+                let g = nh / nkv;
+                let mut out = vec![0.0f32; s * nh * d];
+                for si in 0..s {
+                    let qp = b.p + si;
+                    for h in 0..nh {
+                        let kh = h / g;
+                        let qrow = &q.data[(si * nh + h) * d..(si * nh + h + 1) * d];
+                        let vis: Vec<usize> = (0..t).filter(|&ti| ti <= qp && window.is_none_or(|w| qp - ti < w)).collect();
+                        let scores: Vec<f64> = vis
+                            .iter()
+                            .map(|&ti| {
+                                let krow = &k.data[(ti * nkv + kh) * d..(ti * nkv + kh + 1) * d];
+                                let dot: f64 = qrow.iter().zip(krow).map(|(&a, &b)| a as f64 * b as f64).sum();
+                                dot * *scale as f64
+                            })
+                            .collect();
+                        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        let o = &mut out[(si * nh + h) * d..(si * nh + h + 1) * d];
+                        for (j, &ti) in vis.iter().enumerate() {
+                            let vrow = &v.data[(ti * nkv + kh) * d..(ti * nkv + kh + 1) * d];
+                            for (od, &vv) in o.iter_mut().zip(vrow) {
+                                *od += (e[j] / z * vv as f64) as f32;
+                            }
+                        }
+                    }
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (&ins[0], &ins[1]);
+                let h = w.data.len();
+                let mut out = Vec::with_capacity(x.data.len());
+                for row in x.data.chunks(h.max(1)) {
+                    let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
+                    let r = 1.0 / (ms + *eps as f64).sqrt();
+                    out.extend(row.iter().zip(&w.data).map(|(&v, &wv)| (v as f64 * r) as f32 * wv));
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::LayerNorm { eps } => {
+                let (x, w, bias) = (&ins[0], &ins[1], &ins[2]);
+                let h = w.data.len();
+                let mut out = Vec::with_capacity(x.data.len());
+                for row in x.data.chunks(h.max(1)) {
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+                    let r = 1.0 / (var + *eps as f64).sqrt();
+                    out.extend(row.iter().zip(w.data.iter().zip(&bias.data)).map(|(&v, (&wv, &bv))| ((v as f64 - mean) * r) as f32 * wv + bv));
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::Linear { transpose_b, bias, act, residual } => {
+                let (a, bm) = (&ins[0], &ins[1]);
+                let k = *a.shape.last().unwrap_or(&1);
+                let n = *out_shape.last().unwrap_or(&1);
+                let rows = a.data.len() / k.max(1);
+                let mut out = vec![0.0f32; rows * n];
+                let bias_v = bias.then(|| &ins[2].data);
+                let res_v = residual.then(|| &ins[2 + *bias as usize].data);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let mut acc = 0.0f64;
+                        for l in 0..k {
+                            let bv = if *transpose_b { bm.data[j * k + l] } else { bm.data[l * n + j] };
+                            acc += a.data[r * k + l] as f64 * bv as f64;
+                        }
+                        let mut y = acc as f32;
+                        if let Some(bv) = bias_v {
+                            y += bv[j];
+                        }
+                        if let Some(u) = act {
+                            y = u.eval(y);
+                        }
+                        if let Some(rv) = res_v {
+                            y += rv[r * n + j];
+                        }
+                        out[r * n + j] = y;
+                    }
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::GatedLinear { act } => {
+                let (a, w) = (&ins[0], &ins[1]);
+                let k = *a.shape.last().unwrap_or(&1);
+                let n = w.shape[0] / 2;
+                let rows = a.data.len() / k.max(1);
+                let dot = |r: usize, j: usize| -> f32 {
+                    (0..k).map(|l| a.data[r * k + l] as f64 * w.data[j * k + l] as f64).sum::<f64>() as f32
+                };
+                let mut out = Vec::with_capacity(rows * n);
+                for r in 0..rows {
+                    for j in 0..n {
+                        out.push(act.eval(dot(r, j)) * dot(r, n + j));
+                    }
+                }
+                Tensor::new(out_shape, out)
+            }
+            Op::Moe { top_k, act } => {
+                let (x, router, gu, dn) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+                let (e, h, i) = (router.shape[0], router.shape[1], dn.shape[2]);
+                let dot = |a: &[f32], b: &[f32]| -> f32 {
+                    a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>() as f32
+                };
+                let mut out = Vec::with_capacity(x.data.len());
+                for row in x.data.chunks(h.max(1)) {
+                    let logits: Vec<f32> = (0..e).map(|j| dot(&router.data[j * h..(j + 1) * h], row)).collect();
+                    // Stable sort by descending logit: equal logits keep the lower index first.
+                    let mut order: Vec<usize> = (0..e).collect();
+                    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                    let chosen = &order[..*top_k];
+                    let m = logits[chosen[0]] as f64;
+                    let z: f64 = chosen.iter().map(|&j| (logits[j] as f64 - m).exp()).sum();
+                    let mut acc = vec![0.0f64; h];
+                    for &j in chosen {
+                        let w = ((logits[j] as f64 - m).exp() / z) as f32;
+                        let g = &gu.data[j * 2 * i * h..(j + 1) * 2 * i * h];
+                        let hid: Vec<f32> = (0..i)
+                            .map(|r| {
+                                act.eval(dot(&g[r * h..(r + 1) * h], row)) * dot(&g[(i + r) * h..(i + r + 1) * h], row)
+                            })
+                            .collect();
+                        let d = &dn.data[j * h * i..(j + 1) * h * i];
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            *a += w as f64 * dot(&d[c * i..(c + 1) * i], &hid) as f64;
+                        }
+                    }
+                    out.extend(acc.iter().map(|&v| v as f32));
+                }
+                Tensor::new(out_shape, out)
+            }
             Op::KvConcat { state } => {
                 let x = &ins[0];
                 let row: usize = x.shape[1..].iter().product();

@@ -163,6 +163,37 @@ pub enum Op {
     /// KV-cache append: `x f32[S, ..]` is written into state rows `P..P+S`; the result is the state's
     /// rows `0..T`, `f32[T, ..]`. The state's type is `f32[C, ..]` with `C` the context length.
     KvConcat { state: String },
+    /// Concatenation of `n` operands along `axis`; all other dimensions equal.
+    Concat { axis: usize, n: usize },
+    /// Sparse mixture of experts (Mixtral's MLP):
+    /// `(x f32[.., H], router f32[E, H], gate_up f32[E, 2I, H], down f32[E, H, I]) -> f32[.., H]`.
+    /// Per row `x`: router logits `l = router x`; the experts with the `top_k` largest logits are
+    /// chosen (equal logits: the lower expert index first) with weights `w = softmax(l[chosen])`,
+    /// which equals transformers' softmax over all experts, top-k, renormalize;
+    /// `out = sum_chosen w_e * down[e] (act(g) * u)` where `g`, `u` are rows `0..I` and `I..2I` of
+    /// `gate_up[e] x`. Only the chosen experts are computed. `1 <= top_k <= E`.
+    Moe { top_k: usize, act: UnaryOp },
+
+    // ---- Fused ops: produced by the optimizer, never by the frontend. ----
+    /// Causal scaled-dot-product attention with grouped KV heads (flash-style in backends: tiles over
+    /// `T` with an online softmax, no `S x T` buffer).
+    /// `(q f32[S, NH, D], k f32[T, NKV, D], v f32[T, NKV, D]) -> f32[S, NH, D]`, `NKV` divides `NH`;
+    /// query head `h` reads KV head `h / (NH / NKV)`. For query `s` (absolute position `P + s`),
+    /// key `t` is visible iff `t <= P + s` and, with a window `w`, `P + s - t < w`;
+    /// `out[s,h] = sum_t softmax_t(scale * q[s,h] . k[t]) v[t]` over visible `t`.
+    Attention { scale: f32, window: Option<usize> },
+    /// RMSNorm over the last axis: `(x f32[.., H], w f32[H]) -> x / sqrt(mean(x^2) + eps) * w`.
+    RmsNorm { eps: f32 },
+    /// LayerNorm over the last axis: `(x f32[.., H], w f32[H], b f32[H])`,
+    /// `(x - mean) / sqrt(var + eps) * w + b` with the biased variance.
+    LayerNorm { eps: f32 },
+    /// Matmul with a fused epilogue: `act(a x b + bias) + residual`, `b` as in `matmul` (2-D,
+    /// `[N, K]` with `transpose_b`, else `[K, N]`), `a f32[.., K]`. Operands: `a`, `b`, then `bias f32[N]`
+    /// if `bias`, then `residual` (the result's shape) if `residual`.
+    Linear { transpose_b: bool, bias: bool, act: Option<UnaryOp>, residual: bool },
+    /// Gated linear unit (SwiGLU with `silu`, GeGLU with `gelu_tanh`) over merged weights:
+    /// `(a f32[.., K], w f32[2N, K]) -> f32[.., N]`, `u = a x w^T`, `out[j] = act(u[j]) * u[N + j]`.
+    GatedLinear { act: UnaryOp },
 }
 
 impl Op {
@@ -185,7 +216,19 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::CausalMask { .. } => "causal_mask",
             Op::KvConcat { .. } => "kv_concat",
+            Op::Concat { .. } => "concat",
+            Op::Moe { .. } => "moe",
+            Op::Attention { .. } => "attention",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Linear { .. } => "linear",
+            Op::GatedLinear { .. } => "gated_linear",
         }
+    }
+
+    /// Whether the optimizer introduces this op (the frontend emits only primitive ops).
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Op::Attention { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Linear { .. } | Op::GatedLinear { .. })
     }
 
     /// Number of operands the op takes.
@@ -200,7 +243,11 @@ impl Op {
             | Op::Slice { .. }
             | Op::CausalMask { .. }
             | Op::KvConcat { .. } => 1,
-            Op::Gather | Op::Binary(_) | Op::Matmul { .. } | Op::Rope { .. } => 2,
+            Op::Gather | Op::Binary(_) | Op::Matmul { .. } | Op::Rope { .. } | Op::RmsNorm { .. } | Op::GatedLinear { .. } => 2,
+            Op::Attention { .. } | Op::LayerNorm { .. } => 3,
+            Op::Moe { .. } => 4,
+            Op::Linear { bias, residual, .. } => 2 + *bias as usize + *residual as usize,
+            Op::Concat { n, .. } => *n,
         }
     }
 
@@ -371,6 +418,115 @@ impl Op {
                 shape[0] = Dim::T;
                 TensorType::f32(shape)
             }
+            Op::Concat { axis, n } => {
+                if *n < 1 {
+                    return Err(type_err(name, "needs at least one operand"));
+                }
+                let first = ins[0];
+                if *axis >= first.rank() {
+                    return Err(type_err(name, format!("axis {axis} out of range for {first}")));
+                }
+                let mut total = 0;
+                for t in ins {
+                    let same_others = t.dtype == first.dtype
+                        && t.rank() == first.rank()
+                        && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
+                    match (same_others, t.shape[*axis].as_const()) {
+                        (true, Some(d)) => total += d,
+                        _ => return Err(type_err(name, format!("operands must agree off axis {axis} and be constant on it: {first} vs {t}"))),
+                    }
+                }
+                let mut shape = first.shape.clone();
+                shape[*axis] = Dim::N(total);
+                TensorType::new(first.dtype, shape)
+            }
+            Op::Moe { top_k, .. } => {
+                let (x, r, gu, dn) = (ins[0], ins[1], ins[2], ins[3]);
+                for t in [x, r, gu, dn] {
+                    need_f32(t, "operand")?;
+                }
+                let ok = match (x.shape.last(), &r.shape[..], &gu.shape[..], &dn.shape[..]) {
+                    (Some(h), [Dim::N(e), rh], [Dim::N(e2), Dim::N(i2), gh], [Dim::N(e3), dh, Dim::N(i)]) => {
+                        rh == h && gh == h && dh == h && e == e2 && e == e3 && *i2 == 2 * i && *i > 0 && (1..=*e).contains(top_k)
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Err(type_err(name, format!("wants (f32[.., H], f32[E, H], f32[E, 2I, H], f32[E, H, I]) with 1 <= top_k ({top_k}) <= E, got ({x}, {r}, {gu}, {dn})")));
+                }
+                x.clone()
+            }
+            Op::Attention { .. } => {
+                let (q, k, v) = (ins[0], ins[1], ins[2]);
+                for t in [q, k, v] {
+                    need_f32(t, "operand")?;
+                }
+                let ok = q.rank() == 3
+                    && k.rank() == 3
+                    && q.shape[0] == Dim::S
+                    && k.shape[0] == Dim::T
+                    && k.shape == v.shape
+                    && q.shape[2] == k.shape[2]
+                    && q.shape[1..].iter().all(|d| d.is_const())
+                    && k.shape[1..].iter().all(|d| d.is_const())
+                    && matches!((q.shape[1], k.shape[1]), (Dim::N(nh), Dim::N(nkv)) if nkv > 0 && nh % nkv == 0);
+                if !ok {
+                    return Err(type_err(name, format!("wants (f32[S,NH,D], f32[T,NKV,D], f32[T,NKV,D]) with NKV dividing NH, got ({q}, {k}, {v})")));
+                }
+                q.clone()
+            }
+            Op::RmsNorm { .. } | Op::LayerNorm { .. } => {
+                let x = ins[0];
+                need_f32(x, "operand")?;
+                let Some(&h) = x.shape.last() else {
+                    return Err(type_err(name, "operand must have rank >= 1"));
+                };
+                for p in &ins[1..] {
+                    need_f32(p, "parameter")?;
+                    if p.shape != vec![h] {
+                        return Err(type_err(name, format!("parameters must be f32[{h}], got {p}")));
+                    }
+                }
+                x.clone()
+            }
+            Op::Linear { transpose_b, bias, residual, .. } => {
+                let (a, b) = (ins[0], ins[1]);
+                need_f32(a, "lhs")?;
+                need_f32(b, "rhs")?;
+                if a.rank() < 1 || b.rank() != 2 {
+                    return Err(type_err(name, format!("wants a f32[.., K] and a 2-D rhs, got {a} and {b}")));
+                }
+                let (kb, n) = if *transpose_b { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+                if a.shape[a.rank() - 1] != kb {
+                    return Err(type_err(name, format!("contraction mismatch: {a} x {b} (transpose_b={transpose_b})")));
+                }
+                let mut shape = a.shape.clone();
+                *shape.last_mut().expect("rank >= 1") = n;
+                let out = TensorType::f32(shape);
+                let mut i = 2;
+                if *bias {
+                    if ins[i].shape != vec![n] || ins[i].dtype != DType::F32 {
+                        return Err(type_err(name, format!("bias must be f32[{n}], got {}", ins[i])));
+                    }
+                    i += 1;
+                }
+                if *residual && *ins[i] != out {
+                    return Err(type_err(name, format!("residual must be {out}, got {}", ins[i])));
+                }
+                out
+            }
+            Op::GatedLinear { .. } => {
+                let (a, w) = (ins[0], ins[1]);
+                need_f32(a, "lhs")?;
+                need_f32(w, "weight")?;
+                let ok = a.rank() >= 1 && w.rank() == 2 && w.shape[1] == a.shape[a.rank() - 1] && matches!(w.shape[0], Dim::N(n2) if n2 % 2 == 0 && n2 > 0);
+                if !ok {
+                    return Err(type_err(name, format!("wants (f32[.., K], f32[2N, K]), got ({a}, {w})")));
+                }
+                let mut shape = a.shape.clone();
+                *shape.last_mut().expect("rank >= 1") = Dim::N(w.shape[0].as_const().expect("checked") / 2);
+                TensorType::f32(shape)
+            }
         })
     }
 }
@@ -452,6 +608,23 @@ mod tests {
         for (x, want) in [(0.0, 0.0), (0.5, 0.5204998778130465), (1.0, 0.8427007929497149), (-2.0, -0.9953222650189527), (3.0, 0.9999779095030014)] {
             assert!((erf(x) - want).abs() < 1e-12, "erf({x}) = {} want {want}", erf(x));
         }
+    }
+
+    #[test]
+    fn moe_type_rule() {
+        use Dim::*;
+        let (x, r) = (TensorType::f32(vec![S, N(8)]), TensorType::f32(vec![N(4), N(8)]));
+        let (gu, dn) = (TensorType::f32(vec![N(4), N(12), N(8)]), TensorType::f32(vec![N(4), N(8), N(6)]));
+        let moe = |k| Op::Moe { top_k: k, act: UnaryOp::Silu };
+        assert_eq!(moe(2).infer_type(&[&x, &r, &gu, &dn], None).unwrap(), x);
+        assert_eq!(moe(4).infer_type(&[&x, &r, &gu, &dn], None).unwrap(), x);
+        for k in [0, 5] {
+            assert!(moe(k).infer_type(&[&x, &r, &gu, &dn], None).is_err(), "top_k {k}");
+        }
+        let odd = TensorType::f32(vec![N(4), N(8), N(5)]); // 2 x 5 != 12
+        assert!(moe(2).infer_type(&[&x, &r, &gu, &odd], None).is_err());
+        let three = TensorType::f32(vec![N(3), N(8)]);
+        assert!(moe(2).infer_type(&[&x, &three, &gu, &dn], None).is_err());
     }
 
     #[test]

@@ -258,6 +258,24 @@ impl Attrs {
             v => self.err(format!("`{k}` must be an integer, got {v:?}")),
         }
     }
+    fn f32(&mut self, k: &str) -> Result<f32> {
+        match self.req(k)? {
+            AVal::Num(n) | AVal::Ident(n) => match crate::print::parse_f32(&n) {
+                Some(v) => Ok(v),
+                None => self.err(format!("`{k}` must be a number, got `{n}`")),
+            },
+            v => self.err(format!("`{k}` must be a number, got {v:?}")),
+        }
+    }
+    fn unary(&mut self, k: &str) -> Result<UnaryOp> {
+        match self.req(k)? {
+            AVal::Ident(n) => match UnaryOp::ALL.iter().find(|u| u.name() == n) {
+                Some(u) => Ok(*u),
+                None => self.err(format!("`{k}`: unknown activation `{n}`")),
+            },
+            v => self.err(format!("`{k}` must be an activation name, got {v:?}")),
+        }
+    }
     fn string(&mut self, k: &str) -> Result<String> {
         match self.req(k)? {
             AVal::Str(s) => Ok(s),
@@ -313,9 +331,9 @@ fn make_op(name: &str, a: &mut Attrs) -> Result<Op> {
         "const" => {
             let mut values = Vec::new();
             for v in a.list("values")? {
-                match v.parse::<f32>() {
-                    Ok(x) => values.push(x),
-                    Err(_) => return a.err(format!("bad float `{v}`")),
+                match crate::print::parse_f32(&v) {
+                    Some(x) => values.push(x),
+                    None => return a.err(format!("bad float `{v}`")),
                 }
             }
             Op::Const { values }
@@ -341,6 +359,21 @@ fn make_op(name: &str, a: &mut Attrs) -> Result<Op> {
             AVal::Global(s) => Op::KvConcat { state: s },
             v => return a.err(format!("`state` must be `@name`, got {v:?}")),
         },
+        "concat" => Op::Concat { axis: a.usize("axis")?, n: a.usize("n")? },
+        "attention" => Op::Attention {
+            scale: a.f32("scale")?,
+            window: if a.m.contains_key("window") { Some(a.usize("window")?) } else { None },
+        },
+        "rms_norm" => Op::RmsNorm { eps: a.f32("eps")? },
+        "layer_norm" => Op::LayerNorm { eps: a.f32("eps")? },
+        "linear" => Op::Linear {
+            transpose_b: a.flag("transpose_b")?,
+            bias: a.flag("bias")?,
+            act: if a.m.contains_key("act") { Some(a.unary("act")?) } else { None },
+            residual: a.flag("residual")?,
+        },
+        "gated_linear" => Op::GatedLinear { act: a.unary("act")? },
+        "moe" => Op::Moe { top_k: a.usize("top_k")?, act: a.unary("act")? },
         other => return a.err(format!("unknown op `{other}`")),
     })
 }

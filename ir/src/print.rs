@@ -60,9 +60,23 @@ pub fn print(g: &Graph) -> String {
     s
 }
 
-/// Prints a float so that it parses back to the same bits.
+/// Prints a float so that it parses back to the same bits: the shortest decimal that round-trips,
+/// `inf`/`-inf`, and NaNs as `nan_XXXXXXXX` with their bit pattern (sign and payload kept).
 pub fn fmt_f32(x: f32) -> String {
-    format!("{x:?}")
+    if x.is_nan() {
+        format!("nan_{:08x}", x.to_bits())
+    } else {
+        format!("{x:?}")
+    }
+}
+
+/// Parses what [`fmt_f32`] prints (and any decimal float).
+pub fn parse_f32(s: &str) -> Option<f32> {
+    match s.strip_prefix("nan_") {
+        Some(hex) if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(f32::from_bits).filter(|v| v.is_nan()),
+        Some(_) => None,
+        None => s.parse().ok(),
+    }
 }
 
 pub(crate) fn quote(v: &str) -> String {
@@ -102,6 +116,33 @@ fn attrs(op: &Op) -> Vec<String> {
         Op::Rope { rotary_dim } => vec![format!("rotary_dim = {rotary_dim}")],
         Op::CausalMask { window: Some(w) } => vec![format!("window = {w}")],
         Op::KvConcat { state } => vec![format!("state = @{state}")],
+        Op::Concat { axis, n } => vec![format!("axis = {axis}"), format!("n = {n}")],
+        Op::Attention { scale, window } => {
+            let mut v = vec![format!("scale = {}", fmt_f32(*scale))];
+            if let Some(w) = window {
+                v.push(format!("window = {w}"));
+            }
+            v
+        }
+        Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![format!("eps = {}", fmt_f32(*eps))],
+        Op::Linear { transpose_b, bias, act, residual } => {
+            let mut v = Vec::new();
+            if *transpose_b {
+                v.push("transpose_b".into());
+            }
+            if *bias {
+                v.push("bias".into());
+            }
+            if let Some(a) = act {
+                v.push(format!("act = {}", a.name()));
+            }
+            if *residual {
+                v.push("residual".into());
+            }
+            v
+        }
+        Op::GatedLinear { act } => vec![format!("act = {}", act.name())],
+        Op::Moe { top_k, act } => vec![format!("top_k = {top_k}"), format!("act = {}", act.name())],
         Op::Matmul { transpose_b: false }
         | Op::CausalMask { window: None }
         | Op::Positions

@@ -44,6 +44,10 @@ pub enum PassError {
         #[source]
         source: std::io::Error,
     },
+    /// The e-graph optimizer (`optimize`) failed: an unsound rule (a type conflict), an `--explain`
+    /// value that does not exist, or an internal inconsistency; the message says which.
+    #[error("optimize: {0}")]
+    Optimize(String),
     /// Writing `--print-ir-after` or statistics output failed.
     #[error("cannot write pass output: {0}")]
     Output(#[source] std::io::Error),

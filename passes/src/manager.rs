@@ -55,7 +55,12 @@ impl PassStats {
 
 /// Every pass the command line can name, in the order `llmc passes` lists them.
 pub fn all_passes() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(crate::dce::Dce), Box::new(crate::cse::Cse), Box::new(crate::constant_fold::ConstantFold)]
+    vec![
+        Box::new(crate::dce::Dce),
+        Box::new(crate::cse::Cse),
+        Box::new(crate::constant_fold::ConstantFold),
+        Box::new(crate::egraph::Optimize::default()),
+    ]
 }
 
 /// The pass named `name`, if the registry has it.
@@ -65,7 +70,7 @@ pub fn lookup(name: &str) -> Option<Box<dyn Pass>> {
 
 /// The pipeline `llmc compile` runs when none is given.
 pub fn default_pipeline() -> Vec<&'static str> {
-    vec!["dce", "cse", "constant-fold", "dce"]
+    vec!["dce", "cse", "constant-fold", "dce", "optimize", "dce", "cse"]
 }
 
 /// Splits a comma-separated pipeline (`"dce, cse"`), dropping empty items.

@@ -12,6 +12,12 @@
 //! ```
 //! The header records xxh3-64 checksums of the code and data sections; [`Artifact::open`] checks all
 //! three, the format version, the target and the CPU features before any code is mapped executable.
+//! [`verify_bytes`] runs the same checks on an artifact already in memory (used by the fuzzers).
+//!
+//! The checksums catch corruption (truncation, flipped bits, a half-written file), not malice: an
+//! artifact is native code, and one written to pass every check runs with the caller's rights.
+//! Even so, no header value can make the loader read outside the file or allocate more than
+//! the header's buffers need: every offset, length and index is checked against its section.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const PREAMBLE: usize = 32;
 /// The target string of Cranelift x86-64 artifacts.
 pub const TARGET_X86_64: &str = "x86_64-cpu";
+/// Largest accepted header JSON. A real header is well under a megabyte (a few entries per layer).
+pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+/// Largest accepted activation arena or state tensor (1 TiB), and of all of them together.
+pub const MAX_RUNTIME_BYTES: u64 = 1 << 40;
+/// Alignment of every data buffer inside the data section (what [`ArtifactWriter::push_data`] writes).
+pub const DATA_ALIGN: u64 = 64;
 
 /// One compiled kernel: `len` bytes at `offset` within the code section.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -92,6 +104,18 @@ pub struct Header {
     pub input: u32,
     pub output: u32,
     pub arena_bytes: u64,
+    /// Non-tensor bytes carried in the data section and covered by its checksum (for example
+    /// `tokenizer.json`); absent in artifacts that carry none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<BlobEntry>,
+}
+
+/// Named bytes at `offset` within the data section (see [`Artifact::blob`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BlobEntry {
+    pub name: String,
+    pub offset: u64,
+    pub bytes: u64,
 }
 
 pub fn checksum_hex(h: u64) -> String {
@@ -110,49 +134,29 @@ impl Artifact {
     /// data checksums, kernel and buffer bounds, target and CPU features.
     pub fn open(path: &Path) -> Result<Artifact> {
         let pb = path.to_path_buf();
-        let corrupt = |msg: String| RuntimeError::Corrupt { path: pb.clone(), msg };
         let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: pb.clone(), source })?;
         // SAFETY: the map is read-only; a concurrent truncation of the file is outside our contract.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: pb.clone(), source })?;
-        if map.len() < PREAMBLE || &map[..8] != MAGIC {
-            return Err(corrupt("not an llmc artifact (bad magic)".into()));
-        }
-        let version = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
-            return Err(RuntimeError::Version { path: pb, found: version, expected: FORMAT_VERSION });
-        }
-        let hlen = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes"));
-        let hsum = u64::from_le_bytes(map[24..32].try_into().expect("8 bytes"));
-        let hend = (PREAMBLE as u64).checked_add(hlen).filter(|&e| e <= map.len() as u64).ok_or_else(|| corrupt(format!("header length {hlen} exceeds the file ({} bytes)", map.len())))?;
-        let hbytes = &map[PREAMBLE..hend as usize];
-        if xxhash_rust::xxh3::xxh3_64(hbytes) != hsum {
-            return Err(RuntimeError::Checksum { path: pb, section: "header" });
-        }
-        let header: Header = serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("header: {e}")))?;
-        let section = |off: u64, len: u64, what: &str| -> Result<std::ops::Range<usize>> {
-            match off.checked_add(len) {
-                Some(end) if off >= hend && end <= map.len() as u64 => Ok(off as usize..end as usize),
-                _ => Err(corrupt(format!("{what} section {off}+{len} lies outside the file ({} bytes)", map.len()))),
-            }
-        };
-        let code = section(header.code_offset, header.code_len, "code")?;
-        let data = section(header.data_offset, header.data_len, "data")?;
-        if checksum_hex(xxhash_rust::xxh3::xxh3_64(&map[code.clone()])) != header.code_checksum {
-            return Err(RuntimeError::Checksum { path: pb, section: "code" });
-        }
-        if checksum_hex(xxhash_rust::xxh3::xxh3_64(&map[data.clone()])) != header.data_checksum {
-            return Err(RuntimeError::Checksum { path: pb, section: "data" });
-        }
-        validate(&header).map_err(corrupt)?;
-        if header.target != TARGET_X86_64 || !cfg!(target_arch = "x86_64") {
-            return Err(RuntimeError::Target { path: pb, target: header.target.clone() });
-        }
-        for f in &header.cpu_features {
-            if cpu_has(f) != Some(true) {
-                return Err(RuntimeError::CpuFeature { path: pb, feature: f.clone() });
-            }
-        }
+        let header = verify_bytes(path, &map)?;
         Ok(Artifact { path: pb, header, map })
+    }
+
+    /// Verifies an artifact held in memory (for example one linked into a program) and keeps a
+    /// page-aligned copy of it, so `bytes` need not outlive the call; `name` stands for the
+    /// path in errors.
+    pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Artifact> {
+        let header = verify_bytes(name, bytes)?;
+        let io = |source| RuntimeError::Io { path: name.to_path_buf(), source };
+        let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+        m[..bytes.len()].copy_from_slice(bytes);
+        let map = m.make_read_only().map_err(io)?;
+        Ok(Artifact { path: name.to_path_buf(), header, map })
+    }
+
+    /// The blob named `name` (see [`Header::blobs`]), if the artifact carries one.
+    pub fn blob(&self, name: &str) -> Option<&[u8]> {
+        let b = self.header.blobs.iter().find(|b| b.name == name)?;
+        self.data().get(b.offset as usize..(b.offset + b.bytes) as usize)
     }
 
     pub fn code(&self) -> &[u8] {
@@ -171,6 +175,62 @@ impl Artifact {
     }
 }
 
+/// Verifies the artifact `bytes` (named `path` in errors) as [`Artifact::open`] does and returns
+/// its header: magic, version, header length and checksum, section bounds, code and data
+/// checksums, internal consistency, target and CPU features, in that order. Nothing is allocated
+/// beyond the parsed header.
+pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let pb = path.to_path_buf();
+    let corrupt = |msg: String| RuntimeError::Corrupt { path: pb.clone(), msg };
+    if !bytes.starts_with(MAGIC) {
+        return Err(corrupt("not an llmc artifact (bad magic)".into()));
+    }
+    let Some(pre) = bytes.get(..PREAMBLE) else {
+        return Err(corrupt(format!("truncated: {} bytes, shorter than the {PREAMBLE}-byte preamble", bytes.len())));
+    };
+    let word = |at: usize| u64::from_le_bytes(pre[at..at + 8].try_into().unwrap_or([0; 8]));
+    let version = word(8) as u32;
+    if version != FORMAT_VERSION {
+        return Err(RuntimeError::Version { path: pb, found: version, expected: FORMAT_VERSION });
+    }
+    let (hlen, hsum) = (word(16), word(24));
+    if hlen > MAX_HEADER_BYTES {
+        return Err(corrupt(format!("header length {hlen} exceeds the {MAX_HEADER_BYTES}-byte limit")));
+    }
+    let hend = (PREAMBLE as u64 + hlen) as usize;
+    let Some(hbytes) = bytes.get(PREAMBLE..hend) else {
+        return Err(corrupt(format!("header length {hlen} exceeds the file ({} bytes)", bytes.len())));
+    };
+    if xxhash_rust::xxh3::xxh3_64(hbytes) != hsum {
+        return Err(RuntimeError::Checksum { path: pb, section: "header" });
+    }
+    let header: Header = serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("header: {e}")))?;
+    let section = |off: u64, len: u64, what: &str| -> Result<&[u8]> {
+        match off.checked_add(len) {
+            Some(end) if off >= hend as u64 && end <= bytes.len() as u64 => Ok(&bytes[off as usize..end as usize]),
+            _ => Err(corrupt(format!("{what} section {off}+{len} lies outside the file ({} bytes)", bytes.len()))),
+        }
+    };
+    let code = section(header.code_offset, header.code_len, "code")?;
+    let data = section(header.data_offset, header.data_len, "data")?;
+    if checksum_hex(xxhash_rust::xxh3::xxh3_64(code)) != header.code_checksum {
+        return Err(RuntimeError::Checksum { path: pb, section: "code" });
+    }
+    if checksum_hex(xxhash_rust::xxh3::xxh3_64(data)) != header.data_checksum {
+        return Err(RuntimeError::Checksum { path: pb, section: "data" });
+    }
+    validate(&header).map_err(corrupt)?;
+    if header.target != TARGET_X86_64 || !cfg!(target_arch = "x86_64") {
+        return Err(RuntimeError::Target { path: pb, target: header.target.clone() });
+    }
+    for f in &header.cpu_features {
+        if cpu_has(f) != Some(true) {
+            return Err(RuntimeError::CpuFeature { path: pb, feature: f.clone() });
+        }
+    }
+    Ok(header)
+}
+
 /// Internal consistency of a header whose bytes passed the checksum (a defence against
 /// artifacts written by a buggy or hostile producer: no index or range may escape its section).
 fn validate(h: &Header) -> std::result::Result<(), String> {
@@ -185,6 +245,9 @@ fn validate(h: &Header) -> std::result::Result<(), String> {
                 if offset.checked_add(*bytes).is_none_or(|e| e > h.data_len) {
                     return Err(format!("buffer {i} (`{name}`) lies outside the data section"));
                 }
+                if offset % DATA_ALIGN != 0 {
+                    return Err(format!("buffer {i} (`{name}`) is not {DATA_ALIGN}-byte aligned"));
+                }
             }
             BufferDecl::Arena { offset, bytes } => {
                 if offset.checked_add(*bytes).is_none_or(|e| e > h.arena_bytes) {
@@ -196,6 +259,11 @@ fn validate(h: &Header) -> std::result::Result<(), String> {
                     return Err(format!("buffer {i} names state {index}, which does not exist"));
                 }
             }
+        }
+    }
+    for b in &h.blobs {
+        if b.offset.checked_add(b.bytes).is_none_or(|e| e > h.data_len) {
+            return Err(format!("blob `{}` lies outside the data section", b.name));
         }
     }
     let nb = h.buffers.len();
@@ -218,17 +286,36 @@ fn validate(h: &Header) -> std::result::Result<(), String> {
     if h.max_chunk == 0 || h.max_context == 0 || h.vocab_size == 0 || h.max_chunk > h.max_context {
         return Err("max_chunk, max_context and vocab_size must be positive, max_chunk <= max_context".into());
     }
-    if h.arena_bytes > (1u64 << 40) || h.states.iter().any(|s| s.bytes > (1u64 << 40)) {
-        return Err("arena or state sizes are absurd".into());
+    let total = h.states.iter().try_fold(h.arena_bytes, |a, s| a.checked_add(s.bytes));
+    if total.is_none_or(|t| t > MAX_RUNTIME_BYTES) {
+        return Err(format!("arena and state sizes add up to more than the {MAX_RUNTIME_BYTES}-byte limit"));
+    }
+    // The arena is exactly as large as its buffers need (slots are 64-byte aligned): a larger
+    // `arena_bytes` would only make a session allocate memory nothing uses.
+    let arena_end = h
+        .buffers
+        .iter()
+        .filter_map(|b| match b {
+            BufferDecl::Arena { offset, bytes } => Some(offset + round_up((*bytes).max(1), 64)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    if h.arena_bytes > round_up(arena_end, 64) {
+        return Err(format!("arena of {} bytes is larger than its buffers need ({arena_end} bytes)", h.arena_bytes));
     }
     Ok(())
 }
 
 /// Streams an artifact to disk: code, then data buffers one at a time, then the header, so that
-/// writing never holds more than one tensor in memory.
+/// writing never holds more than one tensor in memory. The bytes go to `<path>.partial`, renamed
+/// to `path` by [`finish`](Self::finish); a writer dropped before that (a failed compile) removes
+/// the partial file, so a failed compile never leaves a half-written artifact at `path`.
 pub struct ArtifactWriter {
     file: std::fs::File,
     path: PathBuf,
+    tmp: PathBuf,
+    finished: bool,
     reserved: u64,
     code_offset: u64,
     code_len: u64,
@@ -247,7 +334,10 @@ impl ArtifactWriter {
         let code_offset = reserved;
         let code_len = code.len() as u64;
         let data_offset = round_up(code_offset + code_len, 4096);
-        let mut file = std::fs::File::create(path).map_err(io)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
         file.seek(SeekFrom::Start(code_offset)).map_err(io)?;
         file.write_all(code).map_err(io)?;
         file.set_len(data_offset).map_err(io)?;
@@ -255,6 +345,8 @@ impl ArtifactWriter {
         Ok(ArtifactWriter {
             file,
             path: path.to_path_buf(),
+            tmp,
+            finished: false,
             reserved,
             code_offset,
             code_len,
@@ -310,7 +402,17 @@ impl ArtifactWriter {
         let pad = self.reserved - PREAMBLE as u64 - json.len() as u64;
         self.file.write_all(&vec![b' '; pad as usize]).map_err(io)?;
         self.file.flush().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io)?;
+        self.finished = true;
         Ok(self.data_offset + self.data_pos)
+    }
+}
+
+impl Drop for ArtifactWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -25,6 +25,14 @@ pub enum RuntimeError {
     ContextOverflow { needed: usize, max_context: usize },
     #[error("empty input: at least one token id is needed")]
     EmptyInput,
+    /// Text could not be tokenized or decoded, the artifact carries no tokenizer, or a chat
+    /// template failed; the message names what.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A caller-supplied setting is out of range (a sampling parameter, a speculation length);
+    /// the message names the setting.
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("{0}")]
     Other(String),
 }

@@ -3,15 +3,27 @@
 //! It depends on no compiler crate, so an application that links a compiled model pulls in this
 //! crate alone. Order of use: [`artifact`] (the file format, read and verified before any of its
 //! code runs), [`exec`] (mapping code executable), [`model`] (a loaded model, sessions with their
-//! KV cache and activation arena), [`sample`] (token choice), [`npy`] (logit dumps).
+//! KV cache and activation arena), [`sample`] (token choice), [`generate`] and [`speculative`]
+//! (decoding loops), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
+//! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
 pub mod artifact;
+pub mod embed;
 pub mod error;
 pub mod exec;
+pub mod generate;
 pub mod model;
 pub mod npy;
+pub mod pool;
 pub mod sample;
+pub mod speculative;
+pub mod tokenizer;
 
 pub use artifact::{Artifact, BufferDecl, Header, KernelEntry, Step, FORMAT_VERSION, MAGIC};
 pub use error::{Result, RuntimeError};
+pub use generate::{generate, StopConditions};
 pub use model::{GenerateStats, Model, Session};
+pub use sample::{Sampler, SamplingParams};
+pub use speculative::{generate_speculative, SpeculativeStats};
+#[cfg(feature = "tokenizer")]
+pub use tokenizer::{ChatMessage, ChatTemplate, TextStream, Tokenizer};

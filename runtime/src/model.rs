@@ -13,6 +13,12 @@ use std::time::Instant;
 use crate::artifact::{Artifact, BufferDecl, Header};
 use crate::error::{Result, RuntimeError};
 use crate::exec::{CodeMemory, KernelFn};
+use crate::pool::{Call, Pool};
+
+/// All cores this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
 use crate::sample::argmax;
 
 /// A loaded, verified, executable model.
@@ -29,7 +35,17 @@ unsafe impl Sync for Model {}
 impl Model {
     /// Opens `path`, verifies it (see [`Artifact::open`]) and maps its code.
     pub fn load(path: &Path) -> Result<Arc<Model>> {
-        let artifact = Artifact::open(path)?;
+        Self::from_artifact(Artifact::open(path)?)
+    }
+
+    /// Verifies and loads an artifact held in memory (see [`Artifact::from_bytes`]: the bytes are
+    /// copied, so they need not outlive the call); `name` stands for its path in errors.
+    pub fn load_bytes(name: &str, bytes: &[u8]) -> Result<Arc<Model>> {
+        Self::from_artifact(Artifact::from_bytes(Path::new(name), bytes)?)
+    }
+
+    /// Maps the code of a verified artifact.
+    pub fn from_artifact(artifact: Artifact) -> Result<Arc<Model>> {
         let code = CodeMemory::new(artifact.code())?;
         // SAFETY: offsets were validated against the code section and name functions compiled for
         // the kernel ABI by the compiler that wrote this checksummed artifact.
@@ -42,6 +58,11 @@ impl Model {
     }
     pub fn vocab_size(&self) -> usize {
         self.header().vocab_size as usize
+    }
+    /// Token ids must be below this: the `vocab_size` meta when present (an encoder's output
+    /// width, [`vocab_size`](Self::vocab_size), is its hidden size), else the output width.
+    pub fn token_vocab_size(&self) -> usize {
+        self.meta("vocab_size").and_then(|v| v.parse().ok()).unwrap_or_else(|| self.vocab_size())
     }
     pub fn max_context(&self) -> usize {
         self.header().max_context as usize
@@ -57,6 +78,14 @@ impl Model {
     }
     pub fn file_len(&self) -> usize {
         self.artifact.file_len()
+    }
+    /// The artifact's path (or the name it was loaded under).
+    pub fn path(&self) -> &Path {
+        &self.artifact.path
+    }
+    /// A blob the artifact carries (`tokenizer.json`), see [`Artifact::blob`].
+    pub fn blob(&self, name: &str) -> Option<&[u8]> {
+        self.artifact.blob(name)
     }
 }
 
@@ -121,8 +150,10 @@ pub struct Session {
     model: Arc<Model>,
     _arena: AlignedBuf,
     states: Vec<AlignedBuf>,
-    /// Per step, the kernel-ABI pointer array.
-    ptrs: Vec<Vec<*mut u8>>,
+    /// Per step, the kernel-ABI pointer array (`calls` points into these).
+    _ptrs: Vec<Vec<*mut u8>>,
+    calls: Vec<Call>,
+    pool: Pool,
     input: *mut i32,
     output: *const f32,
     past: usize,
@@ -133,7 +164,13 @@ pub struct Session {
 unsafe impl Send for Session {}
 
 impl Session {
+    /// A session running kernels on all available cores.
     pub fn new(model: Arc<Model>) -> Result<Session> {
+        Session::with_threads(model, default_threads())
+    }
+
+    /// A session running each kernel split across `threads` threads (1: the caller's alone).
+    pub fn with_threads(model: Arc<Model>, threads: usize) -> Result<Session> {
         let h = model.header();
         let arena = AlignedBuf::new(h.arena_bytes as usize)?;
         let states = h.states.iter().map(|s| AlignedBuf::new(s.bytes as usize)).collect::<Result<Vec<_>>>()?;
@@ -146,10 +183,17 @@ impl Session {
                 BufferDecl::State { index } => states[*index as usize].ptr,
             }
         };
-        let ptrs = h.steps.iter().map(|s| s.args.iter().map(|&a| buf_ptr(a)).collect()).collect();
+        let ptrs: Vec<Vec<*mut u8>> = h.steps.iter().map(|s| s.args.iter().map(|&a| buf_ptr(a)).collect()).collect();
+        let calls = h.steps.iter().zip(&ptrs).map(|(s, p)| Call { kernel: model.kernels[s.kernel as usize], args: p.as_ptr() }).collect();
         let input = buf_ptr(h.input) as *mut i32;
         let output = buf_ptr(h.output) as *const f32;
-        Ok(Session { model, _arena: arena, states, ptrs, input, output, past: 0 })
+        let pool = Pool::new(threads);
+        Ok(Session { model, _arena: arena, states, _ptrs: ptrs, calls, pool, input, output, past: 0 })
+    }
+
+    /// Threads each kernel is split across.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -159,6 +203,13 @@ impl Session {
     /// Tokens in the KV cache.
     pub fn past(&self) -> usize {
         self.past
+    }
+
+    /// Forgets all but the first `len` cached tokens (no effect when `len >= past`), as when
+    /// speculative decoding rejects drafted tokens. Nothing is cleared: the next forward writes
+    /// its KV rows from position `len` on, and no kernel reads rows at or past `past + S`.
+    pub fn truncate(&mut self, len: usize) {
+        self.past = self.past.min(len);
     }
 
     /// Forgets the conversation.
@@ -174,7 +225,7 @@ impl Session {
         if ids.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
-        let vocab = self.model.vocab_size();
+        let vocab = self.model.token_vocab_size();
         if let Some((index, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(RuntimeError::TokenOutOfRange { id: id as i64, index, vocab });
         }
@@ -200,11 +251,8 @@ impl Session {
                     *self.input.add(i) = id as i32;
                 }
             }
-            for (step, ptrs) in self.model.header().steps.iter().zip(&self.ptrs) {
-                let k = self.model.kernels[step.kernel as usize];
-                // SAFETY: pointers cover each buffer at its largest size; s + past <= max_context.
-                unsafe { k(ptrs.as_ptr(), s as i64, self.past as i64, 0, 1) };
-            }
+            // SAFETY: pointers cover each buffer at its largest size; s + past <= max_context.
+            unsafe { self.pool.run(&self.calls, s as i64, self.past as i64) };
             self.past += s;
             // SAFETY: the output buffer holds s * vocab f32s after the steps ran.
             let logits = unsafe { std::slice::from_raw_parts(self.output, s * vocab) };

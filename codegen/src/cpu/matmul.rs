@@ -1,4 +1,5 @@
-//! Batched matmul with NumPy batch broadcasting, both `b` layouts.
+//! Batched matmul with NumPy batch broadcasting, both `b` layouts, and the fused epilogues of
+//! `linear` and `gated_linear` (see [`super::linear`]).
 //!
 //! Work items are `(batch, column chunk, row block of MR=4)`, row blocks innermost so a part
 //! reuses one `K x chunk` panel of `b` across consecutive row blocks. Chunks are NC=64 columns, or
@@ -8,20 +9,24 @@
 //!   output row segments are the accumulators (in L1), each pass adds four rows of `b` times the
 //!   matching `a` values, broadcast once per pass. Cranelift's x64 FMA always overwrites a
 //!   multiplicand, so a register-tiled version pays a copy per FMA plus a move per accumulator per
-//!   iteration; this form has neither and runs ~1.5x faster.
+//!   iteration; this form has neither and runs ~1.5x faster. An epilogue is applied in the pass
+//!   over the last row of `b`, in registers, before that pass's store.
 //! - `b` as `[N, K]` (`transpose_b = true`): dot-product tiles, 4 rows x 2 columns (1 x 4 for row
-//!   remainders), `f32x4` partial sums along K, one horizontal sum per output, scalar K tail.
+//!   remainders), `f32x4` partial sums along K, one horizontal sum per output, scalar K tail; the
+//!   epilogue works on the horizontal sums before their store. The gated form computes the gate
+//!   row `j` and the up row `N + j` of `b` in the same tile (4 x 1 and 1 x 2 pairs).
 //!
 //! M, N, K and the batch dims may all be symbolic. Operands are read with pure (`readonly`,
 //! `can_move`) loads: the output must not alias them.
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, I64};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
-use llmc_ir::{Dim, Graph, NodeId};
+use llmc_ir::{Dim, Graph, NodeId, UnaryOp};
 
 use super::builder::{Kb, V4};
+use super::math;
 
 /// Rows per row block.
 const MR: i64 = 4;
@@ -30,6 +35,35 @@ const NC: i64 = 64;
 /// The widest column chunk when `M < MR`.
 const NC_SMALL: i64 = 1024;
 
+/// What happens to each finished dot product before it is stored.
+#[derive(Clone, Copy)]
+pub(crate) enum Epilogue {
+    /// `out[i, j] = acc[i, j]`.
+    Plain,
+    /// `out[i, j] = act(acc[i, j] + bias[j]) + res[i, j]`: `bias` is the base address of `f32[N]`,
+    /// `res` the byte distance from the output to the residual (which has the output's layout).
+    Linear { bias: Option<Value>, act: Option<UnaryOp>, res: Option<Value> },
+    /// `out[i, j] = act(acc[i, j]) * acc[i, N + j]` over the `2N` rows of a transposed `b`; `up`
+    /// is the byte distance from row `j` of `b` to row `N + j`.
+    Gated { act: UnaryOp, up: Value },
+}
+
+/// A (batched) product `out[.., M, N] = a[.., M, K] x b` for [`gemm`].
+pub(crate) struct Problem {
+    pub m: Value,
+    pub k: Value,
+    /// Output columns.
+    pub n: Value,
+    pub a: Value,
+    pub b: Value,
+    pub o: Value,
+    /// Batch extents, outermost first, and per operand (`a`, `b`, `out`) the element stride of each
+    /// (0 where broadcast).
+    pub batch: Vec<Value>,
+    pub strides: [Vec<Value>; 3],
+    pub transpose_b: bool,
+}
+
 /// Sizes every tile needs.
 #[derive(Clone, Copy)]
 struct Item {
@@ -37,6 +71,39 @@ struct Item {
     /// `K * 4`, `N * 4`: bytes between rows of `a` (and of `b` when transposed) and of `out`.
     kbytes: Value,
     nbytes: Value,
+}
+
+/// The epilogue at one tile: `pbias` is the bias address of the tile's first column.
+#[derive(Clone, Copy)]
+struct TileEpi {
+    epi: Epilogue,
+    pbias: Option<Value>,
+}
+
+impl TileEpi {
+    fn at_col(self, kb: &mut Kb, c: Value) -> TileEpi {
+        let pbias = self.pbias.map(|p| kb.addr(p, c));
+        TileEpi { pbias, ..self }
+    }
+    /// `act(y + bias[i]) + res` for the output element at `po + 4 i` (`ty` lanes), for the
+    /// `Plain` and `Linear` forms.
+    fn apply(self, kb: &mut Kb, ty: Type, y: Value, po: Value, i: Value) -> Value {
+        let Epilogue::Linear { act, res, .. } = self.epi else { return y };
+        let mut y = y;
+        if let Some(pb) = self.pbias {
+            let bv = kb.ld_ro(ty, pb, i);
+            y = kb.fadd(y, bv);
+        }
+        if let Some(u) = act {
+            y = math::unary(kb, ty, u, y);
+        }
+        if let Some(d) = res {
+            let pr = kb.add(po, d);
+            let rv = kb.ld_ro(ty, pr, i);
+            y = kb.fadd(y, rv);
+        }
+        y
+    }
 }
 
 pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
@@ -55,7 +122,7 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
     // Batch dims with per-operand strides (0 where broadcast).
     let ob = &ot.shape[..ro - 2];
     let mut sizes = Vec::new();
-    let mut strides: Vec<Vec<Value>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut strides: [Vec<Value>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let zero = kb.ic(0);
     for (i, &d) in ob.iter().enumerate() {
         if d == Dim::N(1) {
@@ -71,6 +138,17 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
         let s = kb.dims(&ot.shape[i + 1..]);
         strides[2].push(s);
     }
+    let pr = Problem { m, k, n: nn, a, b, o, batch: sizes, strides, transpose_b };
+    gemm(kb, pr, Epilogue::Plain);
+}
+
+/// Emits the whole product with epilogue `epi`. `Gated` needs `transpose_b`; `Linear` and
+/// `Gated` need `K >= 1` whenever the kernel runs.
+pub(crate) fn gemm(kb: &mut Kb, pr: Problem, epi: Epilogue) {
+    let Problem { m, k, n: nn, a, b, o, batch, strides, transpose_b } = pr;
+    let mut sizes = batch;
+    let mut strides = strides;
+    let zero = kb.ic(0);
     // Column chunks, then row blocks.
     let mrv = kb.ic(MR);
     let small = kb.lt(m, mrv);
@@ -110,6 +188,10 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
     let it = Item { k, kbytes, nbytes };
     let nsz = sizes.len();
     let (lo, hi) = kb.part_range(total);
+    let bias = match epi {
+        Epilogue::Linear { bias, .. } => bias,
+        _ => None,
+    };
     kb.odometer(lo, hi, &sizes, &strides, &mut |kb, offs, idx| {
         let pa = kb.addr(a, offs[0]);
         let pb = kb.addr(b, offs[1]);
@@ -121,16 +203,17 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
         let rows = kb.min(rl, mrv);
         let cl = kb.sub(nn, c0);
         let cols = kb.min(cl, ncw);
+        let te = TileEpi { epi, pbias: bias.map(|p| kb.addr(p, c0)) };
         if transpose_b {
             let full = kb.b.ins().icmp_imm_s(IntCC::Equal, rows, MR);
-            kb.if_else(full, &mut |kb| tile_cols(kb, it, 4, pa, pb, po, cols), &mut |kb| {
+            kb.if_else(full, &mut |kb| tile_cols(kb, it, 4, pa, pb, po, cols, te), &mut |kb| {
                 let z = kb.ic(0);
                 kb.for_steps(z, rows, 1, &mut |kb, r| {
                     let ra = kb.mul(r, it.kbytes);
                     let pa_r = kb.add(pa, ra);
                     let ro = kb.mul(r, it.nbytes);
                     let po_r = kb.add(po, ro);
-                    tile_cols(kb, it, 1, pa_r, pb, po_r, cols);
+                    tile_cols(kb, it, 1, pa_r, pb, po_r, cols, te);
                 });
             });
         } else {
@@ -140,7 +223,7 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
                 let pa_r = kb.add(pa, ra);
                 let ro = kb.mul(r, it.nbytes);
                 let po_r = kb.add(po, ro);
-                row_stream(kb, it, nr, pa_r, pb, po_r, cols);
+                row_stream(kb, it, nr, pa_r, pb, po_r, cols, te);
             };
             let e = kb.for_steps(z, rows, 2, &mut |kb, r| rows_from(kb, r, 2));
             kb.for_steps(e, rows, 1, &mut |kb, r| rows_from(kb, r, 1));
@@ -152,7 +235,9 @@ pub(crate) fn matmul(kb: &mut Kb, g: &Graph, n: NodeId, transpose_b: bool) {
 /// accumulating in the output rows (a few hundred bytes, in L1) while `b` streams four rows at a
 /// time. With Cranelift's FMA forms this beats a register tile: nothing loop-carried lives in
 /// registers, so there are no accumulator moves, and the `a` broadcasts are loop invariants.
-fn row_stream(kb: &mut Kb, it: Item, nr: usize, pa: Value, pb: Value, po: Value, cols: Value) {
+/// A non-plain epilogue runs in the pass over the last row of `b`.
+#[allow(clippy::too_many_arguments)]
+fn row_stream(kb: &mut Kb, it: Item, nr: usize, pa: Value, pb: Value, po: Value, cols: Value, te: TileEpi) {
     let po1 = kb.add(po, it.nbytes);
     let pa1 = kb.add(pa, it.kbytes);
     let outs = [po, po1];
@@ -166,7 +251,7 @@ fn row_stream(kb: &mut Kb, it: Item, nr: usize, pa: Value, pb: Value, po: Value,
     let zi = kb.ic(0);
     let vb = kb.var(I64, pb);
     let nb: Vec<Value> = (0..4).map(|j| kb.muli(it.nbytes, j)).collect();
-    let step = |kb: &mut Kb, kk: Value, u: usize| {
+    let step = |kb: &mut Kb, kk: Value, u: usize, last: bool| {
         let pbk = kb.get(vb);
         let brows: Vec<Value> = (0..u).map(|j| if j == 0 { pbk } else { kb.add(pbk, nb[j]) }).collect();
         // a[r, k + j], loaded once per pass.
@@ -193,62 +278,82 @@ fn row_stream(kb: &mut Kb, it: Item, nr: usize, pa: Value, pb: Value, po: Value,
                 }
             }
             for (r, &x) in acc.iter().enumerate() {
-                kb.st(x, outs[r], i);
+                let y = if last { te.apply(kb, ty, x, outs[r], i) } else { x };
+                kb.st(y, outs[r], i);
             }
         });
         let adv = kb.muli(it.nbytes, u as i64);
         let next = kb.add(pbk, adv);
         kb.set(vb, next);
     };
-    let e = kb.for_steps(zi, it.k, 4, &mut |kb, kk| step(kb, kk, 4));
-    kb.for_steps(e, it.k, 1, &mut |kb, kk| step(kb, kk, 1));
+    if matches!(te.epi, Epilogue::Plain) {
+        let e = kb.for_steps(zi, it.k, 4, &mut |kb, kk| step(kb, kk, 4, false));
+        kb.for_steps(e, it.k, 1, &mut |kb, kk| step(kb, kk, 1, false));
+    } else {
+        // All rows of `b` but the last, then the last with the epilogue (K >= 1).
+        let km1 = kb.addi(it.k, -1);
+        let e = kb.for_steps(zi, km1, 4, &mut |kb, kk| step(kb, kk, 4, false));
+        kb.for_steps(e, km1, 1, &mut |kb, kk| step(kb, kk, 1, false));
+        step(kb, km1, 1, true);
+    }
 }
 
 /// All `cols` columns of `mr` rows, `b` as `[N, K]`: `pa` is row 0 of `a`, `pb` row 0 of `b`'s
 /// chunk, `po` the output block.
-fn tile_cols(kb: &mut Kb, it: Item, mr: usize, pa: Value, pb: Value, po: Value, cols: Value) {
+#[allow(clippy::too_many_arguments)]
+fn tile_cols(kb: &mut Kb, it: Item, mr: usize, pa: Value, pb: Value, po: Value, cols: Value, te: TileEpi) {
     let z = kb.ic(0);
-    let nc = if mr == 4 { 2 } else { 4 };
-    let e = kb.for_steps(z, cols, nc as i64, &mut |kb, c| {
+    // Output columns per tile: the accumulators (mr x nc, twice that when gated) stay at <= 8.
+    let nc = match (mr, te.epi) {
+        (4, Epilogue::Gated { .. }) => 1,
+        (4, _) | (_, Epilogue::Gated { .. }) => 2,
+        _ => 4,
+    };
+    let tile = |kb: &mut Kb, c: Value, nc: usize| {
         let cb = kb.mul(c, it.kbytes);
         let pbc = kb.add(pb, cb);
         let poc = kb.addr(po, c);
-        tile_t(kb, it, mr, nc, pa, pbc, poc);
-    });
-    kb.for_steps(e, cols, 1, &mut |kb, c| {
-        let cb = kb.mul(c, it.kbytes);
-        let pbc = kb.add(pb, cb);
-        let poc = kb.addr(po, c);
-        tile_t(kb, it, mr, 1, pa, pbc, poc);
-    });
+        let tec = te.at_col(kb, c);
+        tile_t(kb, it, mr, nc, pa, pbc, poc, tec);
+    };
+    let e = if nc > 1 { kb.for_steps(z, cols, nc as i64, &mut |kb, c| tile(kb, c, nc)) } else { z };
+    kb.for_steps(e, cols, 1, &mut |kb, c| tile(kb, c, 1));
 }
 
-/// `b` as `[N, K]`: `out[r, c] = sum_k a[r, k] * b[c, k]` for `r < mr`, `c < nc`.
-fn tile_t(kb: &mut Kb, it: Item, mr: usize, nc: usize, pa: Value, pb: Value, po: Value) {
-    let zero = kb.fc(V4, 0.0);
-    let acc: Vec<Variable> = (0..mr * nc).map(|_| kb.var(V4, zero)).collect();
+/// `b` as `[N, K]`: `out[r, c] = epi(sum_k a[r, k] * b[c, k])` for `r < mr`, `c < nc`.
+#[allow(clippy::too_many_arguments)]
+fn tile_t(kb: &mut Kb, it: Item, mr: usize, nc: usize, pa: Value, pb: Value, po: Value, te: TileEpi) {
     let arow: Vec<Value> = (0..mr)
         .map(|r| {
             let off = kb.muli(it.kbytes, r as i64);
             kb.add(pa, off)
         })
         .collect();
-    let brow: Vec<Value> = (0..nc)
+    let mut brow: Vec<Value> = (0..nc)
         .map(|c| {
             let off = kb.muli(it.kbytes, c as i64);
             kb.add(pb, off)
         })
         .collect();
+    if let Epilogue::Gated { up, .. } = te.epi {
+        for c in 0..nc {
+            let u = kb.add(brow[c], up);
+            brow.push(u);
+        }
+    }
+    let nb = brow.len();
+    let zero = kb.fc(V4, 0.0);
+    let acc: Vec<Variable> = (0..mr * nb).map(|_| kb.var(V4, zero)).collect();
     let kvec = kb.b.ins().band_imm_s(it.k, !3i64);
     let zi = kb.ic(0);
     kb.for_steps(zi, kvec, 4, &mut |kb, kk| {
         let av: Vec<Value> = arow.iter().map(|&p| kb.ld_ro(V4, p, kk)).collect();
-        for c in 0..nc {
+        for c in 0..nb {
             let bv = kb.ld_ro(V4, brow[c], kk);
             for r in 0..mr {
-                let x = kb.get(acc[r * nc + c]);
+                let x = kb.get(acc[r * nb + c]);
                 let y = kb.fma(av[r], bv, x);
-                kb.set(acc[r * nc + c], y);
+                kb.set(acc[r * nb + c], y);
             }
         }
     });
@@ -262,21 +367,92 @@ fn tile_t(kb: &mut Kb, it: Item, mr: usize, nc: usize, pa: Value, pb: Value, po:
         .collect();
     kb.for_steps(kvec, it.k, 1, &mut |kb, kk| {
         let av: Vec<Value> = arow.iter().map(|&p| kb.ld_ro(F32, p, kk)).collect();
-        for c in 0..nc {
+        for c in 0..nb {
             let bv = kb.ld_ro(F32, brow[c], kk);
             for r in 0..mr {
-                let x = kb.get(sums[r * nc + c]);
+                let x = kb.get(sums[r * nb + c]);
                 let y = kb.fma(av[r], bv, x);
-                kb.set(sums[r * nc + c], y);
+                kb.set(sums[r * nb + c], y);
             }
         }
     });
-    for r in 0..mr {
-        let off = kb.muli(it.nbytes, r as i64);
-        let por = kb.add(po, off);
+    let pors: Vec<Value> = (0..mr)
+        .map(|r| {
+            let off = kb.muli(it.nbytes, r as i64);
+            kb.add(po, off)
+        })
+        .collect();
+    let costly = matches!(te.epi, Epilogue::Gated { .. } | Epilogue::Linear { act: Some(_), .. });
+    if mr == 4 && costly {
+        // An activation per output is worth a transpose: one f32x4 of the four rows per column.
         for c in 0..nc {
-            let x = kb.get(sums[r * nc + c]);
-            kb.st_at(x, por, 4 * c as i32);
+            let col: Vec<Value> = (0..4).map(|r| kb.get(sums[r * nb + c])).collect();
+            let x = pack4(kb, &col);
+            let y = match te.epi {
+                Epilogue::Gated { act, .. } => {
+                    let gate = math::unary(kb, V4, act, x);
+                    let ups: Vec<Value> = (0..4).map(|r| kb.get(sums[r * nb + nc + c])).collect();
+                    let up = pack4(kb, &ups);
+                    kb.fmul(gate, up)
+                }
+                Epilogue::Linear { act, res, .. } => {
+                    let mut y = x;
+                    if let Some(pb) = te.pbias {
+                        let ci = kb.ic(c as i64);
+                        let bv = kb.ld_ro(F32, pb, ci);
+                        let bv = kb.splat(V4, bv);
+                        y = kb.fadd(y, bv);
+                    }
+                    if let Some(u) = act {
+                        y = math::unary(kb, V4, u, y);
+                    }
+                    if let Some(d) = res {
+                        let rs: Vec<Value> = pors
+                            .iter()
+                            .map(|&p| {
+                                let pr = kb.add(p, d);
+                                let ci = kb.ic(c as i64);
+                                kb.ld_ro(F32, pr, ci)
+                            })
+                            .collect();
+                        let rv = pack4(kb, &rs);
+                        y = kb.fadd(y, rv);
+                    }
+                    y
+                }
+                Epilogue::Plain => x,
+            };
+            for (r, &por) in pors.iter().enumerate() {
+                let e = kb.b.ins().extractlane(y, r as u8);
+                kb.st_at(e, por, 4 * c as i32);
+            }
+        }
+        return;
+    }
+    for (r, &por) in pors.iter().enumerate() {
+        for c in 0..nc {
+            let x = kb.get(sums[r * nb + c]);
+            let y = match te.epi {
+                Epilogue::Gated { act, .. } => {
+                    let gate = math::unary(kb, F32, act, x);
+                    let up = kb.get(sums[r * nb + nc + c]);
+                    kb.fmul(gate, up)
+                }
+                _ => {
+                    let ci = kb.ic(c as i64);
+                    te.apply(kb, F32, x, por, ci)
+                }
+            };
+            kb.st_at(y, por, 4 * c as i32);
         }
     }
+}
+
+/// `[x0, x1, x2, x3]` from four scalars.
+fn pack4(kb: &mut Kb, x: &[Value]) -> Value {
+    let mut v = kb.b.ins().scalar_to_vector(V4, x[0]);
+    for (i, &e) in x.iter().enumerate().skip(1) {
+        v = kb.b.ins().insertlane(v, e, i as u8);
+    }
+    v
 }

@@ -19,14 +19,21 @@
 //! are safe to run in place (output aliasing the first operand); the others need distinct buffers.
 //!
 //! Layout: [`builder`] (loops, work split, typed arithmetic), [`math`], [`elementwise`],
-//! [`reduce`] (reductions, softmax), [`matmul`], [`movement`] (transpose, slice, gather, kv_concat,
-//! positions), [`rope`] (rope, causal mask).
+//! [`reduce`] (reductions, softmax), [`matmul`] (matmul and the GEMM driver with epilogues),
+//! [`movement`] (transpose, slice, gather, kv_concat, positions), [`rope`] (rope, causal mask),
+//! [`concat`]; fused ops: [`attention`] (flash-style, online softmax), [`norm`] (rms_norm,
+//! layer_norm), [`linear`] (linear, gated_linear); [`moe`] (mixture of experts, chosen experts only).
 
+mod attention;
 mod builder;
+mod concat;
 mod elementwise;
+mod linear;
 mod math;
 mod matmul;
+mod moe;
 mod movement;
+mod norm;
 mod reduce;
 mod rope;
 #[cfg(test)]
@@ -150,6 +157,15 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
             Kb { b, has_fma: isa.has_native_fma(), bufs: ps[0], s: ps[1], p: ps[2], part: ps[3], nparts: ps[4] };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
+            Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
+            Op::Attention { scale, window } => attention::attention(&mut kb, g, n, *scale, *window)?,
+            Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),
+            Op::LayerNorm { eps } => norm::layer_norm(&mut kb, g, n, *eps),
+            Op::Linear { transpose_b, bias, act, residual } => {
+                linear::linear(&mut kb, g, n, *transpose_b, *bias, *act, *residual)?
+            }
+            Op::GatedLinear { act } => linear::gated_linear(&mut kb, g, n, *act)?,
+            Op::Moe { top_k, act } => moe::moe(&mut kb, g, n, *top_k, *act)?,
             Op::Positions => movement::positions(&mut kb),
             Op::Gather => movement::gather(&mut kb, g, n),
             Op::Unary(u) => elementwise::unary(&mut kb, g, n, *u),

@@ -1,0 +1,317 @@
+//! Flash-style causal attention with grouped KV heads: `(q [S, NH, D], k [T, NKV, D],
+//! v [T, NKV, D]) -> [S, NH, D]`, never materializing an `S x T` score matrix.
+//!
+//! A work item is one query row `s` and one group of up to [`GMAX`] query heads that share a KV
+//! head (`G = NH / NKV` heads per KV head; groups of the largest divisor of `G` that is at most
+//! `GMAX`). Its visible keys `lo..=P+s` (`lo = P+s+1-w` with a window `w`, else 0) are processed in
+//! blocks of `BT` keys (`BT * D` about 4096 floats, so a block of `k` and of `v` stays in L1):
+//! 1. scores `scale * q[h] . k[t]` for every head of the group, into a `[heads, BT]` stack buffer;
+//!    each loaded `k` vector meets every head's `q` (up to 8 `f32x4` accumulators: 4 keys x 1-2
+//!    heads, 2 keys x 3-4 heads), one horizontal sum per score;
+//! 2. online softmax per head: block max, `m' = max(m, block max)`, `p = exp(score - m')` stored
+//!    over the scores and summed, `l' = l e^{m - m'} + sum p`, the accumulator rescaled by
+//!    `e^{m - m'}`;
+//! 3. `acc[h] += sum_t p[h, t] v[t]`: the `[heads, D]` accumulator lives on the stack (in L1) and is
+//!    updated four keys per load/store of each of its vectors.
+//!
+//! At the end `out = acc / l` (0 when no key is visible, as the reference gives). `D` is a
+//! compile-time constant: the dot products loop over it two `f32x4` steps at a time (so every
+//! accumulator advances each iteration and the loads stay in order: pure loads would be hoisted
+//! by Cranelift and spilled), the other loops over it are unrolled (up to 256); a scalar tail
+//! handles `D % 4 != 0`. Items are ordered KV head major, and within a head the query rows
+//! alternate from both ends (`0, S-1, 1, S-2, ..`) so that each part's contiguous share of items
+//! carries about the same causal work.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::types::{F32, I64};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value};
+use cranelift_frontend::Variable;
+use llmc_ir::{Graph, NodeId};
+
+use super::builder::{Kb, V4};
+use super::math;
+use super::norm::row_sum;
+use super::unsupported;
+use crate::error::Result;
+
+/// Most query heads one work item handles.
+const GMAX: usize = 8;
+/// Loops over `D` are unrolled up to this many elements.
+const UNROLL_D: usize = 256;
+
+/// Runs `body(ty, index)` over `0..d` in `f32x4` steps then an `f32` tail, unrolled when small.
+fn dsweep(kb: &mut Kb, d: usize, body: &mut dyn FnMut(&mut Kb, Type, Value)) {
+    if d <= UNROLL_D {
+        for c in 0..d / 4 {
+            let i = kb.ic(4 * c as i64);
+            body(kb, V4, i);
+        }
+        for r in d / 4 * 4..d {
+            let i = kb.ic(r as i64);
+            body(kb, F32, i);
+        }
+    } else {
+        let dv = kb.ic(d as i64);
+        kb.vloop(dv, 1, &mut |kb, ty, i, _| body(kb, ty, i));
+    }
+}
+
+/// Keys per block for head dim `d`.
+fn block_keys(d: usize) -> usize {
+    ((4096 / d.max(1)) / 4 * 4).clamp(16, 128)
+}
+
+fn stack(kb: &mut Kb, bytes: usize) -> Value {
+    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes.max(16) as u32, 6));
+    kb.b.ins().stack_addr(I64, slot, 0)
+}
+
+pub(crate) fn attention(kb: &mut Kb, g: &Graph, n: NodeId, scale: f32, window: Option<usize>) -> Result<()> {
+    let ins = g.inputs(n);
+    let (qt, kt) = (g.ty(ins[0]), g.ty(ins[1]));
+    let (Some(nh), Some(d), Some(nkv)) = (qt.shape[1].as_const(), qt.shape[2].as_const(), kt.shape[1].as_const())
+    else {
+        return Err(unsupported(g, n, "head counts and head dim must be constants"));
+    };
+    if d == 0 || nkv == 0 || nh % nkv != 0 {
+        return Err(unsupported(g, n, format!("unsupported head layout NH={nh} NKV={nkv} D={d}")));
+    }
+    let gsz = nh / nkv;
+    let gh = (1..=GMAX.min(gsz)).rev().find(|c| gsz % c == 0).unwrap_or(1);
+    let ng = gsz / gh;
+    let bt = block_keys(d);
+    let (q, k, v, o) = (kb.buf(0), kb.buf(1), kb.buf(2), kb.buf(3));
+    let scores = stack(kb, gh * bt * 4);
+    let accb = stack(kb, gh * d * 4);
+    let kstride = (nkv * d * 4) as i64; // bytes between key rows
+    let s = kb.s;
+    let total = kb.muli(s, (nkv * ng) as i64);
+    let (lo, hi) = kb.part_range(total);
+    kb.for_steps(lo, hi, 1, &mut |kb, i| {
+        // Item -> (KV head, head group, query row).
+        let hh = kb.b.ins().udiv(i, kb.s);
+        let hs = kb.mul(hh, kb.s);
+        let j = kb.sub(i, hs);
+        let half = kb.b.ins().ushr_imm_s(j, 1);
+        let odd = kb.b.ins().band_imm_s(j, 1);
+        let sm1 = kb.addi(kb.s, -1);
+        let back = kb.sub(sm1, half);
+        let si = kb.b.ins().select(odd, back, half);
+        let (kvh, hg) = if ng == 1 {
+            (hh, kb.ic(0))
+        } else {
+            let ngv = kb.ic(ng as i64);
+            let kvh = kb.b.ins().udiv(hh, ngv);
+            let t = kb.muli(kvh, ng as i64);
+            (kvh, kb.sub(hh, t))
+        };
+        let h0 = kb.muli(kvh, gsz as i64);
+        let hgo = kb.muli(hg, gh as i64);
+        let h0 = kb.add(h0, hgo);
+        let row = kb.muli(si, nh as i64);
+        let row = kb.add(row, h0);
+        let qo = kb.muli(row, d as i64);
+        let qbase = kb.addr(q, qo);
+        let obase = kb.addr(o, qo);
+        let kvo = kb.muli(kvh, d as i64);
+        let kbase = kb.addr(k, kvo);
+        let vbase = kb.addr(v, kvo);
+        // Visible keys [tlo, thi).
+        let qpos = kb.add(kb.p, si);
+        let thi = kb.addi(qpos, 1);
+        let tlo = match window {
+            Some(w) => {
+                let l = kb.addi(thi, -(w as i64));
+                let z = kb.ic(0);
+                let l = kb.max(l, z);
+                kb.min(l, thi)
+            }
+            None => kb.ic(0),
+        };
+        let ninf = kb.fc(F32, f32::NEG_INFINITY);
+        let zf = kb.fc(F32, 0.0);
+        let m: Vec<Variable> = (0..gh).map(|_| kb.var(F32, ninf)).collect();
+        let l: Vec<Variable> = (0..gh).map(|_| kb.var(F32, zf)).collect();
+        dsweep(kb, gh * d, &mut |kb, ty, x| {
+            let z = kb.fc(ty, 0.0);
+            kb.st(z, accb, x);
+        });
+        let span = kb.sub(thi, tlo);
+        let nblk = kb.div_ceil(span, bt as i64);
+        let z = kb.ic(0);
+        kb.for_steps(z, nblk, 1, &mut |kb, bi| {
+            let t0 = kb.muli(bi, bt as i64);
+            let t0 = kb.add(tlo, t0);
+            let left = kb.sub(thi, t0);
+            let btv = kb.ic(bt as i64);
+            let bl = kb.min(left, btv);
+            let k0o = kb.muli(t0, kstride);
+            let kblk = kb.add(kbase, k0o);
+            let vblk = kb.add(vbase, k0o);
+            // 1. Scores, in head subgroups of at most 4.
+            let mut g0 = 0;
+            while g0 < gh {
+                let gq = (gh - g0).min(4);
+                let ku = (8 / gq).clamp(1, 4);
+                let heads: Vec<usize> = (g0..g0 + gq).collect();
+                let zi = kb.ic(0);
+                let e = kb.for_steps(zi, bl, ku as i64, &mut |kb, jj| {
+                    scores_tile(kb, d, bt, scale, &heads, ku, qbase, kblk, kstride, scores, jj)
+                });
+                if ku > 1 {
+                    kb.for_steps(e, bl, 1, &mut |kb, jj| {
+                        scores_tile(kb, d, bt, scale, &heads, 1, qbase, kblk, kstride, scores, jj)
+                    });
+                }
+                g0 += gq;
+            }
+            // 2. Online softmax; 3. accumulate p v.
+            for hgi in 0..gh {
+                let sp = kb.addi(scores, (hgi * bt * 4) as i64);
+                let ap = kb.addi(accb, (hgi * d * 4) as i64);
+                let bm = row_max(kb, sp, bl);
+                let m_old = kb.get(m[hgi]);
+                let m_new = kb.fmax(F32, bm, m_old);
+                let dm = kb.fsub(m_old, m_new);
+                let corr = math::exp(kb, F32, dm);
+                let sum = row_sum(kb, bl, &mut |kb, ty, i| {
+                    let x = kb.ld(ty, sp, i);
+                    let mv = kb.splat(ty, m_new);
+                    let dx = kb.fsub(x, mv);
+                    let e = math::exp(kb, ty, dx);
+                    kb.st(e, sp, i);
+                    e
+                });
+                let l_old = kb.get(l[hgi]);
+                let l_new = kb.fma(l_old, corr, sum);
+                kb.set(l[hgi], l_new);
+                kb.set(m[hgi], m_new);
+                dsweep(kb, d, &mut |kb, ty, x| {
+                    let a = kb.ld(ty, ap, x);
+                    let c = kb.splat(ty, corr);
+                    let a = kb.fmul(a, c);
+                    kb.st(a, ap, x);
+                });
+                let zi = kb.ic(0);
+                let e = kb.for_steps(zi, bl, 4, &mut |kb, jj| pv_tile(kb, d, 4, sp, ap, vblk, kstride, jj));
+                kb.for_steps(e, bl, 1, &mut |kb, jj| pv_tile(kb, d, 1, sp, ap, vblk, kstride, jj));
+            }
+        });
+        // out = acc / l (0 when nothing was visible).
+        for (hgi, &lh) in l.iter().enumerate() {
+            let lv = kb.get(lh);
+            let one = kb.fc(F32, 1.0);
+            let inv = kb.fdiv(one, lv);
+            let zf = kb.fc(F32, 0.0);
+            let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
+            let ap = kb.addi(accb, (hgi * d * 4) as i64);
+            let op = kb.addi(obase, (hgi * d * 4) as i64);
+            dsweep(kb, d, &mut |kb, ty, x| {
+                let a = kb.ld(ty, ap, x);
+                let iv = kb.splat(ty, inv);
+                let y = kb.fmul(a, iv);
+                kb.st(y, op, x);
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Max of `x[0..len]`, `len >= 1`.
+fn row_max(kb: &mut Kb, xp: Value, len: Value) -> Value {
+    let ninf_v = kb.fc(V4, f32::NEG_INFINITY);
+    let ninf = kb.fc(F32, f32::NEG_INFINITY);
+    let acc = [kb.var(V4, ninf_v), kb.var(V4, ninf_v)];
+    let accs = kb.var(F32, ninf);
+    kb.vloop(len, 2, &mut |kb, ty, i, u| {
+        let v = if ty == V4 { acc[u] } else { accs };
+        let x = kb.ld(ty, xp, i);
+        let m = kb.get(v);
+        let m = kb.fmax(ty, x, m);
+        kb.set(v, m);
+    });
+    let a = kb.get(acc[0]);
+    let b = kb.get(acc[1]);
+    let mv = kb.fmax(V4, a, b);
+    let mv = kb.hmax(mv);
+    let s = kb.get(accs);
+    kb.fmax(F32, s, mv)
+}
+
+/// Scores of keys `jj..jj+ku` of the block for `heads`: `scores[h, jj+u] = scale * q[h] . k[jj+u]`.
+#[allow(clippy::too_many_arguments)]
+fn scores_tile(
+    kb: &mut Kb,
+    d: usize,
+    bt: usize,
+    scale: f32,
+    heads: &[usize],
+    ku: usize,
+    qbase: Value,
+    kblk: Value,
+    kstride: i64,
+    scores: Value,
+    jj: Value,
+) {
+    let kr = kb.muli(jj, kstride);
+    let k0 = kb.add(kblk, kr);
+    let kp: Vec<Value> = (0..ku).map(|u| kb.addi(k0, u as i64 * kstride)).collect();
+    let qp: Vec<Value> = heads.iter().map(|&h| kb.addi(qbase, (h * d * 4) as i64)).collect();
+    let zv = kb.fc(V4, 0.0);
+    let zs = kb.fc(F32, 0.0);
+    let nacc = ku * heads.len();
+    let accv: Vec<Variable> = (0..nacc).map(|_| kb.var(V4, zv)).collect();
+    let accs: Vec<Variable> = (0..nacc).map(|_| kb.var(F32, zs)).collect();
+    // A real loop over D (two f32x4 steps per iteration): every accumulator advances in every
+    // iteration, and the loads stay ordered (plain loads, not pure ones Cranelift would hoist
+    // and then spill).
+    let dv = kb.ic(d as i64);
+    kb.vloop(dv, 2, &mut |kb, ty, x, _| {
+        let kv: Vec<Value> = kp.iter().map(|&p| kb.ld(ty, p, x)).collect();
+        for (hi, &p) in qp.iter().enumerate() {
+            let qv = kb.ld(ty, p, x);
+            for (u, &kvu) in kv.iter().enumerate() {
+                let a = if ty == V4 { accv[u * heads.len() + hi] } else { accs[u * heads.len() + hi] };
+                let cur = kb.get(a);
+                let nxt = kb.fma(kvu, qv, cur);
+                kb.set(a, nxt);
+            }
+        }
+    });
+    let sc = kb.fc(F32, scale);
+    for u in 0..ku {
+        for (hi, &h) in heads.iter().enumerate() {
+            let a = kb.get(accv[u * heads.len() + hi]);
+            let t = kb.hsum(a);
+            let s = kb.get(accs[u * heads.len() + hi]);
+            let t = kb.fadd(t, s);
+            let t = kb.fmul(t, sc);
+            let idx = kb.addi(jj, (h * bt + u) as i64);
+            kb.st(t, scores, idx);
+        }
+    }
+}
+
+/// `acc[0..d] += sum_u p[jj+u] v[jj+u]` for `ku` keys of the block.
+#[allow(clippy::too_many_arguments)]
+fn pv_tile(kb: &mut Kb, d: usize, ku: usize, sp: Value, ap: Value, vblk: Value, kstride: i64, jj: Value) {
+    let vr = kb.muli(jj, kstride);
+    let v0 = kb.add(vblk, vr);
+    let vp: Vec<Value> = (0..ku).map(|u| kb.addi(v0, u as i64 * kstride)).collect();
+    let p: Vec<Value> = (0..ku)
+        .map(|u| {
+            let idx = kb.addi(jj, u as i64);
+            kb.ld(F32, sp, idx)
+        })
+        .collect();
+    let pv: Vec<Value> = p.iter().map(|&x| kb.splat(V4, x)).collect();
+    dsweep(kb, d, &mut |kb, ty, x| {
+        let mut a = kb.ld(ty, ap, x);
+        for u in 0..ku {
+            let vv = kb.ld(ty, vp[u], x);
+            let pu = if ty == V4 { pv[u] } else { p[u] };
+            a = kb.fma(vv, pu, a);
+        }
+        kb.st(a, ap, x);
+    });
+}
