@@ -380,7 +380,7 @@ pub(crate) fn rotary_dim_of(field: &str, head_dim: usize, factor: f64) -> Result
         return Err(field_err(field, format!("must be in (0, 1], got {factor}")));
     }
     let d = (head_dim as f64 * factor) as usize;
-    if d == 0 || d % 2 != 0 {
+    if d == 0 || !d.is_multiple_of(2) {
         return Err(field_err(
             field,
             format!("{factor} x head_dim {head_dim} = {d} rotary channels; must be even and positive"),
