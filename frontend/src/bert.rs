@@ -59,12 +59,7 @@ impl BertConfig {
         let c = Cfg::new(config);
         let hidden_size = c.size("hidden_size")?;
         let num_heads = c.size("num_attention_heads")?;
-        if hidden_size % num_heads != 0 {
-            return Err(field_err(
-                "num_attention_heads",
-                format!("num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})"),
-            ));
-        }
+        c.head_dim(hidden_size, num_heads, "num_attention_heads")?;
         let act = c.string_opt("hidden_act")?.unwrap_or("gelu");
         let activation = match act {
             "gelu" => UnaryOp::Gelu,
@@ -155,15 +150,7 @@ impl BertConfig {
 
     /// Checks every tensor the graph uses against its implied shape, layer by layer.
     pub fn validate(&self, ckpt: &Checkpoint, prefix: &str) -> Result<()> {
-        for (name, shape) in self.global_tensors(prefix) {
-            ckpt.check_tensor(&name, &shape)?;
-        }
-        for i in 0..self.num_layers {
-            for (name, shape) in self.layer_tensors(prefix, i) {
-                ckpt.check_tensor(&name, &shape)?;
-            }
-        }
-        Ok(())
+        ckpt.check_layered(self.global_tensors(prefix), self.num_layers, |i| self.layer_tensors(prefix, i))
     }
 }
 

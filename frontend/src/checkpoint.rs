@@ -257,6 +257,26 @@ impl Checkpoint {
     pub fn shard_path(&self, name: &str) -> Option<&Path> {
         self.index.get(name).and_then(|e| self.shards.get(e.shard)).map(|s| s.path.as_path())
     }
+    /// Checks the model-wide tensors, then each layer's, layer by layer: a layer count that
+    /// disagrees with the checkpoint fails on the first missing layer, before later layers'
+    /// tensor lists are even built.
+    pub fn check_layered(
+        &self,
+        globals: Vec<(String, Vec<usize>)>,
+        layers: usize,
+        layer: impl Fn(usize) -> Vec<(String, Vec<usize>)>,
+    ) -> Result<()> {
+        for (name, shape) in globals {
+            self.check_tensor(&name, &shape)?;
+        }
+        for i in 0..layers {
+            for (name, shape) in layer(i) {
+                self.check_tensor(&name, &shape)?;
+            }
+        }
+        Ok(())
+    }
+
 
     /// Checks that `name` exists, is stored as F32/F16/BF16 and has shape `expected`; returns its
     /// stored dtype.

@@ -59,6 +59,14 @@ impl<'a> Cfg<'a> {
         }
     }
 
+    /// `hidden / heads` for a config whose `heads_field` must divide its hidden size.
+    pub fn head_dim(&self, hidden: usize, heads: usize, heads_field: &str) -> Result<usize> {
+        if hidden % heads != 0 {
+            return Err(field_err(&self.path(heads_field), format!("{heads_field} ({heads}) must divide hidden_size ({hidden})")));
+        }
+        Ok(hidden / heads)
+    }
+
     /// A required size: a positive integer no larger than [`MAX_DIM`].
     pub fn size(&self, field: &str) -> Result<usize> {
         match self.get(field) {

@@ -118,15 +118,7 @@ impl Gpt2Config {
 
     /// Checks every tensor the graph uses against its implied shape, block by block.
     pub fn validate(&self, ckpt: &Checkpoint, prefix: &str) -> Result<()> {
-        for (name, shape) in self.global_tensors(prefix) {
-            ckpt.check_tensor(&name, &shape)?;
-        }
-        for i in 0..self.n_layer {
-            for (name, shape) in self.layer_tensors(prefix, i) {
-                ckpt.check_tensor(&name, &shape)?;
-            }
-        }
-        Ok(())
+        ckpt.check_layered(self.global_tensors(prefix), self.n_layer, |i| self.layer_tensors(prefix, i))
     }
 }
 

@@ -164,13 +164,7 @@ impl LlamaConfig {
         };
         let head_dim = match c.size_opt("head_dim")?.or(default_head_dim) {
             Some(d) => d,
-            None if hidden_size % num_heads != 0 => {
-                return Err(field_err(
-                    "num_attention_heads",
-                    format!("num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})"),
-                ))
-            }
-            None => hidden_size / num_heads,
+            None => c.head_dim(hidden_size, num_heads, "num_attention_heads")?,
         };
         if num_heads % num_kv_heads != 0 {
             return Err(field_err(
@@ -325,15 +319,7 @@ impl LlamaConfig {
 
     /// Checks every tensor the graph uses against its implied shape, layer by layer.
     pub fn validate(&self, ckpt: &Checkpoint) -> Result<()> {
-        for (name, shape) in self.global_tensors() {
-            ckpt.check_tensor(&name, &shape)?;
-        }
-        for i in 0..self.num_layers {
-            for (name, shape) in self.layer_tensors(i) {
-                ckpt.check_tensor(&name, &shape)?;
-            }
-        }
-        Ok(())
+        ckpt.check_layered(self.global_tensors(), self.num_layers, |i| self.layer_tensors(i))
     }
 
     /// The RoPE inverse frequencies, `f32[rotary_dim/2]`.
