@@ -5,6 +5,7 @@
 
 mod embed;
 mod emit_lib;
+mod eval;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -44,6 +45,8 @@ enum Cmd {
     /// Sentence embeddings from an encoder artifact (BertModel), pooled and normalized as the
     /// checkpoint's sentence-transformers configuration says.
     Embed(embed::EmbedArgs),
+    /// Perplexity of an artifact on a text file (and KL / top-1 agreement against --reference).
+    Eval(eval::EvalArgs),
     /// Print the text IR of a checkpoint (after the default pipeline unless --after says otherwise).
     DumpIr(DumpIrArgs),
     /// List the passes with a one-line summary each.
@@ -103,6 +106,14 @@ struct CompileArgs {
     /// Print the compile report as one JSON line.
     #[arg(long)]
     json: bool,
+    /// Quantize matmul weights after the pipeline (round-to-nearest): int8, or int4[:gN][:asym]
+    /// (group-wise along K, groups of N (default 32); symmetric unless asym).
+    #[arg(long, value_name = "FORMAT")]
+    quant: Option<String>,
+    /// With --quant: keep weights whose checkpoint name contains PATTERN (or matches it as a glob
+    /// with * and ?) in f32 (repeatable; e.g. lm_head).
+    #[arg(long = "keep-fp", value_name = "PATTERN", requires = "quant")]
+    keep_fp: Vec<String>,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -272,6 +283,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a, quiet),
         Cmd::Bench(a) => bench(a, quiet),
         Cmd::Embed(a) => embed::embed(a),
+        Cmd::Eval(a) => eval::eval(a),
         Cmd::DumpIr(a) => dump_ir(a),
         Cmd::Passes(a) => list_passes(a),
     };
@@ -454,6 +466,12 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     };
     let stdout = std::io::stdout();
     let mut m = optimize(&a.model, &a.pipeline, &mut stdout.lock())?;
+    let mut quant = None;
+    if let Some(spec) = &a.quant {
+        let q = passes::Quantize { layout: passes::Quantize::parse_spec(spec)?, keep_fp: a.keep_fp.clone() };
+        let stats = passes::PassManager::from_passes(vec![Box::new(q)]).run(&mut m.graph, &mut stdout.lock())?;
+        quant = stats.first().map(|(_, st, _)| (st.get("quantized"), st.get("quantized-params")));
+    }
     // The token vocabulary: the `vocab_size` meta (an encoder's output is its hidden size), else
     // the logits' width.
     let vocab = match m.graph.outputs.first().map(|&o| m.graph.ty(o).shape.clone()).as_deref() {
@@ -475,6 +493,16 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
             _ => None,
         })
         .collect();
+    // Parameters: elements of every distinct weight (bits per weight = stored weight bits / this).
+    let mut params = 0u64;
+    let mut seen = BTreeSet::new();
+    for n in m.graph.g.node_indices() {
+        if let llmc_ir::Op::Weight { name, .. } = m.graph.op(n) {
+            if seen.insert(name.as_str()) {
+                params += m.graph.ty(n).static_numel().unwrap_or(0) as u64;
+            }
+        }
+    }
     let bar = progress(quiet, weights.len() as u64, "writing weights [{bar:30}] {pos}/{len} tensors {elapsed}");
     let source = ProgressWeights { inner: &m.checkpoint, bar: &bar };
     let t1 = Instant::now();
@@ -500,6 +528,11 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
             "tokenizer": assets.tokenizer.is_some(), "chat_template": assets.chat_template,
             "emit": if lib.is_some() { "lib" } else { "artifact" },
         });
+        j["params"] = params.into();
+        j["bits_per_weight"] = (r.weight_bytes as f64 * 8.0 / params.max(1) as f64).into();
+        if let Some((tensors, qparams)) = quant {
+            j["quant"] = serde_json::json!({ "format": a.quant, "tensors": tensors, "params": qparams });
+        }
         if let Some(l) = &lib {
             j["artifact"] = artifact_path.display().to_string().into();
             j["library"] = l.library.display().to_string().into();

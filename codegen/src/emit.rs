@@ -95,6 +95,9 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         let mut key = format!("{:?}|{}", g.op(n), g.ty(n));
         for &x in &ins {
             key.push_str(&format!("|{}", g.ty(x)));
+            if let Some(l) = crate::cpu::quant::packed_layout(g, x) {
+                key.push_str(&format!(" packed {l}"));
+            }
             if let (Op::Rope { .. }, Op::Const { values }) = (g.op(n), g.op(x)) {
                 key.push_str(&format!("{values:?}"));
             }
@@ -271,9 +274,13 @@ fn data_bytes(p: &Place) -> u64 {
 /// The f32 values of a data place (`Weight`, `Const`, `WeightConcat`), row-major.
 fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
     Ok(match p {
-        Place::Weight { name, ty, .. } => weights.load(name, ty)?,
+        Place::Weight { name, ty, layout, .. } => {
+            let v = weights.load(name, ty)?;
+            let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
+            ir::quant::fake_quant(*layout, &v, k)
+        }
         Place::Const { values } => values.clone(),
-        Place::WeightConcat { parts, axis, bytes } => {
+        Place::WeightConcat { parts, axis, bytes, .. } => {
             // outer rows; each part contributes (its extent on `axis`) x (inner) elements per row.
             let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
             let mut out = Vec::with_capacity(*bytes as usize / 4);
@@ -292,10 +299,36 @@ fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
     })
 }
 
+/// The packed bytes of a weight, or of a row-wise concat of weights (their rows in order).
+fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<u8>> {
+    Ok(match p {
+        Place::Weight { name, ty, layout, .. } => {
+            let v = weights.load(name, ty)?;
+            let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
+            crate::cpu::quant::pack(*layout, &v, k)
+        }
+        Place::WeightConcat { parts, axis: 0, .. } => {
+            let mut out = Vec::new();
+            for (q, _) in parts {
+                out.extend(place_packed(q, weights)?);
+            }
+            out
+        }
+        _ => return Err(CodegenError::Target(format!("bug: {} cannot be packed", data_name(p)))),
+    })
+}
+
 /// Writes a weight or compile-time concat to the data section and returns its offset. A concat
 /// along its outermost non-unit extent whose parts (all but the last) are multiples of the data
 /// alignment is streamed part by part, one part in memory at a time; others are built in memory.
 fn push_place(w: &mut ArtifactWriter, p: &Place, weights: &dyn WeightSource) -> Result<u64> {
+    if matches!(p, Place::Weight { packed: true, .. } | Place::WeightConcat { packed: true, .. }) {
+        let bytes = place_packed(p, weights)?;
+        if bytes.len() as u64 != data_bytes(p) {
+            return Err(CodegenError::Target(format!("bug: {} packed to {} bytes, planned {}", data_name(p), bytes.len(), data_bytes(p))));
+        }
+        return Ok(w.push_data(&bytes)?);
+    }
     if let Place::WeightConcat { parts, axis, .. } = p {
         let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
         let aligned = parts.iter().rev().skip(1).all(|(q, _)| data_bytes(q).is_multiple_of(64));

@@ -19,13 +19,16 @@ use crate::error::{CodegenError, Result};
 /// Where a value lives.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Place {
-    /// A weight loaded from the checkpoint by name.
-    Weight { name: String, ty: ir::TensorType, bytes: u64 },
+    /// A weight loaded from the checkpoint by name, under its layout (the dequantized values of a
+    /// packed layout: `ir::quant::fake_quant`).
+    /// `packed`: stored in the layout's packed byte format (`cpu::quant`), else as f32.
+    Weight { name: String, ty: ir::TensorType, layout: ir::Layout, packed: bool, bytes: u64 },
     /// An inline constant.
     Const { values: Vec<f32> },
     /// A constant derived at compile time: `parts` (each a `Weight`, `Const` or `WeightConcat`,
     /// with its shape as the concat's operand) concatenated along `axis`; `bytes` in total.
-    WeightConcat { parts: Vec<(Place, Vec<usize>)>, axis: usize, bytes: u64 },
+    /// `packed`: the parts' packed rows concatenated (axis 0, one shared layout).
+    WeightConcat { parts: Vec<(Place, Vec<usize>)>, axis: usize, packed: bool, bytes: u64 },
     /// A slot in the arena.
     Arena { offset: u64, bytes: u64 },
     /// A KV-cache state (index into `graph.states`).
@@ -100,6 +103,12 @@ impl Arena {
     }
 }
 
+/// Bytes of a `[N, K]` value stored packed as `layout`.
+fn packed_bytes(layout: Option<ir::Layout>, ty: &ir::TensorType) -> Option<u64> {
+    let (n, k) = (ty.shape.first()?.as_const()?, ty.shape.get(1)?.as_const()?);
+    Some((n * crate::cpu::quant::row_bytes(layout?, k)) as u64)
+}
+
 /// Plans memory for `g` with steps of at most `max_chunk` tokens and a context of `max_context`.
 pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPlan> {
     let order = g.topo_order()?;
@@ -114,8 +123,10 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
         let bytes = (ty.numel(at_max) * ty.dtype.size()) as u64;
         let b = match g.op(n) {
             Op::Reshape => buffer_of[&g.inputs(n)[0]],
-            Op::Weight { name, .. } => {
-                places.push(Place::Weight { name: name.clone(), ty: ty.clone(), bytes });
+            Op::Weight { name, layout, .. } => {
+                let packed = crate::cpu::quant::packed_layout(g, n);
+                let bytes = packed_bytes(packed, ty).unwrap_or(bytes);
+                places.push(Place::Weight { name: name.clone(), ty: ty.clone(), layout: *layout, packed: packed.is_some(), bytes });
                 places.len() - 1
             }
             Op::Const { values } => {
@@ -131,7 +142,9 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
                         (places[buffer_of[x]].clone(), shape)
                     })
                     .collect();
-                places.push(Place::WeightConcat { parts, axis: *axis, bytes });
+                let packed = crate::cpu::quant::packed_layout(g, n);
+                let bytes = packed_bytes(packed, ty).unwrap_or(bytes);
+                places.push(Place::WeightConcat { parts, axis: *axis, packed: packed.is_some(), bytes });
                 places.len() - 1
             }
             Op::KvConcat { state } => {
@@ -209,7 +222,7 @@ mod tests {
     fn input_slot_is_live_from_the_start() {
         let mut g = Graph::new("t");
         let pos = g.add(Op::Positions, &[], None).unwrap();
-        let table = g.add(Op::Weight { name: "wpe".into(), stored: ir::DType::F32 }, &[], Some(TensorType::f32(vec![Dim::N(8), Dim::N(4)]))).unwrap();
+        let table = g.add(Op::Weight { name: "wpe".into(), stored: ir::DType::F32, layout: Default::default() }, &[], Some(TensorType::f32(vec![Dim::N(8), Dim::N(4)]))).unwrap();
         let pe = g.add(Op::Gather, &[table, pos], None).unwrap();
         let pe2 = g.add(Op::Unary(UnaryOp::Exp), &[pe], None).unwrap();
         let ids = g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(ir::DType::I32, vec![Dim::S]))).unwrap();
@@ -232,7 +245,7 @@ mod tests {
     fn arena_reuses_dead_slots_and_never_overlaps_operands() {
         let mut g = Graph::new("t");
         let ty = TensorType::f32(vec![Dim::N(4), Dim::N(16)]);
-        let w = g.add(Op::Weight { name: "w".into(), stored: ir::DType::F32 }, &[], Some(ty.clone())).unwrap();
+        let w = g.add(Op::Weight { name: "w".into(), stored: ir::DType::F32, layout: Default::default() }, &[], Some(ty.clone())).unwrap();
         let mut x = g.add(Op::Unary(UnaryOp::Exp), &[w], None).unwrap();
         let mut chain = vec![x];
         for _ in 0..6 {
@@ -254,7 +267,7 @@ mod tests {
         use Dim::{N, S};
         let mut g = Graph::new("t");
         let w = |g: &mut Graph, name: &str, shape: Vec<Dim>| {
-            g.add(Op::Weight { name: name.into(), stored: ir::DType::F32 }, &[], Some(TensorType::f32(shape))).unwrap()
+            g.add(Op::Weight { name: name.into(), stored: ir::DType::F32, layout: Default::default() }, &[], Some(TensorType::f32(shape))).unwrap()
         };
         let wq = w(&mut g, "q", vec![N(4), N(8)]);
         let wk = w(&mut g, "k", vec![N(2), N(8)]);
@@ -269,7 +282,7 @@ mod tests {
         g.outputs.push(y2);
         let p = plan(&g, 4, 8).unwrap();
         match &p.places[p.buffer_of[&qk]] {
-            Place::WeightConcat { parts, axis: 0, bytes } => {
+            Place::WeightConcat { parts, axis: 0, bytes, .. } => {
                 assert_eq!(*bytes, 8 * 8 * 4);
                 assert_eq!(parts.len(), 3);
                 assert!(matches!(&parts[0], (Place::Weight { name, .. }, sh) if name == "q" && *sh == vec![4, 8]));

@@ -51,7 +51,7 @@ impl<'c> Builder<'c> {
             return Ok(n);
         }
         let stored = self.ckpt.check_tensor(name, shape)?;
-        let n = self.g.add(Op::Weight { name: name.to_string(), stored }, &[], Some(TensorType::f32(dims(shape))))?;
+        let n = self.g.add(Op::Weight { name: name.to_string(), stored, layout: llmc_ir::Layout::Dense }, &[], Some(TensorType::f32(dims(shape))))?;
         self.weights.insert(name.to_string(), n);
         Ok(n)
     }

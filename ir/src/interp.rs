@@ -8,7 +8,7 @@ use std::rc::Rc;
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::{Op, ReduceOp};
-use crate::types::{Bindings, TensorType};
+use crate::types::{Bindings, Layout, TensorType};
 
 /// Supplies weight data by checkpoint name, converted to f32, row-major, `ty`'s element count.
 pub trait WeightSource {
@@ -136,15 +136,18 @@ impl<'w> Interpreter<'w> {
         Ok(match g.op(n) {
             Op::Input { .. } => Tensor::new(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),
             Op::Positions => Tensor::new(vec![b.s], (0..b.s).map(|i| (b.p + i) as f32).collect()),
-            Op::Weight { name, .. } => {
-                let data = match self.cache.get(name) {
+            Op::Weight { name, layout, .. } => {
+                let key = if *layout == Layout::Dense { name.clone() } else { format!("{name}#{layout}") };
+                let data = match self.cache.get(&key) {
                     Some(d) => d.clone(),
                     None => {
-                        let d = Rc::new(self.weights.load(name, ty)?);
+                        let d = self.weights.load(name, ty)?;
                         if Some(d.len()) != ty.static_numel() {
                             return Err(IrError::Weight { name: name.clone(), msg: format!("source gave {} elements for {ty}", d.len()) });
                         }
-                        self.cache.insert(name.clone(), d.clone());
+                        let k = out_shape.last().copied().unwrap_or(1);
+                        let d = Rc::new(crate::quant::fake_quant(*layout, &d, k));
+                        self.cache.insert(key, d.clone());
                         d
                     }
                 };

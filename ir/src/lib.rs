@@ -11,6 +11,7 @@ pub mod interp;
 pub mod op;
 pub mod parse;
 pub mod print;
+pub mod quant;
 pub mod types;
 pub mod verify;
 
@@ -20,7 +21,7 @@ pub use interp::{Interpreter, Tensor, WeightSource};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use parse::parse;
 pub use print::print;
-pub use types::{Bindings, DType, Dim, TensorType};
+pub use types::{Bindings, DType, Dim, Layout, TensorType};
 pub use verify::verify;
 
 #[cfg(test)]
@@ -36,7 +37,7 @@ mod tests {
         let f = |shape: Vec<Dim>| TensorType::f32(shape);
         let ids = g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(DType::I32, vec![S]))).unwrap();
         let pos = g.add(Op::Positions, &[], None).unwrap();
-        let emb = g.add(Op::Weight { name: "emb".into(), stored: DType::BF16 }, &[], Some(f(vec![N(10), N(8)]))).unwrap();
+        let emb = g.add(Op::Weight { name: "emb".into(), stored: DType::BF16, layout: Layout::Dense }, &[], Some(f(vec![N(10), N(8)]))).unwrap();
         let x = g.add(Op::Gather, &[emb, ids], None).unwrap();
         let pe = g.add(Op::Gather, &[emb, pos], None).unwrap();
         let x = g.add(Op::Binary(BinaryOp::Add), &[x, pe], None).unwrap();
@@ -44,15 +45,15 @@ mod tests {
             .add(Op::Const { values: vec![-0.0, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0xffc0_0001), 1e-30, 3.5, -2.0, 7e20] }, &[], Some(f(vec![N(8)])))
             .unwrap();
         let x = g.add(Op::Binary(BinaryOp::Mul), &[x, c], None).unwrap();
-        let w8 = g.add(Op::Weight { name: "w".into(), stored: DType::F32 }, &[], Some(f(vec![N(8)]))).unwrap();
-        let b8 = g.add(Op::Weight { name: "b".into(), stored: DType::F16 }, &[], Some(f(vec![N(8)]))).unwrap();
+        let w8 = g.add(Op::Weight { name: "w".into(), stored: DType::F32, layout: Layout::Dense }, &[], Some(f(vec![N(8)]))).unwrap();
+        let b8 = g.add(Op::Weight { name: "b".into(), stored: DType::F16, layout: Layout::Dense }, &[], Some(f(vec![N(8)]))).unwrap();
         let n1 = g.add(Op::RmsNorm { eps: 1e-6 }, &[x, w8], None).unwrap();
         let n2 = g.add(Op::LayerNorm { eps: 1e-5 }, &[n1, w8, b8], None).unwrap();
         let m = g.add(Op::Reduce(ReduceOp::Max), &[n2], None).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Sub), &[n2, m], None).unwrap();
         let y = g.add(Op::Unary(UnaryOp::GeluTanh), &[y], None).unwrap();
-        let wl = g.add(Op::Weight { name: "wl".into(), stored: DType::F32 }, &[], Some(f(vec![N(16), N(8)]))).unwrap();
-        let bl = g.add(Op::Weight { name: "bl".into(), stored: DType::F32 }, &[], Some(f(vec![N(16)]))).unwrap();
+        let wl = g.add(Op::Weight { name: "wl".into(), stored: DType::F32, layout: Layout::Int4 { group: 4, asym: true } }, &[], Some(f(vec![N(16), N(8)]))).unwrap();
+        let bl = g.add(Op::Weight { name: "bl".into(), stored: DType::F32, layout: Layout::Dense }, &[], Some(f(vec![N(16)]))).unwrap();
         let l = g.add(Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Silu), residual: false }, &[y, wl, bl], None).unwrap();
         let gl = g.add(Op::GatedLinear { act: UnaryOp::Silu }, &[y, wl], None).unwrap();
         let cat = g.add(Op::Concat { axis: 1, n: 2 }, &[gl, gl], None).unwrap();
@@ -115,6 +116,21 @@ mod tests {
         let n = g.g.node_indices().find(|&n| matches!(g.op(n), Op::Softmax)).unwrap();
         g.g[n].ty = TensorType::f32(vec![Dim::S]);
         assert!(matches!(verify(&g), Err(IrError::Verify { .. })));
+    }
+
+    #[test]
+    fn layouts_print_parse_and_verify() {
+        let g = every_op();
+        let text = print(&g);
+        assert!(text.contains("weight {name = \"wl\", layout = int4_g4_asym}"), "{text}");
+        assert!(parse(&text.replace("int4_g4_asym", "int4_g3")).is_err(), "odd group refused");
+        assert!(parse(&text.replace("int4_g4_asym", "int7")).is_err(), "unknown layout refused");
+        let g8 = parse(&text.replace("int4_g4_asym", "int8")).unwrap();
+        assert!(g8.g.node_indices().any(|n| matches!(g8.op(n), Op::Weight { layout: Layout::Int8, .. })));
+        // A layout on a 1-D weight is a verifier error.
+        let bad = text.replace("weight {name = \"w\"}", "weight {name = \"w\", layout = int8}");
+        assert_ne!(bad, text);
+        assert!(matches!(parse(&bad).and_then(|g| verify(&g).map(|_| g)), Err(IrError::Verify { .. })), "1-D layout accepted");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! matches in `infer_type`, `print`, `parse`, `interp` and each backend (see docs/adding-an-op.md).
 
 use crate::error::{type_err, Result};
-use crate::types::{DType, Dim, TensorType};
+use crate::types::{DType, Dim, Layout, TensorType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UnaryOp {
@@ -127,8 +127,9 @@ pub enum Op {
     /// Absolute positions of this step's tokens, `i32[S]`, value `P + s`. No operands.
     Positions,
     /// A checkpoint tensor, referenced by name and loaded lazily; computed in f32, `stored` is the
-    /// checkpoint's element type. No operands.
-    Weight { name: String, stored: DType },
+    /// checkpoint's element type. No operands. A packed `layout` (2-D weights only) makes the value
+    /// the round-to-nearest dequantized tensor ([`crate::quant::fake_quant`]).
+    Weight { name: String, stored: DType, layout: Layout },
     /// A small literal tensor (scales, epsilons, RoPE frequencies); `values.len()` equals the
     /// element count of the (static) result type. No operands.
     Const { values: Vec<f32> },

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, NodeId, StateDecl};
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
-use crate::types::{DType, Dim, TensorType};
+use crate::types::{DType, Dim, Layout, TensorType};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
@@ -326,7 +326,15 @@ fn make_op(name: &str, a: &mut Attrs) -> Result<Op> {
                 },
                 Some(v) => return a.err(format!("`stored` must be a dtype, got {v:?}")),
             };
-            Op::Weight { name: wname, stored }
+            let layout = match a.take("layout") {
+                None => Layout::Dense,
+                Some(AVal::Ident(l)) => match Layout::from_name(&l) {
+                    Some(l) => l,
+                    None => return a.err(format!("unknown layout `{l}` (want int8, int4_gN or int4_gN_asym)")),
+                },
+                Some(v) => return a.err(format!("`layout` must be a layout name, got {v:?}")),
+            };
+            Op::Weight { name: wname, stored, layout }
         }
         "const" => {
             let mut values = Vec::new();

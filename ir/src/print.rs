@@ -17,7 +17,7 @@ use std::fmt::Write;
 
 use crate::graph::Graph;
 use crate::op::Op;
-use crate::types::DType;
+use crate::types::{DType, Layout};
 
 /// Prints `g`; a graph with a cycle prints its nodes in index order with a comment saying so.
 pub fn print(g: &Graph) -> String {
@@ -96,10 +96,13 @@ pub(crate) fn quote(v: &str) -> String {
 fn attrs(op: &Op) -> Vec<String> {
     match op {
         Op::Input { name } => vec![format!("name = {}", quote(name))],
-        Op::Weight { name, stored } => {
+        Op::Weight { name, stored, layout } => {
             let mut v = vec![format!("name = {}", quote(name))];
             if *stored != DType::F32 {
                 v.push(format!("stored = {stored}"));
+            }
+            if *layout != Layout::Dense {
+                v.push(format!("layout = {layout}"));
             }
             v
         }

@@ -47,6 +47,69 @@ impl fmt::Display for DType {
     }
 }
 
+/// How a 2-D weight `[N, K]` is stored. The value's type stays the logical `f32[N, K]`; a packed
+/// layout means the value *is* the dequantized tensor: round-to-nearest quantize then dequantize
+/// ([`crate::quant::fake_quant`]), so every backend must be exact to the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// Plain f32 (the checkpoint's values); not printed.
+    #[default]
+    Dense,
+    /// int8, symmetric, one f32 scale per row (per output channel): `w = q * scale`, `q` in -127..=127.
+    Int8,
+    /// int4 in groups of `group` consecutive elements along `K` (the last group of a row may be
+    /// partial), one f32 scale per group; symmetric (`q` in -8..=7, `w = q * scale`) or `asym`
+    /// (`q` in 0..=15 with a zero point per group, `w = (q - zero) * scale`).
+    Int4 { group: usize, asym: bool },
+}
+
+impl Layout {
+    /// The printed name: `int8`, `int4_g32`, `int4_g128_asym` (`dense` for [`Layout::Dense`]).
+    pub fn name(self) -> String {
+        match self {
+            Layout::Dense => "dense".into(),
+            Layout::Int8 => "int8".into(),
+            Layout::Int4 { group, asym } => format!("int4_g{group}{}", if asym { "_asym" } else { "" }),
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Layout> {
+        Some(match s {
+            "dense" => Layout::Dense,
+            "int8" => Layout::Int8,
+            _ => {
+                let rest = s.strip_prefix("int4_g")?;
+                let (g, asym) = match rest.strip_suffix("_asym") {
+                    Some(g) => (g, true),
+                    None => (rest, false),
+                };
+                let group: usize = g.parse().ok()?;
+                if group == 0 || !group.is_multiple_of(2) {
+                    return None;
+                }
+                Layout::Int4 { group, asym }
+            }
+        })
+    }
+    /// Storage bits per weight element, scales and zero points included, for a row of `k` elements.
+    pub fn bits_per_weight(self, k: usize) -> f64 {
+        let k = k.max(1) as f64;
+        match self {
+            Layout::Dense => 32.0,
+            Layout::Int8 => 8.0 + 32.0 / k,
+            Layout::Int4 { group, asym } => {
+                let groups = (k / group as f64).ceil();
+                4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k
+            }
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
 /// One dimension of a shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dim {

@@ -7,7 +7,7 @@ use petgraph::Direction;
 use crate::error::{IrError, Result};
 use crate::graph::Graph;
 use crate::op::Op;
-use crate::types::DType;
+use crate::types::{DType, Layout};
 
 fn ident_ok(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -65,6 +65,9 @@ pub fn verify(g: &Graph) -> Result<()> {
                 return err(name, format!("input name `{iname}` must be [A-Za-z0-9_.-]+"));
             }
             Op::Weight { stored: DType::I32, .. } => return err(name, "weights are stored as f32, f16 or bf16".into()),
+            Op::Weight { layout, .. } if *layout != Layout::Dense && node.ty.rank() != 2 => {
+                return err(name, format!("layout {layout} needs a 2-D weight, got {}", node.ty));
+            }
             _ => {}
         }
     }

@@ -97,7 +97,7 @@ mod tests {
         let w = weight(&mut g, "w", &[4, 4]);
         let wbf = g
             .add(
-                Op::Weight { name: "w".into(), stored: DType::BF16 },
+                Op::Weight { name: "w".into(), stored: DType::BF16, layout: Default::default() },
                 &[],
                 Some(ir::TensorType::f32(vec![Dim::N(4), Dim::N(4)])),
             )

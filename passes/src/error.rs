@@ -48,6 +48,9 @@ pub enum PassError {
     /// value that does not exist, or an internal inconsistency; the message says which.
     #[error("optimize: {0}")]
     Optimize(String),
+    /// A bad `--quant` format or an impossible quantization request.
+    #[error("quantize: {0}")]
+    Quant(String),
     /// Writing `--print-ir-after` or statistics output failed.
     #[error("cannot write pass output: {0}")]
     Output(#[source] std::io::Error),

@@ -13,6 +13,7 @@ pub mod dce;
 pub mod egraph;
 pub mod error;
 pub mod manager;
+pub mod quantize;
 pub mod rules;
 #[cfg(test)]
 mod testutil;
@@ -22,4 +23,5 @@ pub use cse::Cse;
 pub use dce::Dce;
 pub use egraph::{explain, Optimize};
 pub use error::{PassError, Result};
+pub use quantize::Quantize;
 pub use manager::{all_passes, default_pipeline, lookup, parse_pipeline, Pass, PassManager, PassStats, PrintAfter};

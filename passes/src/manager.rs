@@ -60,6 +60,7 @@ pub fn all_passes() -> Vec<Box<dyn Pass>> {
         Box::new(crate::cse::Cse),
         Box::new(crate::constant_fold::ConstantFold),
         Box::new(crate::egraph::Optimize::default()),
+        Box::new(crate::quantize::Quantize::default()),
     ]
 }
 

@@ -46,7 +46,7 @@ pub fn embed(g: &mut Graph, vocab: usize, h: usize) -> (NodeId, NodeId) {
 }
 
 pub fn weight(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.add(Op::Weight { name: name.into(), stored: DType::F32 }, &[], Some(TensorType::f32(dims(shape)))).unwrap()
+    g.add(Op::Weight { name: name.into(), stored: DType::F32, layout: Default::default() }, &[], Some(TensorType::f32(dims(shape)))).unwrap()
 }
 
 pub fn constant(g: &mut Graph, shape: &[usize], values: Vec<f32>) -> NodeId {

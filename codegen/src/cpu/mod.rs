@@ -32,6 +32,7 @@ mod linear;
 mod math;
 mod matmul;
 mod moe;
+pub(crate) mod quant;
 mod movement;
 mod norm;
 mod reduce;
@@ -155,8 +156,15 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         let ps = b.block_params(entry).to_vec();
         let mut kb =
             Kb { b, has_fma: isa.has_native_fma(), bufs: ps[0], s: ps[1], p: ps[2], part: ps[3], nparts: ps[4] };
+        let packed = match &node.op {
+            Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. } => {
+                quant::packed_layout(g, ins[1])
+            }
+            _ => None,
+        };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
+            _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default()),
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
             Op::Attention { scale, window } => attention::attention(&mut kb, g, n, *scale, *window)?,
             Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),

@@ -1,0 +1,605 @@
+//! Packed quantized weights: the byte format, which weights are stored packed, and the kernels
+//! for `matmul {transpose_b}`, `linear {transpose_b}` and `gated_linear` whose right-hand side is
+//! a packed `[N, K]` weight.
+//!
+//! Format, one self-contained record per row (so a row-wise `concat {axis = 0}` of packed weights
+//! is the concatenation of their bytes): `G` f32 scales (`G = 1` for int8, `ceil(K / group)` for
+//! int4), then for asymmetric int4 `G` f32 zero points, then the codes: int8 as `K` bytes (padded
+//! to 4), int4 in blocks of 32 elements in 16 bytes, byte `i` of a block holding element `i`
+//! (low nibble) and element `16 + i` (high nibble), symmetric codes stored as `q + 8`. A partial
+//! last block is zero-padded. Every value decodes as `(q - zero) as f32 * scale` in f32, exactly
+//! as `ir::quant` (the interpreter) computes it.
+//!
+//! Kernel: parts split the `N` output columns; per column the packed row (rows `j` and `N + j`
+//! when gated) is dequantized in registers (i8 -> i16 -> i32 -> f32 widening; nibble masks and
+//! shifts for int4; the scale of each 16-element chunk) into an f32 row on the stack, then dotted
+//! with every row of `a` (f32x4 FMAs), the epilogue (bias, activation, residual, gate) applied to
+//! each sum before its store. Decode (`M = 1`) is a GEMV that reads 1 (int8) or ~0.5 (int4)
+//! bytes per weight instead of 4. Int4 layouts with a group that is not a multiple of 16 are not
+//! packed (stored as dequantized f32 and run by the f32 kernels).
+
+use cranelift_codegen::ir::types::{F32, I16X8, I32, I32X4, I64, I8, I8X16};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
+use llmc_ir::{quant, Graph, Layout, NodeId, Op, UnaryOp};
+
+use super::builder::{Kb, V4};
+use super::math;
+
+/// Whether the kernels can read `layout` packed.
+pub fn packable(layout: Layout) -> bool {
+    match layout {
+        Layout::Dense => false,
+        Layout::Int8 => true,
+        Layout::Int4 { group, .. } => group % 16 == 0,
+    }
+}
+
+fn groups(layout: Layout, k: usize) -> usize {
+    match layout {
+        Layout::Int4 { group, .. } => k.div_ceil(group),
+        _ => 1,
+    }
+}
+
+fn code_bytes(layout: Layout, k: usize) -> usize {
+    match layout {
+        Layout::Int4 { .. } => k.div_ceil(32) * 16,
+        _ => k.div_ceil(4) * 4,
+    }
+}
+
+/// Byte offset of the codes in a row record.
+fn codes_at(layout: Layout, k: usize) -> usize {
+    let asym = matches!(layout, Layout::Int4 { asym: true, .. });
+    4 * groups(layout, k) * (1 + asym as usize)
+}
+
+/// Bytes of one packed row of `k` elements.
+pub fn row_bytes(layout: Layout, k: usize) -> usize {
+    codes_at(layout, k) + code_bytes(layout, k)
+}
+
+/// The packed bytes of a row-major `[n, k]` weight (`data` has `n * k` values).
+pub fn pack(layout: Layout, data: &[f32], k: usize) -> Vec<u8> {
+    let n = data.len().checked_div(k).unwrap_or(0);
+    let rb = row_bytes(layout, k);
+    let mut out = Vec::with_capacity(n * rb);
+    for row in data.chunks(k.max(1)) {
+        let start = out.len();
+        let r = quant::quantize_row(layout, row);
+        for s in &r.scales {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        for z in &r.zeros {
+            out.extend_from_slice(&(*z as f32).to_le_bytes());
+        }
+        match layout {
+            Layout::Int4 { asym, .. } => {
+                let code = |j: usize| -> u8 {
+                    if j >= k {
+                        0
+                    } else if asym {
+                        r.q[j] as u8
+                    } else {
+                        (r.q[j] + 8) as u8
+                    }
+                };
+                for blk in 0..k.div_ceil(32) {
+                    for i in 0..16 {
+                        out.push(code(32 * blk + i) | (code(32 * blk + 16 + i) << 4));
+                    }
+                }
+            }
+            _ => {
+                out.extend(r.q.iter().map(|&q| q as u8));
+                out.resize(start + rb, 0);
+            }
+        }
+        debug_assert_eq!(out.len() - start, rb);
+    }
+    out
+}
+
+/// `x` appears among `u`'s operands only as the right-hand side of a row-wise product.
+fn rhs_use(g: &Graph, u: NodeId, x: NodeId) -> bool {
+    let ok = matches!(
+        g.op(u),
+        Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. }
+    );
+    ok && g.ty(x).rank() == 2 && g.inputs(u).iter().enumerate().all(|(s, &i)| i != x || s == 1)
+}
+
+/// The layout of a packed `concat {axis = 0}` of weights: all parts share one packable layout
+/// and every use is a row-wise product's right-hand side.
+fn concat_layout(g: &Graph, c: NodeId) -> Option<Layout> {
+    let Op::Concat { axis: 0, .. } = g.op(c) else {
+        return None;
+    };
+    let mut layout = None;
+    for i in g.inputs(c) {
+        let Op::Weight { layout: l, .. } = g.op(i) else {
+            return None;
+        };
+        if !packable(*l) || layout.is_some_and(|x| x != *l) {
+            return None;
+        }
+        layout = Some(*l);
+    }
+    (!g.outputs.contains(&c) && g.users(c).iter().all(|&u| rhs_use(g, u, c))).then_some(layout?)
+}
+
+/// How the data node `x` (a weight or a concat of weights) is stored: `Some(layout)` when packed,
+/// `None` when as f32 (dequantized for a non-packable or mixed use).
+pub fn packed_layout(g: &Graph, x: NodeId) -> Option<Layout> {
+    match g.op(x) {
+        Op::Weight { layout, .. } if packable(*layout) && g.ty(x).rank() == 2 => {
+            let ok = !g.outputs.contains(&x)
+                && g.users(x).iter().all(|&u| {
+                    rhs_use(g, u, x) || (matches!(g.op(u), Op::Concat { .. }) && concat_layout(g, u).is_some())
+                });
+            ok.then_some(*layout)
+        }
+        Op::Concat { .. } => concat_layout(g, x),
+        _ => None,
+    }
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// What is applied to each finished sum.
+pub(crate) enum Epi {
+    Plain,
+    /// `act(x + bias[j]) + res[r, j]`: `bias` the `f32[N]` base, `res` the residual base.
+    Linear {
+        bias: Option<Value>,
+        act: Option<UnaryOp>,
+        res: Option<Value>,
+    },
+    /// `act(x_j) * x_{N + j}`.
+    Gated {
+        act: UnaryOp,
+    },
+}
+
+/// Dequantizes packed row `prow` (`k` elements) into the f32 buffer `dst`.
+fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
+    let codes = kb.addi(prow, codes_at(layout, k) as i64);
+    match layout {
+        Layout::Int8 => {
+            let s = kb.b.ins().load(F32, flags(), prow, 0);
+            let sv = kb.splat(V4, s);
+            let z = kb.ic(0);
+            let kv = kb.ic(k as i64);
+            let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
+                let pc = kb.add(codes, c);
+                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+                let h = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
+                for (hi, &hv) in h.iter().enumerate() {
+                    let w = [kb.b.ins().swiden_low(hv), kb.b.ins().swiden_high(hv)];
+                    for (wi, &wv) in w.iter().enumerate() {
+                        let f = kb.b.ins().fcvt_from_sint(V4, wv);
+                        let f = kb.fmul(f, sv);
+                        let idx = kb.addi(c, (8 * hi + 4 * wi) as i64);
+                        kb.st(f, dst, idx);
+                    }
+                }
+            });
+            kb.for_steps(e, kv, 1, &mut |kb, c| {
+                let pc = kb.add(codes, c);
+                let q = kb.b.ins().sload8(I32, flags(), pc, 0);
+                let f = kb.b.ins().fcvt_from_sint(F32, q);
+                let f = kb.fmul(f, s);
+                kb.st(f, dst, c);
+            });
+        }
+        Layout::Int4 { group, asym } => {
+            let g = groups(layout, k);
+            let mask = kb.b.ins().iconst(I8, 0x0f);
+            let mask = kb.b.ins().splat(I8X16, mask);
+            // One 32-element block at element `e0` (a value); `halves` of its two 16-element halves.
+            let block = |kb: &mut Kb, blk: Value, halves: usize| {
+                let pc = kb.muli(blk, 16);
+                let pc = kb.add(codes, pc);
+                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+                let lo = kb.b.ins().band(v, mask);
+                let hi = kb.b.ins().ushr_imm_s(v, 4);
+                let hi = kb.b.ins().band(hi, mask);
+                let e0 = kb.muli(blk, 32);
+                for (h, &nib) in [lo, hi][..halves].iter().enumerate() {
+                    let eh = kb.addi(e0, 16 * h as i64);
+                    let gi = kb.b.ins().udiv_imm_s(eh, group as i64);
+                    let s = kb.ld(F32, prow, gi);
+                    let z = if asym {
+                        let gz = kb.addi(gi, g as i64);
+                        kb.ld(F32, prow, gz)
+                    } else {
+                        kb.b.ins().f32const(8.0)
+                    };
+                    let sv = kb.splat(V4, s);
+                    let zv = kb.splat(V4, z);
+                    let w16 = [kb.b.ins().uwiden_low(nib), kb.b.ins().uwiden_high(nib)];
+                    for (wi, &w) in w16.iter().enumerate() {
+                        debug_assert_eq!(kb.b.func.dfg.value_type(w), I16X8);
+                        let w32 = [kb.b.ins().uwiden_low(w), kb.b.ins().uwiden_high(w)];
+                        for (qi, &q) in w32.iter().enumerate() {
+                            debug_assert_eq!(kb.b.func.dfg.value_type(q), I32X4);
+                            let f = kb.b.ins().fcvt_from_sint(V4, q);
+                            let f = kb.fsub(f, zv);
+                            let f = kb.fmul(f, sv);
+                            let idx = kb.addi(eh, (8 * wi + 4 * qi) as i64);
+                            kb.st(f, dst, idx);
+                        }
+                    }
+                }
+            };
+            let full = k / 32;
+            let z = kb.ic(0);
+            let nf = kb.ic(full as i64);
+            kb.for_steps(z, nf, 1, &mut |kb, blk| block(kb, blk, 2));
+            let rest = k % 32;
+            if rest > 0 {
+                let blk = kb.ic(full as i64);
+                block(kb, blk, if rest > 16 { 2 } else { 1 });
+            }
+        }
+        Layout::Dense => {}
+    }
+}
+
+/// `sum_i a[i] * w[i]` over `0..k` (`a` read-only, `w` the dequantized row).
+fn dot(kb: &mut Kb, a: Value, w: Value, k: usize) -> Value {
+    let zv = kb.fc(V4, 0.0);
+    let zs = kb.fc(F32, 0.0);
+    let acc = [kb.var(V4, zv), kb.var(V4, zv)];
+    let accs = kb.var(F32, zs);
+    let kv = kb.ic(k as i64);
+    kb.vloop(kv, 2, &mut |kb, ty, i, u| {
+        let v = if ty == V4 { acc[u] } else { accs };
+        let av = kb.ld_ro(ty, a, i);
+        let wv = kb.ld(ty, w, i);
+        let s = kb.get(v);
+        let s = kb.fma(av, wv, s);
+        kb.set(v, s);
+    });
+    let x = kb.get(acc[0]);
+    let y = kb.get(acc[1]);
+    let t = kb.fadd(x, y);
+    let t = kb.hsum(t);
+    let s = kb.get(accs);
+    kb.fadd(t, s)
+}
+
+/// `sum_k a[k] * w[k]` for one packed row `prow` and one row `a` of `k` f32s, dequantizing in
+/// registers without a stored row (the decode path: a GEMV reads each packed byte once). The
+/// scale multiplies per-chunk partial sums (int8: the whole row's), so this differs from the
+/// dequantized row's dot product only in f32 rounding.
+fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Value {
+    let codes = kb.addi(prow, codes_at(layout, k) as i64);
+    let zv = kb.fc(V4, 0.0);
+    let zs = kb.fc(F32, 0.0);
+    match layout {
+        Layout::Int8 => {
+            let acc: Vec<_> = (0..4).map(|_| kb.var(V4, zv)).collect();
+            let z = kb.ic(0);
+            let kv = kb.ic(k as i64);
+            let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
+                let pc = kb.add(codes, c);
+                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+                let h = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
+                for (hi, &hv) in h.iter().enumerate() {
+                    let w = [kb.b.ins().swiden_low(hv), kb.b.ins().swiden_high(hv)];
+                    for (wi, &wv) in w.iter().enumerate() {
+                        let q = kb.b.ins().fcvt_from_sint(V4, wv);
+                        let idx = kb.addi(c, (8 * hi + 4 * wi) as i64);
+                        let av = kb.ld_ro(V4, a, idx);
+                        let x = kb.get(acc[2 * hi + wi]);
+                        let y = kb.fma(q, av, x);
+                        kb.set(acc[2 * hi + wi], y);
+                    }
+                }
+            });
+            let tail = kb.var(F32, zs);
+            kb.for_steps(e, kv, 1, &mut |kb, c| {
+                let pc = kb.add(codes, c);
+                let q = kb.b.ins().sload8(I32, flags(), pc, 0);
+                let q = kb.b.ins().fcvt_from_sint(F32, q);
+                let av = kb.ld_ro(F32, a, c);
+                let x = kb.get(tail);
+                let y = kb.fma(q, av, x);
+                kb.set(tail, y);
+            });
+            let v: Vec<Value> = acc.iter().map(|&x| kb.get(x)).collect();
+            let s01 = kb.fadd(v[0], v[1]);
+            let s23 = kb.fadd(v[2], v[3]);
+            let s = kb.fadd(s01, s23);
+            let s = kb.hsum(s);
+            let t = kb.get(tail);
+            let s = kb.fadd(s, t);
+            let scale = kb.b.ins().load(F32, flags(), prow, 0);
+            kb.fmul(s, scale)
+        }
+        Layout::Int4 { group, asym } => {
+            let g = groups(layout, k);
+            let mask = kb.b.ins().iconst(I8, 0x0f);
+            let mask = kb.b.ins().splat(I8X16, mask);
+            let acc = [kb.var(V4, zv), kb.var(V4, zv)];
+            // One block; only the first `halves` halves, and only lanes below `k` of `a` are read
+            // (a partial block's padding codes meet zeros, never memory past `a`'s row).
+            let block = |kb: &mut Kb, blk: Value, valid: usize| {
+                let pc = kb.muli(blk, 16);
+                let pc = kb.add(codes, pc);
+                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+                let lo = kb.b.ins().band(v, mask);
+                let hi = kb.b.ins().ushr_imm_s(v, 4);
+                let hi = kb.b.ins().band(hi, mask);
+                let e0 = kb.muli(blk, 32);
+                // The scale (and zero point) of the group holding element `e`, as f32x4 splats.
+                let group_of = |kb: &mut Kb, e: Value| {
+                    let gi = kb.b.ins().udiv_imm_s(e, group as i64);
+                    let s = kb.ld(F32, prow, gi);
+                    let sv = kb.splat(V4, s);
+                    let zv = asym.then(|| {
+                        let gz = kb.addi(gi, g as i64);
+                        let z = kb.ld(F32, prow, gz);
+                        kb.splat(V4, z)
+                    });
+                    (sv, zv)
+                };
+                // A group covers whole blocks when it is a multiple of 32: one scale per block.
+                let shared = group.is_multiple_of(32);
+                let block_scale = shared.then(|| group_of(kb, e0));
+                let mut part: [Option<Value>; 2] = [None, None];
+                for (h, &nib) in [lo, hi].iter().enumerate() {
+                    if 16 * h >= valid {
+                        break;
+                    }
+                    let eh = kb.addi(e0, 16 * h as i64);
+                    let (sv, zv) = match block_scale {
+                        Some(x) => x,
+                        None => group_of(kb, eh),
+                    };
+                    // Symmetric codes are stored as q + 8: subtract in i8 lanes, widen signed.
+                    let w16 = match zv {
+                        None => {
+                            let eight = kb.b.ins().iconst(I8, 8);
+                            let eight = kb.b.ins().splat(I8X16, eight);
+                            let q = kb.b.ins().isub(nib, eight);
+                            [kb.b.ins().swiden_low(q), kb.b.ins().swiden_high(q)]
+                        }
+                        Some(_) => [kb.b.ins().uwiden_low(nib), kb.b.ins().uwiden_high(nib)],
+                    };
+                    for (wi, &w) in w16.iter().enumerate() {
+                        let w32 = match zv {
+                            None => [kb.b.ins().swiden_low(w), kb.b.ins().swiden_high(w)],
+                            Some(_) => [kb.b.ins().uwiden_low(w), kb.b.ins().uwiden_high(w)],
+                        };
+                        for (qi, &q) in w32.iter().enumerate() {
+                            let lane0 = 16 * h + 8 * wi + 4 * qi;
+                            if lane0 >= valid {
+                                continue;
+                            }
+                            let mut f = kb.b.ins().fcvt_from_sint(V4, q);
+                            if let Some(zv) = zv {
+                                f = kb.fsub(f, zv);
+                            }
+                            let idx = kb.addi(eh, (8 * wi + 4 * qi) as i64);
+                            let av = if lane0 + 4 <= valid {
+                                kb.ld_ro(V4, a, idx)
+                            } else {
+                                // Fewer than 4 elements left: scalar loads, zeros after.
+                                let mut lanes = Vec::new();
+                                for l in 0..4 {
+                                    if lane0 + l < valid {
+                                        let il = kb.addi(idx, l as i64);
+                                        lanes.push(kb.ld_ro(F32, a, il));
+                                    } else {
+                                        lanes.push(kb.b.ins().f32const(0.0));
+                                    }
+                                }
+                                let mut v4 = kb.b.ins().scalar_to_vector(V4, lanes[0]);
+                                for (l, &x) in lanes.iter().enumerate().skip(1) {
+                                    v4 = kb.b.ins().insertlane(v4, x, l as u8);
+                                }
+                                v4
+                            };
+                            let slot = part[wi].unwrap_or_else(|| kb.fc(V4, 0.0));
+                            part[wi] = Some(kb.fma(f, av, slot));
+                        }
+                    }
+                    if !shared {
+                        // Per-half scale: fold this half's partial sums now.
+                        let p = match part {
+                            [Some(x), Some(y)] => kb.fadd(x, y),
+                            [Some(x), None] | [None, Some(x)] => x,
+                            [None, None] => continue,
+                        };
+                        part = [None, None];
+                        let x = kb.get(acc[h]);
+                        let y = kb.fma(p, sv, x);
+                        kb.set(acc[h], y);
+                    }
+                }
+                if let Some((sv, _)) = block_scale {
+                    let p = match part {
+                        [Some(x), Some(y)] => Some(kb.fadd(x, y)),
+                        [Some(x), None] | [None, Some(x)] => Some(x),
+                        [None, None] => None,
+                    };
+                    if let Some(p) = p {
+                        let x = kb.get(acc[0]);
+                        let y = kb.fma(p, sv, x);
+                        kb.set(acc[0], y);
+                    }
+                }
+            };
+            let full = k / 32;
+            let z = kb.ic(0);
+            let nf = kb.ic(full as i64);
+            kb.for_steps(z, nf, 1, &mut |kb, blk| block(kb, blk, 32));
+            if !k.is_multiple_of(32) {
+                let blk = kb.ic(full as i64);
+                block(kb, blk, k % 32);
+            }
+            let x = kb.get(acc[0]);
+            let y = kb.get(acc[1]);
+            let s = kb.fadd(x, y);
+            kb.hsum(s)
+        }
+        Layout::Dense => zs,
+    }
+}
+
+/// The epilogue on the sum `x` of output `(r, j)` at element `oi` (`up`: the gated partner).
+fn epilogue(kb: &mut Kb, epi: &Epi, x: Value, up: Option<Value>, j: Value, oi: Value) -> Value {
+    match epi {
+        Epi::Plain => x,
+        Epi::Linear { bias, act, res } => {
+            let mut y = x;
+            if let Some(p) = bias {
+                let bv = kb.ld(F32, *p, j);
+                y = kb.fadd(y, bv);
+            }
+            if let Some(u) = act {
+                y = math::unary(kb, F32, *u, y);
+            }
+            if let Some(p) = res {
+                let rv = kb.ld(F32, *p, oi);
+                y = kb.fadd(y, rv);
+            }
+            y
+        }
+        Epi::Gated { act } => {
+            let gate = math::unary(kb, F32, *act, x);
+            match up {
+                Some(u) => kb.fmul(gate, u),
+                None => gate,
+            }
+        }
+    }
+}
+
+/// `out[r, j] = epi(sum_k a[r, k] * w[j, k])` for `r < m`, `j < n` (`n` output columns; the
+/// packed weight has `2n` rows when gated).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn packed_gemm(
+    kb: &mut Kb,
+    layout: Layout,
+    m: Value,
+    k: usize,
+    n: usize,
+    a: Value,
+    b: Value,
+    o: Value,
+    epi: Epi,
+) {
+    let rb = row_bytes(layout, k) as i64;
+    let kpad = k.div_ceil(32) * 32;
+    let gated = matches!(epi, Epi::Gated { .. });
+    let mut bufs = Vec::new();
+    for _ in 0..(1 + gated as usize) {
+        let slot =
+            kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * kpad).max(16) as u32, 6));
+        bufs.push(kb.b.ins().stack_addr(I64, slot, 0));
+    }
+    let nv = kb.ic(n as i64);
+    let (lo, hi) = kb.part_range(nv);
+    let kbytes = 4 * k as i64;
+    let one = kb.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::Equal, m, 1);
+    // Decode (M = 1): fused dequantize-and-dot, each packed byte read once from memory.
+    kb.if_else(
+        one,
+        &mut |kb| {
+            kb.for_steps(lo, hi, 1, &mut |kb, j| {
+                let off = kb.muli(j, rb);
+                let prow = kb.add(b, off);
+                let x = fused_dot(kb, layout, k, prow, a);
+                let up = gated.then(|| {
+                    let pu = kb.addi(prow, rb * n as i64);
+                    fused_dot(kb, layout, k, pu, a)
+                });
+                let y = epilogue(kb, &epi, x, up, j, j);
+                kb.st(y, o, j);
+            });
+        },
+        &mut |kb| {
+            // M > 1: each packed row dequantized once into the stack, then reused for every row of `a`.
+            kb.for_steps(lo, hi, 1, &mut |kb, j| {
+                let off = kb.muli(j, rb);
+                let prow = kb.add(b, off);
+                dequant_row(kb, layout, k, prow, bufs[0]);
+                if gated {
+                    let pu = kb.addi(prow, rb * n as i64);
+                    dequant_row(kb, layout, k, pu, bufs[1]);
+                }
+                let z = kb.ic(0);
+                kb.for_steps(z, m, 1, &mut |kb, r| {
+                    let ar = kb.muli(r, kbytes);
+                    let ar = kb.add(a, ar);
+                    let x = dot(kb, ar, bufs[0], k);
+                    let up = gated.then(|| dot(kb, ar, bufs[1], k));
+                    let oi = kb.muli(r, n as i64);
+                    let oi = kb.add(oi, j);
+                    let y = epilogue(kb, &epi, x, up, j, oi);
+                    kb.st(y, o, oi);
+                });
+            });
+        },
+    );
+}
+
+/// The packed kernel for node `n` (a product whose right-hand side is stored as `layout`).
+pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout) {
+    let ins = g.inputs(n);
+    let at = g.ty(ins[0]).clone();
+    let bt = g.ty(ins[1]).clone();
+    let (rows, k) = (bt.shape[0].as_const().unwrap_or(0), bt.shape[1].as_const().unwrap_or(0));
+    let m = kb.dims(&at.shape[..at.rank() - 1]);
+    let a = kb.buf(0);
+    let b = kb.buf(1);
+    match g.op(n) {
+        Op::Linear { bias, act, residual, .. } => {
+            let mut next = 2;
+            let bias_p = bias.then(|| {
+                next += 1;
+                kb.buf(next - 1)
+            });
+            let res_p = residual.then(|| {
+                next += 1;
+                kb.buf(next - 1)
+            });
+            let o = kb.buf(next);
+            packed_gemm(kb, layout, m, k, rows, a, b, o, Epi::Linear { bias: bias_p, act: *act, res: res_p });
+        }
+        Op::GatedLinear { act } => {
+            let o = kb.buf(2);
+            packed_gemm(kb, layout, m, k, rows / 2, a, b, o, Epi::Gated { act: *act });
+        }
+        _ => {
+            let o = kb.buf(2);
+            packed_gemm(kb, layout, m, k, rows, a, b, o, Epi::Plain);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_records_have_the_stated_size() {
+        for (layout, k) in [
+            (Layout::Int8, 13),
+            (Layout::Int4 { group: 32, asym: false }, 688),
+            (Layout::Int4 { group: 64, asym: true }, 100),
+        ] {
+            let data: Vec<f32> = (0..3 * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let p = pack(layout, &data, k);
+            assert_eq!(p.len(), 3 * row_bytes(layout, k), "{layout}");
+        }
+        // int4 g32 on K = 688: 22 groups, 22 blocks of 16 bytes.
+        assert_eq!(row_bytes(Layout::Int4 { group: 32, asym: false }, 688), 22 * 4 + 22 * 16);
+        assert_eq!(row_bytes(Layout::Int8, 256), 4 + 256);
+    }
+}

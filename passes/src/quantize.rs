@@ -1,0 +1,224 @@
+//! `quantize`: round-to-nearest weight quantization as a layout change.
+//!
+//! Sets the [`ir::Layout`] of every 2-D weight whose every use is the right-hand side of a
+//! `matmul {transpose_b}`, `linear {transpose_b}` or `gated_linear` (directly, or through a
+//! row-wise `concat {axis = 0}` of weights that only feeds such uses). Embedding tables (used by
+//! `gather`), norms, biases and weights matching a `--keep-fp` pattern stay f32. The values'
+//! types do not change; their semantics become the dequantized tensors (see `ir::quant`), so the
+//! interpreter and every backend agree on the quantized graph. Not in the default pipeline:
+//! `llmc compile --quant int8|int4[:gN][:asym]` runs it after the pipeline.
+//!
+//! Plain round-to-nearest only; calibrated methods (AWQ, GPTQ), activation quantization (W8A8)
+//! and sparsity are not implemented.
+
+use llmc_ir as ir;
+
+use crate::error::{PassError, Result};
+use crate::manager::{Pass, PassStats};
+
+/// Quantizes matmul weights to `layout`, keeping names that match any of `keep_fp`.
+#[derive(Clone, Debug)]
+pub struct Quantize {
+    pub layout: ir::Layout,
+    /// Substrings or globs (`*`, `?`) on the checkpoint tensor name.
+    pub keep_fp: Vec<String>,
+}
+
+impl Default for Quantize {
+    fn default() -> Self {
+        Quantize { layout: ir::Layout::Int8, keep_fp: Vec::new() }
+    }
+}
+
+impl Quantize {
+    /// Parses `--quant`: `int8`, `int4`, `int4:g64`, `int4:g128:asym`, `int4:asym` (group 32 by default).
+    pub fn parse_spec(spec: &str) -> Result<ir::Layout> {
+        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8 or int4[:gN][:asym])"));
+        let mut parts = spec.split(':');
+        match parts.next() {
+            Some("int8") => match parts.next() {
+                None => Ok(ir::Layout::Int8),
+                Some(p) => Err(bad(&format!("int8 takes no option `{p}`"))),
+            },
+            Some("int4") => {
+                let (mut group, mut asym) = (32, false);
+                for p in parts {
+                    if p == "asym" {
+                        asym = true;
+                    } else if p == "sym" {
+                        asym = false;
+                    } else if let Some(n) = p.strip_prefix('g').and_then(|n| n.parse::<usize>().ok()) {
+                        if n == 0 || n % 2 != 0 {
+                            return Err(bad("the group size must be even and positive"));
+                        }
+                        group = n;
+                    } else {
+                        return Err(bad(&format!("unknown option `{p}`")));
+                    }
+                }
+                Ok(ir::Layout::Int4 { group, asym })
+            }
+            _ => Err(bad("unknown format")),
+        }
+    }
+
+    fn keep(&self, name: &str) -> bool {
+        self.keep_fp.iter().any(|p| name.contains(p.as_str()) || glob(p.as_bytes(), name.as_bytes()))
+    }
+}
+
+/// Whether `pat` (with `*` and `?`) matches all of `s`.
+fn glob(pat: &[u8], s: &[u8]) -> bool {
+    match (pat.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&pat[1..], s) || (!s.is_empty() && glob(pat, &s[1..])),
+        (Some(b'?'), Some(_)) => glob(&pat[1..], &s[1..]),
+        (Some(a), Some(b)) if a == b => glob(&pat[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+/// Every use of `n` reads it as a `[N, K]` right-hand side, row-wise.
+fn rhs_only(g: &ir::Graph, n: ir::NodeId) -> bool {
+    if g.outputs.contains(&n) {
+        return false;
+    }
+    let mut any = false;
+    let mut users = g.users(n);
+    users.sort();
+    users.dedup();
+    for user in users {
+        any = true;
+        let ins = g.inputs(user);
+        let rhs = || ins.iter().enumerate().all(|(slot, &i)| i != n || slot == 1);
+        let ok = match g.op(user) {
+            ir::Op::Matmul { transpose_b: true }
+            | ir::Op::Linear { transpose_b: true, .. }
+            | ir::Op::GatedLinear { .. } => rhs(),
+            ir::Op::Concat { axis: 0, .. } => {
+                g.inputs(user).iter().all(|&i| matches!(g.op(i), ir::Op::Weight { .. })) && rhs_only(g, user)
+            }
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    any
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        "quantize"
+    }
+    fn summary(&self) -> &'static str {
+        "round-to-nearest int8/int4 layouts for matmul weights (llmc compile --quant; not in the default pipeline)"
+    }
+    fn run(&self, g: &mut ir::Graph) -> Result<PassStats> {
+        let mut st = PassStats::default();
+        let nodes: Vec<ir::NodeId> = g.g.node_indices().collect();
+        let (mut done, mut kept, mut params) = (0u64, 0u64, 0u64);
+        for n in nodes {
+            let ir::Op::Weight { name, layout, .. } = g.op(n) else {
+                continue;
+            };
+            if *layout != ir::Layout::Dense || g.ty(n).rank() != 2 || !rhs_only(g, n) {
+                continue;
+            }
+            if self.keep(name) {
+                kept += 1;
+                continue;
+            }
+            params += g.ty(n).static_numel().unwrap_or(0) as u64;
+            if let ir::Op::Weight { layout, .. } = &mut g.g[n].op {
+                *layout = self.layout;
+            }
+            done += 1;
+        }
+        st.bump("quantized", done);
+        st.bump("kept-fp", kept);
+        st.bump("quantized-params", params);
+        if done == 0 {
+            st.notes.push("no weight qualified for quantization".into());
+        }
+        Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use ir::{Dim, Op, TensorType};
+
+    fn layouts(g: &ir::Graph) -> Vec<(String, ir::Layout)> {
+        let mut v: Vec<_> =
+            g.g.node_indices()
+                .filter_map(|n| match g.op(n) {
+                    Op::Weight { name, layout, .. } => Some((name.clone(), *layout)),
+                    _ => None,
+                })
+                .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn quantizes_matmul_weights_only() {
+        let mut g = ir::Graph::new("q");
+        let (_, x) = embed(&mut g, 10, 8);
+        let wq = weight(&mut g, "q_proj", &[8, 8]);
+        let wk = weight(&mut g, "k_proj", &[4, 8]);
+        let cat = g.add(Op::Concat { axis: 0, n: 2 }, &[wq, wk], None).unwrap();
+        let y = g.add(Op::Matmul { transpose_b: true }, &[x, cat], None).unwrap();
+        let wg = weight(&mut g, "gate_up", &[12, 12]);
+        let y = g.add(Op::GatedLinear { act: ir::UnaryOp::Silu }, &[y, wg], None).unwrap();
+        let nw = weight(&mut g, "norm", &[6]);
+        let y = g.add(Op::RmsNorm { eps: 1e-5 }, &[y, nw], None).unwrap();
+        let wn = weight(&mut g, "plain", &[6, 5]); // transpose_b = false: [K, N], not row-wise
+        let y = g.add(Op::Matmul { transpose_b: false }, &[y, wn], None).unwrap();
+        let head = weight(&mut g, "lm_head", &[7, 5]);
+        let y =
+            g.add(Op::Linear { transpose_b: true, bias: false, act: None, residual: false }, &[y, head], None).unwrap();
+        g.outputs.push(y);
+        ir::verify(&g).unwrap();
+        let before = g.clone();
+        let l = ir::Layout::Int4 { group: 32, asym: false };
+        let st = Quantize { layout: l, keep_fp: vec!["lm_*".into()] }.run(&mut g).unwrap();
+        ir::verify(&g).unwrap();
+        assert_eq!(st.get("quantized"), 3);
+        assert_eq!(st.get("kept-fp"), 1);
+        let d = ir::Layout::Dense;
+        assert_eq!(
+            layouts(&g),
+            vec![
+                ("embed".into(), d),
+                ("gate_up".into(), l),
+                ("k_proj".into(), l),
+                ("lm_head".into(), d),
+                ("norm".into(), d),
+                ("plain".into(), d),
+                ("q_proj".into(), l)
+            ]
+        );
+        // Round trip through the text form, and the interpreter sees the quantization.
+        assert_eq!(ir::parse(&ir::print(&g)).unwrap(), g);
+        let w = weights_for(&[&g]);
+        let a = ir::Interpreter::new(&w).run(&before, &[1, 2]).unwrap();
+        let b = ir::Interpreter::new(&w).run(&g, &[1, 2]).unwrap();
+        assert_ne!(a[0].data, b[0].data);
+        let _ = TensorType::f32(vec![Dim::S]);
+    }
+
+    #[test]
+    fn spec_parsing() {
+        assert_eq!(Quantize::parse_spec("int8").unwrap(), ir::Layout::Int8);
+        assert_eq!(Quantize::parse_spec("int4").unwrap(), ir::Layout::Int4 { group: 32, asym: false });
+        assert_eq!(Quantize::parse_spec("int4:g128:asym").unwrap(), ir::Layout::Int4 { group: 128, asym: true });
+        for bad in ["int2", "int4:g0", "int4:g3", "int4:x", "int8:g32", ""] {
+            assert!(Quantize::parse_spec(bad).is_err(), "{bad}");
+        }
+        assert!(glob(b"model.*.mlp.*", b"model.layers.0.mlp.up_proj.weight"));
+        assert!(!glob(b"lm_?ead", b"lm_head.weight"));
+    }
+}
