@@ -485,6 +485,29 @@ impl<'a> Kb<'a> {
         let b = self.fadd(l[2], l[3]);
         self.fadd(a, b)
     }
+
+    /// `sum_i ro[i] * any[i]` over `0..len` f32s: `ro` is read-only for the kernel's whole run
+    /// (weights), `any` may be written elsewhere; two vector accumulators plus a scalar tail.
+    pub fn dot(&mut self, ro: Value, any: Value, len: Value) -> Value {
+        let zv = self.fc(V4, 0.0);
+        let zs = self.fc(F32, 0.0);
+        let acc = [self.var(V4, zv), self.var(V4, zv)];
+        let accs = self.var(F32, zs);
+        self.vloop(len, 2, &mut |kb, ty, i, u| {
+            let a = if ty == V4 { acc[u] } else { accs };
+            let rv = kb.ld_ro(ty, ro, i);
+            let av = kb.ld(ty, any, i);
+            let s = kb.get(a);
+            let s = kb.fma(rv, av, s);
+            kb.set(a, s);
+        });
+        let a = self.get(acc[0]);
+        let b = self.get(acc[1]);
+        let t = self.fadd(a, b);
+        let t = self.hsum(t);
+        let s = self.get(accs);
+        self.fadd(t, s)
+    }
     /// Max of the four lanes.
     pub fn hmax(&mut self, v: Value) -> Value {
         let l: Vec<Value> = (0..4u8).map(|i| self.b.ins().extractlane(v, i)).collect();

@@ -33,28 +33,6 @@ fn stack(kb: &mut Kb, bytes: usize) -> Value {
     kb.b.ins().stack_addr(I64, slot, 0)
 }
 
-/// `sum_i w[i] * v[i]` over `0..len`: `w` read-only (weights), `v` any memory.
-fn dot(kb: &mut Kb, w: Value, v: Value, len: Value) -> Value {
-    let zv = kb.fc(V4, 0.0);
-    let zs = kb.fc(F32, 0.0);
-    let acc = [kb.var(V4, zv), kb.var(V4, zv)];
-    let accs = kb.var(F32, zs);
-    kb.vloop(len, 2, &mut |kb, ty, i, u| {
-        let a = if ty == V4 { acc[u] } else { accs };
-        let wv = kb.ld_ro(ty, w, i);
-        let vv = kb.ld(ty, v, i);
-        let s = kb.get(a);
-        let s = kb.fma(wv, vv, s);
-        kb.set(a, s);
-    });
-    let a = kb.get(acc[0]);
-    let b = kb.get(acc[1]);
-    let t = kb.fadd(a, b);
-    let t = kb.hsum(t);
-    let s = kb.get(accs);
-    kb.fadd(t, s)
-}
-
 /// `(a . x, b . x)` over `0..len`, sharing the loads of `x`; `a`, `b` read-only.
 fn dot2(kb: &mut Kb, a: Value, b: Value, x: Value, len: Value) -> (Value, Value) {
     let zv = kb.fc(V4, 0.0);
@@ -110,7 +88,7 @@ pub(crate) fn moe(kb: &mut Kb, g: &Graph, n: NodeId, top_k: usize, act: UnaryOp)
         kb.for_steps(z, ev, 1, &mut |kb, j| {
             let ro = kb.muli(j, h as i64);
             let rp = kb.addr(r, ro);
-            let l = dot(kb, rp, xp, hv);
+            let l = kb.dot(rp, xp, hv);
             kb.st(l, logits, j);
         });
         // 2. Top-k by repeated argmax.
@@ -186,7 +164,7 @@ pub(crate) fn moe(kb: &mut Kb, g: &Graph, n: NodeId, top_k: usize, act: UnaryOp)
                     let co = kb.muli(c, im as i64);
                     let co = kb.add(co, r0);
                     let dp = kb.addr(dbase, co);
-                    let d = dot(kb, dp, hblk, len);
+                    let d = kb.dot(dp, hblk, len);
                     let cur = kb.ld(F32, op, c);
                     let nv = kb.fma(w, d, cur);
                     kb.st(nv, op, c);

@@ -248,29 +248,6 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
     }
 }
 
-/// `sum_i a[i] * w[i]` over `0..k` (`a` read-only, `w` the dequantized row).
-fn dot(kb: &mut Kb, a: Value, w: Value, k: usize) -> Value {
-    let zv = kb.fc(V4, 0.0);
-    let zs = kb.fc(F32, 0.0);
-    let acc = [kb.var(V4, zv), kb.var(V4, zv)];
-    let accs = kb.var(F32, zs);
-    let kv = kb.ic(k as i64);
-    kb.vloop(kv, 2, &mut |kb, ty, i, u| {
-        let v = if ty == V4 { acc[u] } else { accs };
-        let av = kb.ld_ro(ty, a, i);
-        let wv = kb.ld(ty, w, i);
-        let s = kb.get(v);
-        let s = kb.fma(av, wv, s);
-        kb.set(v, s);
-    });
-    let x = kb.get(acc[0]);
-    let y = kb.get(acc[1]);
-    let t = kb.fadd(x, y);
-    let t = kb.hsum(t);
-    let s = kb.get(accs);
-    kb.fadd(t, s)
-}
-
 /// `sum_k a[k] * w[k]` for one packed row `prow` and one row `a` of `k` f32s, dequantizing in
 /// registers without a stored row (the decode path: a GEMV reads each packed byte once). The
 /// scale multiplies per-chunk partial sums (int8: the whole row's), so this differs from the
@@ -537,8 +514,9 @@ pub(crate) fn packed_gemm(
                 kb.for_steps(z, m, 1, &mut |kb, r| {
                     let ar = kb.muli(r, kbytes);
                     let ar = kb.add(a, ar);
-                    let x = dot(kb, ar, bufs[0], k);
-                    let up = gated.then(|| dot(kb, ar, bufs[1], k));
+                    let kv = kb.ic(k as i64);
+                    let x = kb.dot(ar, bufs[0], kv);
+                    let up = gated.then(|| kb.dot(ar, bufs[1], kv));
                     let oi = kb.muli(r, n as i64);
                     let oi = kb.add(oi, j);
                     let y = epilogue(kb, &epi, x, up, j, oi);
