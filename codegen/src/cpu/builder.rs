@@ -486,19 +486,18 @@ impl<'a> Kb<'a> {
         self.fadd(a, b)
     }
 
-    /// `sum_i ro[i] * any[i]` over `0..len` f32s: `ro` is read-only for the kernel's whole run
-    /// (weights), `any` may be written elsewhere; two vector accumulators plus a scalar tail.
-    pub fn dot(&mut self, ro: Value, any: Value, len: Value) -> Value {
+    /// A sum over `0..len` f32s with two vector accumulators and a scalar tail, lanes added at the
+    /// end: `step(kb, ty, i, acc)` returns `acc` updated with the element(s) at `i` (`ty` is `V4`
+    /// or `F32`).
+    pub fn vsum(&mut self, len: Value, step: &mut dyn FnMut(&mut Kb, Type, Value, Value) -> Value) -> Value {
         let zv = self.fc(V4, 0.0);
         let zs = self.fc(F32, 0.0);
         let acc = [self.var(V4, zv), self.var(V4, zv)];
         let accs = self.var(F32, zs);
         self.vloop(len, 2, &mut |kb, ty, i, u| {
             let a = if ty == V4 { acc[u] } else { accs };
-            let rv = kb.ld_ro(ty, ro, i);
-            let av = kb.ld(ty, any, i);
             let s = kb.get(a);
-            let s = kb.fma(rv, av, s);
+            let s = step(kb, ty, i, s);
             kb.set(a, s);
         });
         let a = self.get(acc[0]);
@@ -507,6 +506,16 @@ impl<'a> Kb<'a> {
         let t = self.hsum(t);
         let s = self.get(accs);
         self.fadd(t, s)
+    }
+
+    /// `sum_i ro[i] * any[i]` over `0..len` f32s: `ro` is read-only for the kernel's whole run
+    /// (weights), `any` may be written elsewhere.
+    pub fn dot(&mut self, ro: Value, any: Value, len: Value) -> Value {
+        self.vsum(len, &mut |kb, ty, i, s| {
+            let rv = kb.ld_ro(ty, ro, i);
+            let av = kb.ld(ty, any, i);
+            kb.fma(rv, av, s)
+        })
     }
     /// Max of the four lanes.
     pub fn hmax(&mut self, v: Value) -> Value {

@@ -9,27 +9,14 @@ use cranelift_codegen::ir::types::F32;
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use llmc_ir::{Graph, NodeId};
 
-use super::builder::{Kb, V4};
+use super::builder::Kb;
 
 /// `sum_i f(i)` over `0..len` (`f` gets the lane type and the index).
 pub(crate) fn row_sum(kb: &mut Kb, len: Value, f: &mut dyn FnMut(&mut Kb, Type, Value) -> Value) -> Value {
-    let zv = kb.fc(V4, 0.0);
-    let zs = kb.fc(F32, 0.0);
-    let acc = [kb.var(V4, zv), kb.var(V4, zv)];
-    let accs = kb.var(F32, zs);
-    kb.vloop(len, 2, &mut |kb, ty, i, u| {
-        let v = if ty == V4 { acc[u] } else { accs };
+    kb.vsum(len, &mut |kb, ty, i, s| {
         let x = f(kb, ty, i);
-        let s = kb.get(v);
-        let s = kb.fadd(s, x);
-        kb.set(v, s);
-    });
-    let a = kb.get(acc[0]);
-    let b = kb.get(acc[1]);
-    let t = kb.fadd(a, b);
-    let t = kb.hsum(t);
-    let s = kb.get(accs);
-    kb.fadd(t, s)
+        kb.fadd(s, x)
+    })
 }
 
 /// `1 / sqrt(stat / h + eps)`.
