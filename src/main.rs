@@ -103,6 +103,10 @@ struct CompileArgs {
     /// Leave out the checkpoint's tokenizer.json and chat template (the artifact then takes ids only).
     #[arg(long = "no-tokenizer")]
     no_tokenizer: bool,
+    /// Run every product in generated code instead of the runtime's GEMM microkernels (weights
+    /// stay row-major): for comparisons.
+    #[arg(long = "no-microkernels")]
+    no_microkernels: bool,
     /// Print the compile report as one JSON line.
     #[arg(long)]
     json: bool,
@@ -217,6 +221,10 @@ struct BenchArgs {
     /// Threads each kernel is split across (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Also time every kernel launch of one prefill step and one decode step (launches run one
+    /// at a time) and print the time per op kind, largest first.
+    #[arg(long)]
+    profile: bool,
     /// Draft model: also measure speculative decoding (acceptance rate, speedup over the target
     /// alone); it runs on one thread.
     #[arg(long, value_name = "ARTIFACT")]
@@ -480,7 +488,8 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
         _ => usize::MAX,
     };
     let assets = if a.no_tokenizer { TextAssets::default() } else { text_assets(&mut m, vocab)? };
-    let mut opts = codegen::CompileOptions { max_chunk: a.max_chunk, ..Default::default() };
+    let mut opts =
+        codegen::CompileOptions { max_chunk: a.max_chunk, no_microkernels: a.no_microkernels, ..Default::default() };
     if let Some(t) = &assets.tokenizer {
         opts.blobs.push((runtime::tokenizer::TOKENIZER_BLOB.to_string(), t.clone()));
     }
@@ -816,6 +825,32 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         plain_ids = ids;
     }
     let (p_med, d_med) = (median(&prefill), median(&decode));
+    let mut profile_lines = vec![];
+    if a.profile {
+        let chunk = model.header().max_chunk as usize;
+        session.reset();
+        let mut fill = vec![];
+        for part in prompt.chunks(chunk) {
+            fill.extend(session.profile_step(part)?);
+        }
+        let dec = session.profile_step(&plain_ids[..1])?;
+        for (what, steps) in [("prefill", fill), ("decode", dec)] {
+            let total: f64 = steps.iter().map(|s| s.2).sum();
+            let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+            for (_, kernel, t) in &steps {
+                let op = kernel.rsplit_once('_').map_or(kernel.as_str(), |(o, _)| o).to_string();
+                let e = by.entry(op).or_default();
+                e.0 += t;
+                e.1 += 1;
+            }
+            let mut v: Vec<_> = by.into_iter().collect();
+            v.sort_by(|x, y| y.1 .0.total_cmp(&x.1 .0));
+            profile_lines.push(format!("profile {what}: {:.2} ms over {} launches", total * 1e3, steps.len()));
+            for (op, (t, n)) in v {
+                profile_lines.push(format!("  {op:<16} {:>8.3} ms {:>5.1}%  ({n} launches)", t * 1e3, 100.0 * t / total));
+            }
+        }
+    }
     let mut spec = serde_json::Value::Null;
     if let Some(mut dsession) = draft {
         let mut sdecode = vec![];
@@ -847,6 +882,9 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
     )?;
     writeln!(out, "prefill  {p_med:>10.1} tokens/s")?;
     writeln!(out, "decode   {d_med:>10.1} tokens/s")?;
+    for l in &profile_lines {
+        writeln!(out, "{l}")?;
+    }
     if let Some(p) = peak {
         writeln!(out, "peak memory {:.1} MiB (VmHWM)", p as f64 / 1048576.0)?;
     }

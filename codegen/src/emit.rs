@@ -19,6 +19,9 @@ pub struct CompileOptions {
     pub max_chunk: Option<usize>,
     /// Named non-tensor bytes to carry in the data section (`tokenizer.json`), see `Header::blobs`.
     pub blobs: Vec<(String, Vec<u8>)>,
+    /// Keep every weight row-major and every product in generated code (no panel layouts, no
+    /// runtime microkernel calls): for comparisons and for debugging the microkernel path.
+    pub no_microkernels: bool,
 }
 
 /// What a compilation produced, for the compiler's report.
@@ -74,21 +77,23 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         _ => return Err(unsupported(format!("graph must return logits f32[S, vocab], returns {out_ty}"))),
     };
 
-    let mp = plan(g, max_chunk, max_context)?;
+    let panels = !opts.no_microkernels;
+    let mp = plan(g, max_chunk, max_context, panels)?;
     let (isa, features) = host_isa()?;
-    let kctx = KernelCtx { max_context };
+    let kctx = KernelCtx { max_context, panel_weights: panels };
 
     // Compile each distinct kernel once: nodes with equal op, operand types and result type (and,
     // for rope, equal frequencies) get identical code.
     let mut kernels: Vec<KernelEntry> = Vec::new();
     let mut code: Vec<u8> = Vec::new();
-    let mut by_key: HashMap<String, (u32, Vec<Vec<f32>>)> = HashMap::new();
+    let mut by_key: HashMap<String, (u32, Vec<Vec<f32>>, bool)> = HashMap::new();
+    let mut ukernel_buf: Option<usize> = None;
     let mut by_code: HashMap<Vec<u8>, u32> = HashMap::new();
     let mut places = mp.places.clone();
     let mut table_buf: HashMap<Vec<u32>, usize> = HashMap::new();
     let mut steps = Vec::new();
     for (i, &n) in mp.order.iter().enumerate() {
-        if matches!(mp.places[mp.buffer_of[&n]], Place::WeightConcat { .. }) {
+        if matches!(mp.places[mp.buffer_of[&n]], Place::WeightConcat { .. } | Place::Panels { .. }) {
             continue; // computed at compile time, written to the data section below
         }
         let ins = g.inputs(n);
@@ -98,14 +103,19 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             if let Some(l) = crate::cpu::quant::packed_layout(g, x) {
                 key.push_str(&format!(" packed {l}"));
             }
+            if panels {
+                if let Some(gr) = crate::cpu::panel::panel_groups(g, x) {
+                    key.push_str(&format!(" panels {gr}"));
+                }
+            }
             if let (Op::Rope { .. }, Op::Const { values }) = (g.op(n), g.op(x)) {
                 key.push_str(&format!("{values:?}"));
             }
         }
-        let (kernel, tables) = match by_key.get(&key) {
+        let (kernel, tables, ukernels) = match by_key.get(&key) {
             Some(k) => k.clone(),
             None => {
-                let Some(KernelCode { name, code: kc, tables }) = compile_kernel(&*isa, &kctx, g, n)? else {
+                let Some(KernelCode { name, code: kc, tables, ukernels }) = compile_kernel(&*isa, &kctx, g, n)? else {
                     continue;
                 };
                 let idx = match by_code.get(&kc) {
@@ -121,8 +131,8 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
                         k
                     }
                 };
-                by_key.insert(key, (idx, tables.clone()));
-                (idx, tables)
+                by_key.insert(key, (idx, tables.clone(), ukernels));
+                (idx, tables, ukernels)
             }
         };
         let mut args: Vec<u32> = ins.iter().map(|x| mp.buffer_of[x] as u32).collect();
@@ -131,6 +141,13 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             let bits: Vec<u32> = t.iter().map(|v| v.to_bits()).collect();
             let b = *table_buf.entry(bits).or_insert_with(|| {
                 places.push(Place::Const { values: t });
+                places.len() - 1
+            });
+            args.push(b as u32);
+        }
+        if ukernels {
+            let b = *ukernel_buf.get_or_insert_with(|| {
+                places.push(Place::Microkernels);
                 places.len() - 1
             });
             args.push(b as u32);
@@ -154,6 +171,8 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             Place::WeightConcat { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
             Place::Arena { offset, bytes } => BufferDecl::Arena { offset: *offset, bytes: *bytes },
             Place::State { index } => BufferDecl::State { index: *index as u32 },
+            Place::Panels { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
+            Place::Microkernels => BufferDecl::Microkernels { abi: runtime::ukernel::ABI_VERSION },
         })
         .collect();
     let states: Vec<StateEntry> = g
@@ -191,7 +210,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
     let mut weight_bytes = 0;
     for (i, p) in places.iter().enumerate() {
         let off = match p {
-            Place::Weight { .. } | Place::WeightConcat { .. } => {
+            Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. } => {
                 weight_bytes += data_bytes(p);
                 push_place(&mut w, p, weights)?
             }
@@ -258,6 +277,7 @@ fn data_name(p: &Place) -> String {
             let names: Vec<String> = parts.iter().map(|(q, _)| data_name(q)).collect();
             format!("concat{{axis={axis}}}({})", names.join(", "))
         }
+        Place::Panels { inner, groups, .. } => format!("panels{{groups={groups}}}({})", data_name(inner)),
         _ => "const".into(),
     }
 }
@@ -265,7 +285,7 @@ fn data_name(p: &Place) -> String {
 /// Bytes of a data place.
 fn data_bytes(p: &Place) -> u64 {
     match p {
-        Place::Weight { bytes, .. } | Place::WeightConcat { bytes, .. } => *bytes,
+        Place::Weight { bytes, .. } | Place::WeightConcat { bytes, .. } | Place::Panels { bytes, .. } => *bytes,
         Place::Const { values } => values.len() as u64 * 4,
         _ => 0,
     }
@@ -293,7 +313,11 @@ fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
             }
             out
         }
-        Place::Arena { .. } | Place::State { .. } => {
+        Place::Panels { inner, rows, k, groups, .. } => {
+            let v = place_values(inner, weights)?;
+            runtime::ukernel::pack_panels(&v, *rows, *k, *groups)
+        }
+        Place::Arena { .. } | Place::State { .. } | Place::Microkernels => {
             return Err(CodegenError::Target(format!("bug: {p:?} has no compile-time value")))
         }
     })

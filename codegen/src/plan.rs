@@ -33,12 +33,17 @@ pub enum Place {
     Arena { offset: u64, bytes: u64 },
     /// A KV-cache state (index into `graph.states`).
     State { index: usize },
+    /// A `Weight` or `WeightConcat` (`inner`, row-major `[rows, k]`) stored in the runtime's panel
+    /// layout in `groups` row groups (`llmc_runtime::ukernel::pack_panels`); `bytes` in all.
+    Panels { inner: Box<Place>, rows: usize, k: usize, groups: usize, bytes: u64 },
+    /// The runtime's microkernel function table (`BufferDecl::Microkernels`).
+    Microkernels,
 }
 
 impl Place {
     /// Whether the value is known at compile time (lives in the artifact's data section).
     pub fn is_data(&self) -> bool {
-        matches!(self, Place::Weight { .. } | Place::Const { .. } | Place::WeightConcat { .. })
+        matches!(self, Place::Weight { .. } | Place::Const { .. } | Place::WeightConcat { .. } | Place::Panels { .. })
     }
 }
 
@@ -109,8 +114,10 @@ fn packed_bytes(layout: Option<ir::Layout>, ty: &ir::TensorType) -> Option<u64> 
     Some((n * crate::cpu::quant::row_bytes(layout?, k)) as u64)
 }
 
-/// Plans memory for `g` with steps of at most `max_chunk` tokens and a context of `max_context`.
-pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPlan> {
+/// Plans memory for `g` with steps of at most `max_chunk` tokens and a context of `max_context`;
+/// with `panels`, weights that [`crate::cpu::panel::panel_groups`] accepts are stored in the panel
+/// layout (as [`crate::cpu::KernelCtx::panel_weights`] must then say).
+pub fn plan(g: &Graph, max_chunk: usize, max_context: usize, panels: bool) -> Result<MemoryPlan> {
     let order = g.topo_order()?;
     let at_max = Bindings { s: max_chunk, p: max_context - max_chunk };
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
@@ -164,6 +171,22 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize) -> Result<MemoryPla
             }
         };
         buffer_of.insert(n, b);
+    }
+    // Panel layouts: only for the value a product reads (a concat's parts keep their place, and
+    // are written only if something else uses them).
+    if panels {
+        for &n in &order {
+            let Some(groups) = crate::cpu::panel::panel_groups(g, n) else { continue };
+            let b = buffer_of[&n];
+            if !matches!(places[b], Place::Weight { .. } | Place::WeightConcat { .. }) {
+                continue;
+            }
+            let t = g.ty(n);
+            let (rows, k) = (t.shape[0].as_const().unwrap_or(0), t.shape[1].as_const().unwrap_or(0));
+            let bytes = (groups * runtime::ukernel::panel_group_len(rows / groups, k) * 4) as u64;
+            let inner = Box::new(places[b].clone());
+            places[b] = Place::Panels { inner, rows, k, groups, bytes };
+        }
     }
     // Live ranges of arena buffers: from the first definition to the last use of any alias.
     let end = order.len();
@@ -229,7 +252,7 @@ mod tests {
         let te = g.add(Op::Gather, &[table, ids], None).unwrap();
         let x = g.add(Op::Binary(ir::BinaryOp::Add), &[te, pe2], None).unwrap();
         g.outputs.push(x);
-        let p = plan(&g, 4, 8).unwrap();
+        let p = plan(&g, 4, 8, false).unwrap();
         let span = |n: NodeId| match p.places[p.buffer_of[&n]] {
             Place::Arena { offset, bytes } => offset..offset + bytes,
             ref other => panic!("{other:?}"),
@@ -253,7 +276,7 @@ mod tests {
             chain.push(x);
         }
         g.outputs.push(x);
-        let p = plan(&g, 4, 8).unwrap();
+        let p = plan(&g, 4, 8, false).unwrap();
         // A chain needs two live slots at a time: the arena is two slots big, not seven.
         assert_eq!(p.arena_bytes, 2 * 4 * 16 * 4);
         for pair in chain.windows(2) {
@@ -280,7 +303,7 @@ mod tests {
         let y = g.add(lin, &[x, qk], None).unwrap(); // [S, 8]
         let y2 = g.add(Op::Concat { axis: 1, n: 2 }, &[y, x], None).unwrap(); // an activation concat
         g.outputs.push(y2);
-        let p = plan(&g, 4, 8).unwrap();
+        let p = plan(&g, 4, 8, false).unwrap();
         match &p.places[p.buffer_of[&qk]] {
             Place::WeightConcat { parts, axis: 0, bytes, .. } => {
                 assert_eq!(*bytes, 8 * 8 * 4);

@@ -59,6 +59,9 @@ pub enum BufferDecl {
     Arena { offset: u64, bytes: u64 },
     /// A whole persistent state tensor (KV cache), `states[index]`.
     State { index: u32 },
+    /// The runtime's microkernel function table ([`crate::ukernel::table`]) for table layout
+    /// version `abi`: kernels that call runtime microkernels receive it as a buffer.
+    Microkernels { abi: u32 },
 }
 
 /// A persistent state tensor (a KV cache), zeroed when a session starts.
@@ -257,6 +260,14 @@ fn validate(h: &Header) -> std::result::Result<(), String> {
             BufferDecl::State { index } => {
                 if *index as usize >= h.states.len() {
                     return Err(format!("buffer {i} names state {index}, which does not exist"));
+                }
+            }
+            BufferDecl::Microkernels { abi } => {
+                if *abi != crate::ukernel::ABI_VERSION {
+                    return Err(format!(
+                        "buffer {i} is microkernel table version {abi}; this runtime provides version {}",
+                        crate::ukernel::ABI_VERSION
+                    ));
                 }
             }
         }

@@ -4,7 +4,7 @@
 //! crate alone. Order of use: [`artifact`] (the file format, read and verified before any of its
 //! code runs), [`exec`] (mapping code executable), [`model`] (a loaded model, sessions with their
 //! KV cache and activation arena), [`sample`] (token choice), [`generate`] and [`speculative`]
-//! (decoding loops), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
+//! (decoding loops), [`ukernel`] (matrix-product microkernels that generated kernels call), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
 //! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
 pub mod artifact;
@@ -18,6 +18,7 @@ pub mod pool;
 pub mod sample;
 pub mod speculative;
 pub mod tokenizer;
+pub mod ukernel;
 
 pub use artifact::{Artifact, BufferDecl, Header, KernelEntry, Step, FORMAT_VERSION, MAGIC};
 pub use error::{Result, RuntimeError};

@@ -181,6 +181,8 @@ impl Session {
                 BufferDecl::Data { offset, .. } => unsafe { data.add(*offset as usize) as *mut u8 },
                 BufferDecl::Arena { offset, .. } => unsafe { arena.ptr.add(*offset as usize) },
                 BufferDecl::State { index } => states[*index as usize].ptr,
+                // Read only: kernels load function pointers from it.
+                BufferDecl::Microkernels { .. } => crate::ukernel::table().as_ptr() as *mut u8,
             }
         };
         let ptrs: Vec<Vec<*mut u8>> = h.steps.iter().map(|s| s.args.iter().map(|&a| buf_ptr(a)).collect()).collect();
@@ -262,6 +264,35 @@ impl Session {
                 out.extend_from_slice(&logits[(s - 1) * vocab..]);
             }
         }
+        Ok(out)
+    }
+
+    /// Runs `ids` (at most `max_chunk` tokens) as one forward step like [`forward`](Self::forward),
+    /// timing each kernel launch separately (all threads, one launch at a time, so the times add
+    /// up to a little more than a normal step). Returns `(step label, kernel name, seconds)` in
+    /// step order; the conversation advances as with `forward`.
+    pub fn profile_step(&mut self, ids: &[u32]) -> Result<Vec<(String, String, f64)>> {
+        self.check_input(ids)?;
+        let chunk = self.model.header().max_chunk as usize;
+        if ids.len() > chunk {
+            return Err(RuntimeError::Other(format!("profile_step takes at most {chunk} tokens, got {}", ids.len())));
+        }
+        // SAFETY: as in `forward`.
+        unsafe {
+            for (i, &id) in ids.iter().enumerate() {
+                *self.input.add(i) = id as i32;
+            }
+        }
+        let h = self.model.header();
+        let mut out = Vec::with_capacity(self.calls.len());
+        for (i, step) in h.steps.iter().enumerate() {
+            let t = Instant::now();
+            // SAFETY: as in `forward`; steps run in order, one at a time.
+            unsafe { self.pool.run(&self.calls[i..i + 1], ids.len() as i64, self.past as i64) };
+            let name = h.kernels[step.kernel as usize].name.clone();
+            out.push((step.label.clone(), name, t.elapsed().as_secs_f64()));
+        }
+        self.past += ids.len();
         Ok(out)
     }
 

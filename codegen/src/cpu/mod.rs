@@ -35,6 +35,7 @@ mod moe;
 pub(crate) mod quant;
 mod movement;
 mod norm;
+pub(crate) mod panel;
 mod reduce;
 mod rope;
 #[cfg(test)]
@@ -61,6 +62,10 @@ pub struct KernelCode {
     pub code: Vec<u8>,
     /// Constant f32 arrays passed as `bufs[arity + 1 ..]`, in order.
     pub tables: Vec<Vec<f32>>,
+    /// The kernel calls runtime microkernels: it takes the runtime's function table
+    /// (`BufferDecl::Microkernels`, [`llmc_runtime::ukernel::table`]) as one more buffer, after
+    /// the tables.
+    pub ukernels: bool,
 }
 
 /// What kernels need to know beyond the graph.
@@ -68,6 +73,9 @@ pub struct KernelCode {
 pub struct KernelCtx {
     /// `C`: KV-cache rows, the largest value `T` takes.
     pub max_context: usize,
+    /// Store eligible weights in the runtime's panel layout and run their products through the
+    /// runtime's GEMM microkernel ([`panel`]); the memory plan must be made with the same flag.
+    pub panel_weights: bool,
 }
 
 /// The kernel entry point's type.
@@ -148,6 +156,14 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
     let mut func = Function::with_name_signature(UserFuncName::testcase(&name), sig);
     let mut fctx = FunctionBuilderContext::new();
     let mut tables = Vec::new();
+    let panels = match &node.op {
+        Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. }
+            if ctx.panel_weights =>
+        {
+            panel::panel_groups(g, ins[1])
+        }
+        _ => None,
+    };
     {
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
         let entry = b.create_block();
@@ -165,6 +181,7 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
             _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default()),
+            _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1))?,
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
             Op::Attention { scale, window } => attention::attention(&mut kb, g, n, *scale, *window)?,
             Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),
@@ -207,5 +224,5 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         });
     }
     let code = compiled.code_buffer().to_vec();
-    Ok(Some(KernelCode { name, code, tables }))
+    Ok(Some(KernelCode { name, code, tables, ukernels: panels.is_some() }))
 }

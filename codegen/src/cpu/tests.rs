@@ -9,6 +9,7 @@
 //! earlier steps first so that `P > 0` in the measured step.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
@@ -59,6 +60,7 @@ fn isas() -> Vec<(&'static str, OwnedTargetIsa)> {
 struct Exec {
     map: memmap2::Mmap,
     tables: Vec<Vec<f32>>,
+    ukernels: bool,
 }
 
 impl Exec {
@@ -67,7 +69,7 @@ impl Exec {
         m[..k.code.len()].copy_from_slice(&k.code);
         let map = m.make_exec().expect("make_exec");
         assert_eq!(map.as_ptr() as usize % KERNEL_ALIGN, 0);
-        Exec { map, tables: k.tables.clone() }
+        Exec { map, tables: k.tables.clone(), ukernels: k.ukernels }
     }
     fn run(&self, ins: &mut [Vec<u32>], out: &mut [u32], s: usize, p: usize, nparts: usize) {
         for part in 0..nparts {
@@ -87,6 +89,9 @@ impl Exec {
         bufs.push(out.as_mut_ptr() as *mut u8);
         for t in &self.tables {
             bufs.push(t.as_ptr() as *mut u8);
+        }
+        if self.ukernels {
+            bufs.push(llmc_runtime::ukernel::table().as_ptr() as *mut u8);
         }
         let f = self.entry();
         for part in parts {
@@ -241,6 +246,21 @@ impl Gb {
     }
 }
 
+thread_local! {
+    /// Whether [`check_on`] compiles with `KernelCtx::panel_weights` (and packs operand 1).
+    static PANELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`check`] with panel weights: the product's weight in the runtime's panel layout, the product
+/// run by the runtime's microkernel. Asserts the kernel does use it.
+fn check_panels(gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
+    assert!(panel::panel_groups(&gb.g, gb.g.inputs(n)[1]).is_some(), "operand 1 is not a panel weight");
+    PANELS.with(|p| p.set(true));
+    let st = check(gb, n, steps, tol);
+    PANELS.with(|p| p.set(false));
+    st
+}
+
 /// Runs node `n` of `gb` for the token counts `steps` (the last step is measured) on every ISA and
 /// compares with the interpreter. Returns the worst errors.
 fn check(gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
@@ -258,8 +278,10 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let text = llmc_ir::print(g);
     let line = text.lines().map(str::trim).find(|l| l.starts_with(&format!("%{pos} = "))).unwrap_or("?");
     let what = format!("`{line}` on {isa_name} (steps {steps:?})");
-    let ctx = KernelCtx { max_context: CTX };
+    let panels = PANELS.with(|p| p.get());
+    let ctx = KernelCtx { max_context: CTX, panel_weights: panels };
     let kc = compile_kernel(isa, &ctx, g, n).unwrap_or_else(|e| panic!("{what}: {e}")).expect("a kernel");
+    assert_eq!(kc.ukernels, panels, "{what}: microkernel use");
     let exec = Exec::new(&kc);
     let ops = g.inputs(n);
     let mut g2 = g.clone();
@@ -282,7 +304,14 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     }
     let outs = last.expect("at least one step");
     let s = *steps.last().unwrap();
-    let inputs: Vec<Vec<u32>> = ops.iter().zip(&outs).map(|(&o, t)| to_bits(g.ty(o).dtype, &t.data)).collect();
+    let mut inputs: Vec<Vec<u32>> = ops.iter().zip(&outs).map(|(&o, t)| to_bits(g.ty(o).dtype, &t.data)).collect();
+    if panels {
+        let groups = panel::panel_groups(g, ops[1]).expect("a panel weight");
+        let sh = &g.ty(ops[1]).shape;
+        let (rows, k) = (sh[0].as_const().unwrap(), sh[1].as_const().unwrap());
+        let packed = llmc_runtime::ukernel::pack_panels(&outs[1].data, rows, k, groups);
+        inputs[1] = packed.iter().map(|x| x.to_bits()).collect();
+    }
     let want = &outs[ops.len()];
     let dt = g.ty(n).dtype;
     let mut init = match g.op(n) {
@@ -540,7 +569,7 @@ fn kv_concat_and_causal_mask_with_history() {
 fn kv_concat_past_the_context_writes_nothing() {
     let a = attention(2, 4, None, false);
     let (isa, _) = host_isa().unwrap();
-    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, &a.gb.g, a.k).unwrap().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, &a.gb.g, a.k).unwrap().unwrap();
     let exec = Exec::new(&kc);
     let mut ins = vec![vec![1.0f32.to_bits(); 3 * 8]];
     let mut state = vec![SENTINEL; CTX * 8];
@@ -758,7 +787,7 @@ fn rope_needs_const_freqs() {
     let f = gb.weight(&[4], 0.0, 1.0);
     let n = gb.op(Op::Rope { rotary_dim: 8 }, &[x, f]);
     let (isa, _) = host_isa().unwrap();
-    let e = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, &gb.g, n).unwrap_err();
+    let e = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, &gb.g, n).unwrap_err();
     assert!(e.to_string().contains("const"), "{e}");
 }
 
@@ -779,7 +808,7 @@ fn parts_run_concurrently() {
     let lin_t = gb.op(Op::Linear { transpose_b: true, bias: false, act: None, residual: false }, &[x, wt]);
     let bn = gb.op(Op::RmsNorm { eps: 1e-5 }, &[gl, bias]);
     let (isa, _) = host_isa().unwrap();
-    let ctx = KernelCtx { max_context: CTX };
+    let ctx = KernelCtx { max_context: CTX, panel_weights: false };
     for n in [mm, a.probs, a.out, att, gl, lin, lin_t, bn] {
         let kc = compile_kernel(&*isa, &ctx, &gb.g, n).unwrap().unwrap();
         let exec = Exec::new(&kc);
@@ -1132,44 +1161,53 @@ fn compiled_model_with_fused_ops_and_weight_concats() {
     };
     let merged: Vec<String> = [wq, wk, wv, bq, wg, wu, wda, wdb].iter().map(|&n| name(n)).collect();
 
-    let dir = std::env::temp_dir().join(format!("llmc-codegen-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("fused.llmc");
-    let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
-    let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
-    let model = llmc_runtime::Model::load(&path).unwrap();
-    std::fs::remove_file(&path).ok();
-    // The merged weights are stored once, inside their concats; no kernel copies them.
-    let mut concats = 0;
-    for b in &model.header().buffers {
-        if let llmc_runtime::artifact::BufferDecl::Data { name, .. } = b {
-            assert!(!merged.contains(name), "weight `{name}` is stored although only a concat uses it");
-            concats += name.starts_with("concat{") as usize;
+    // Row-major products in generated code, then panel weights through the runtime microkernel.
+    for no_microkernels in [true, false] {
+        let dir = std::env::temp_dir().join(format!("llmc-codegen-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fused.llmc");
+        let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
+        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
+        let model: Arc<llmc_runtime::Model> = llmc_runtime::Model::load(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        // The merged weights are stored once, inside their concats; no kernel copies them.
+        let mut concats = 0;
+        for b in &model.header().buffers {
+            if let llmc_runtime::artifact::BufferDecl::Data { name, .. } = b {
+                assert!(!merged.contains(name), "weight `{name}` is stored although only a concat uses it");
+                concats += name.contains("concat{") as usize;
+            }
         }
-    }
-    assert_eq!(concats, 4, "{:?}", model.header().buffers);
-    assert!(model.header().steps.iter().all(|s| !s.label.ends_with("= concat")));
-    let all_w: u64 = gb.w.values().map(|v| v.len() as u64 * 4).sum();
-    // Every weight is in the file exactly once, plus the const inside the bias concat.
-    assert_eq!(report.weight_bytes, all_w + (2 * nkv * d * 4) as u64);
+        assert_eq!(concats, 4, "{:?}", model.header().buffers);
+        assert!(model.header().steps.iter().all(|s| !s.label.ends_with("= concat")));
+        let all_w: u64 = gb.w.values().map(|v| v.len() as u64 * 4).sum();
+        // Every weight is in the file exactly once, plus the const inside the bias concat (panel
+        // layouts pad each group to a multiple of 16 rows).
+        if no_microkernels {
+            assert_eq!(report.weight_bytes, all_w + (2 * nkv * d * 4) as u64);
+        } else {
+            assert!(report.weight_bytes >= all_w + (2 * nkv * d * 4) as u64);
+            assert!(model.header().buffers.iter().any(|b| matches!(b, llmc_runtime::BufferDecl::Microkernels { .. })));
+        }
 
-    let mut sess = llmc_runtime::Session::new(model).unwrap();
-    let mut it = Interpreter::new(&gb.w);
-    let mut rng = Rng::new(5);
-    let mut worst = 0.0f64;
-    for len in [13, 1, 1, 5, 1] {
-        let ids: Vec<i32> = (0..len).map(|_| rng.below(VOCAB) as i32).collect();
-        let want = it.run(&gb.g, &ids).unwrap().remove(0);
-        let uids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        let got = sess.forward(&uids, true).unwrap();
-        assert_eq!(got.len(), want.data.len());
-        for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
-            let err = (g - w).abs() as f64;
-            worst = worst.max(err);
-            assert!(err <= 1e-5 + 1e-4 * w.abs() as f64, "step of {len}: logit {i}: got {g}, want {w}");
+        let mut sess = llmc_runtime::Session::new(Arc::clone(&model)).unwrap();
+        let mut it = Interpreter::new(&gb.w);
+        let mut rng = Rng::new(5);
+        let mut worst = 0.0f64;
+        for len in [13, 1, 1, 5, 1] {
+            let ids: Vec<i32> = (0..len).map(|_| rng.below(VOCAB) as i32).collect();
+            let want = it.run(&gb.g, &ids).unwrap().remove(0);
+            let uids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            let got = sess.forward(&uids, true).unwrap();
+            assert_eq!(got.len(), want.data.len());
+            for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+                let err = (g - w).abs() as f64;
+                worst = worst.max(err);
+                assert!(err <= 1e-5 + 1e-4 * w.abs() as f64, "step of {len}: logit {i}: got {g}, want {w}");
+            }
         }
+        eprintln!("compiled block vs interpreter (no_microkernels={no_microkernels}): max abs logit err {worst:.3e}");
     }
-    eprintln!("compiled block vs interpreter: max abs logit err {worst:.3e}");
 }
 
 // ---- whole-graph compile: every op kind, no relocations on any ISA ----
@@ -1207,7 +1245,7 @@ fn every_kernel_compiles_without_relocations() {
     }
     gb.op(Op::GatedLinear { act: UnaryOp::GeluTanh }, &[x, wl]);
     gb.op(Op::Concat { axis: 1, n: 2 }, &[x, x]);
-    let ctx = KernelCtx { max_context: CTX };
+    let ctx = KernelCtx { max_context: CTX, panel_weights: false };
     let mut seen = std::collections::BTreeSet::new();
     let t0 = std::time::Instant::now();
     let mut count = 0;
@@ -1301,7 +1339,7 @@ fn time_kernel(gb: &Gb, n: NodeId, s: usize, flops: f64, label: &str) {
 fn time_kernel_at(gb: &Gb, n: NodeId, s: usize, p: usize, flops: f64, label: &str) {
     let (isa, _) = host_isa().unwrap();
     let g = &gb.g;
-    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX }, g, n).unwrap().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, g, n).unwrap().unwrap();
     if let Ok(dir) = std::env::var("LLMC_DUMP_DIR") {
         let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         std::fs::write(format!("{dir}/{file}.bin"), &kc.code).unwrap();
@@ -1532,4 +1570,84 @@ fn compiled_quantized_layouts_match_the_interpreter() {
     }
     // The layouts really changed the numbers (quantization error is measured, not hidden).
     assert!(quant_err > 1e-4, "quantized graph evaluates like the dense one ({quant_err:e})");
+}
+
+// ---- products through the runtime's panel microkernel ----
+
+#[test]
+fn panel_linear_epilogues_exact() {
+    use Dim::{N, S};
+    PANELS.with(|p| p.set(true));
+    for (k, nn) in [(37, 45), (1, 3), (16, 64), (64, 67), (129, 9), (8, 130)] {
+        for (bias, act, residual) in [
+            (false, None, false),
+            (true, None, false),
+            (false, None, true),
+            (true, Some(UnaryOp::Silu), false),
+            (true, Some(UnaryOp::GeluTanh), true),
+        ] {
+            for steps in [&[1][..], &[2], &[9], &[17]] {
+                linear_case(&[S], k, nn, true, bias, act, residual, steps);
+            }
+        }
+    }
+    linear_case(&[S, N(3)], 20, 30, true, true, Some(UnaryOp::Tanh), true, &[4]);
+    linear_case(&[], 20, 30, true, true, Some(UnaryOp::Sigmoid), true, &[1]);
+    linear_case(&[N(5)], 33, 70, true, true, None, true, &[1]);
+    PANELS.with(|p| p.set(false));
+}
+
+#[test]
+fn panel_gated_and_matmul() {
+    use Dim::{N, S};
+    for act in [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::Gelu] {
+        let t = unary_tol(act);
+        let t = Tol { atol: t.atol * 64.0, rtol: 2.0 * t.rtol + 2e-7, floor: t.floor };
+        for (k, nn) in [(37, 45), (16, 64), (129, 9), (4, 1), (5, 200)] {
+            let mut gb = Gb::new((k + nn) as u64);
+            let a = gb.seq_exact(k);
+            let w = gb.weight_exact(&[2 * nn, k]);
+            let n = gb.op(Op::GatedLinear { act }, &[a, w]);
+            for steps in [&[1][..], &[3], &[9], &[20]] {
+                check_panels(&gb, n, steps, t);
+            }
+        }
+    }
+    // matmul {transpose_b} with a batched left operand and a weight on the right.
+    let mut gb = Gb::new(5);
+    let a = gb.seq_exact(2 * 24);
+    let a = gb.reshape(a, vec![S, N(2), N(24)]);
+    let w = gb.weight_exact(&[70, 24]);
+    let n = gb.op(Op::Matmul { transpose_b: true }, &[a, w]);
+    check_panels(&gb, n, &[5], EXACT);
+    check_panels(&gb, n, &[1], EXACT);
+}
+
+#[test]
+fn panel_random_accuracy() {
+    for (m, k, nn) in [(1, 768, 130), (17, 768, 96), (6, 300, 257), (33, 64, 64)] {
+        let mut gb = Gb::new(19);
+        let a = gb.weight(&[m, k], -1.0, 1.0);
+        let b = gb.weight(&[nn, k], -0.1, 0.1);
+        let bias = gb.weight(&[nn], -0.5, 0.5);
+        let r = gb.weight(&[m, nn], -1.0, 1.0);
+        let n = gb.op(Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Silu), residual: true }, &[a, b, bias, r]);
+        let st = check_panels(&gb, n, &[1], tol(1e-5, 1e-4));
+        eprintln!("panel linear {m}x{k}x{nn} +bias silu +res: max abs err {:.3e}", st.max_abs);
+    }
+}
+
+#[test]
+fn panel_weights_only_for_row_wise_products() {
+    let mut gb = Gb::new(1);
+    let a = gb.weight(&[3, 8], -1.0, 1.0);
+    let w = gb.weight(&[4, 8], -1.0, 1.0);
+    let y = gb.op(Op::Matmul { transpose_b: true }, &[a, w]);
+    assert_eq!(panel::panel_groups(&gb.g, w), Some(1));
+    // Also used as a left operand (here: of another product): not a panel weight.
+    let _ = gb.op(Op::Matmul { transpose_b: true }, &[w, a]);
+    assert_eq!(panel::panel_groups(&gb.g, w), None);
+    // `a` is an operand 0 only.
+    assert_eq!(panel::panel_groups(&gb.g, a), None);
+    let _ = y;
 }

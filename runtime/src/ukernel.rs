@@ -1,0 +1,401 @@
+//! Runtime microkernels: matrix products that generated kernels call through a function table.
+//!
+//! Cranelift's x86-64 backend has 128-bit vectors only, so a GEMM written in generated code runs
+//! at a fraction of an AVX-512 core's peak. Products with a compile-time weight therefore call
+//! into the runtime: the compiler stores such a weight in the **panel layout** ([`pack_panels`])
+//! and the generated kernel calls the table entry [`GEMM_PANELS`], then runs the op's epilogue
+//! (bias, activation, gated product, residual) over the returned tile while it is in cache.
+//!
+//! The table is a buffer like any other ([`crate::BufferDecl::Microkernels`]): generated code stays
+//! relocation-free, and the implementation (AVX-512F or portable) is chosen once per process by
+//! run-time feature detection, not at compile time.
+//!
+//! ## Panel layout
+//! A row-major `[R, K]` weight (`R` output columns of `y = x . w^T`) in `groups` equal row groups
+//! (1; 2 for `gated_linear`'s gate and up halves) is stored group after group; a group of `N` rows
+//! is `ceil(N / 16)` panels of `16 x K` floats, panel `p` holding `w[16 p + j, k]` at `16 k + j`
+//! (rows past `N` are zero). A product streams a panel contiguously whatever `M` is.
+
+use std::cell::UnsafeCell;
+use std::sync::OnceLock;
+
+/// Columns per panel.
+pub const PANEL: usize = 16;
+
+/// Version of the table's layout and entry signatures; an artifact names the version it was
+/// compiled for, and loading fails on a mismatch.
+pub const ABI_VERSION: u32 = 1;
+
+/// Table slot of the panel GEMM, a [`GemmPanelsFn`].
+pub const GEMM_PANELS: usize = 0;
+/// Entries in the table.
+pub const SLOTS: usize = 1;
+
+/// `t = gemm_panels(a, lda, bp, k, m, c0, ncols, up)`: the product of rows `0..m` of `a`
+/// (`f32`, row stride `lda` elements, `k` columns) with columns `c0 .. c0 + ncols` of a panel
+/// weight whose group starts at `bp` (`c0` a multiple of [`PANEL`]). Returns a per-thread scratch
+/// tile `t[m][ldt]`, `ldt = ncols` rounded up to [`PANEL`], holding `a . w^T`; when `up` is not
+/// null (the second group's start) the same product with the `up` group follows at `t + m * ldt`.
+/// The tile stays valid until this thread's next call.
+pub type GemmPanelsFn = unsafe extern "sysv64" fn(
+    a: *const f32,
+    lda: i64,
+    bp: *const f32,
+    k: i64,
+    m: i64,
+    c0: i64,
+    ncols: i64,
+    up: *const f32,
+) -> *mut f32;
+
+/// The function table, filled for this CPU on first use.
+pub fn table() -> &'static [usize; SLOTS] {
+    static TABLE: OnceLock<[usize; SLOTS]> = OnceLock::new();
+    TABLE.get_or_init(|| [select_gemm_panels() as usize])
+}
+
+/// Which implementation [`table`] uses (for reports): `"avx512f"` or `"portable"`.
+pub fn implementation() -> &'static str {
+    if has_avx512() {
+        "avx512f"
+    } else {
+        "portable"
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn select_gemm_panels() -> GemmPanelsFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        return avx512::gemm_panels;
+    }
+    portable::gemm_panels
+}
+
+/// Floats a panel-packed group of `n` rows of length `k` takes.
+pub fn panel_group_len(n: usize, k: usize) -> usize {
+    n.div_ceil(PANEL) * PANEL * k
+}
+
+/// The panel layout of a row-major `[rows, k]` weight in `groups` row groups (see the module
+/// docs). `rows` must be a multiple of `groups`.
+pub fn pack_panels(w: &[f32], rows: usize, k: usize, groups: usize) -> Vec<f32> {
+    let n = rows / groups.max(1);
+    let glen = panel_group_len(n, k);
+    let mut out = vec![0.0f32; glen * groups];
+    for g in 0..groups {
+        let dst = &mut out[g * glen..(g + 1) * glen];
+        for r in 0..n {
+            let src = &w[(g * n + r) * k..(g * n + r + 1) * k];
+            let (p, j) = (r / PANEL, r % PANEL);
+            let panel = &mut dst[p * PANEL * k..(p + 1) * PANEL * k];
+            for (kk, &v) in src.iter().enumerate() {
+                panel[kk * PANEL + j] = v;
+            }
+        }
+    }
+    out
+}
+
+struct Scratch(UnsafeCell<Vec<f32>>);
+
+thread_local! {
+    static SCRATCH: Scratch = const { Scratch(UnsafeCell::new(Vec::new())) };
+}
+
+/// This thread's scratch with room for `len` floats (64-byte aligned start).
+fn scratch(len: usize) -> *mut f32 {
+    SCRATCH.with(|s| {
+        // SAFETY: the vector is only touched here, on its own thread, and callers use the
+        // returned pointer only until their next call.
+        let v = unsafe { &mut *s.0.get() };
+        if v.len() < len + 16 {
+            v.resize(len + 16, 0.0);
+        }
+        let p = v.as_mut_ptr();
+        let skew = (p as usize / 4).wrapping_neg() % 16;
+        // SAFETY: at most 15 floats in, and `len` more fit.
+        unsafe { p.add(skew) }
+    })
+}
+
+/// Rows per register tile for `m > 1`.
+const MR: usize = 12;
+
+/// The chunk driver shared by both implementations: `tile(mr, np, a, b, t)` computes an
+/// `mr x (16 np)` tile over the whole `k`.
+///
+/// # Safety
+/// The [`GemmPanelsFn`] contract.
+#[inline(always)]
+unsafe fn drive(
+    a: *const f32,
+    lda: usize,
+    bp: *const f32,
+    k: usize,
+    m: usize,
+    c0: usize,
+    ncols: usize,
+    up: *const f32,
+    tile: &dyn Fn(usize, usize, *const f32, *const f32, *mut f32, usize),
+) -> *mut f32 {
+    let np = ncols.div_ceil(PANEL);
+    let ldt = np * PANEL;
+    let groups = if up.is_null() { 1 } else { 2 };
+    let t = scratch(m * ldt * groups);
+    let pstride = PANEL * k;
+    for g in 0..groups {
+        let base = if g == 0 { bp } else { up }.add((c0 / PANEL) * pstride);
+        let tg = t.add(g * m * ldt);
+        if m == 1 {
+            // GEMV: four panels at a time, each streamed once.
+            let mut p = 0;
+            while p < np {
+                let w = (np - p).min(4);
+                tile(1, w, a, base.add(p * pstride), tg.add(p * PANEL), ldt);
+                p += w;
+            }
+            continue;
+        }
+        // Panel pairs outermost: a pair (2 x 16 x K floats) stays in L2 across the row blocks.
+        let mut p = 0;
+        while p < np {
+            let w = (np - p).min(2);
+            let mut r = 0;
+            while r < m {
+                let h = (m - r).min(MR);
+                tile(h, w, a.add(r * lda), base.add(p * pstride), tg.add(r * ldt + p * PANEL), ldt);
+                r += h;
+            }
+            p += w;
+        }
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// `t[r][16 p + j] = sum_k a[r][k] * b_p[k][j]` for `r < MR`, `p < NP`; panels `k * 16`
+    /// floats apart (`pstride` = 16 K).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const MR: usize, const NP: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        k: usize,
+        t: *mut f32,
+        ldt: usize,
+    ) {
+        let pstride = PANEL * k;
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        for kk in 0..k {
+            let mut bv = [_mm512_setzero_ps(); NP];
+            for (p, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(b.add(p * pstride + kk * PANEL));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                for (x, &bw) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_fmadd_ps(av, bw, *x);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (p, &x) in row.iter().enumerate() {
+                _mm512_storeu_ps(t.add(r * ldt + p * PANEL), x);
+            }
+        }
+    }
+
+    macro_rules! dispatch {
+        ($mr:expr, $np:expr, $args:tt; $($m:literal)*) => {
+            match ($mr, $np) {
+                $( ($m, 1) => tile::<$m, 1> $args, ($m, 2) => tile::<$m, 2> $args, )*
+                (1, 3) => tile::<1, 3> $args,
+                (_, _) => tile::<1, 4> $args,
+            }
+        };
+    }
+
+    /// See [`super::GemmPanelsFn`].
+    ///
+    /// # Safety
+    /// The [`super::GemmPanelsFn`] contract; the CPU has AVX-512F.
+    pub(super) unsafe extern "sysv64" fn gemm_panels(
+        a: *const f32,
+        lda: i64,
+        bp: *const f32,
+        k: i64,
+        m: i64,
+        c0: i64,
+        ncols: i64,
+        up: *const f32,
+    ) -> *mut f32 {
+        let (lda, k) = (lda as usize, k as usize);
+        let tile = |mr: usize, np: usize, a: *const f32, b: *const f32, t: *mut f32, ldt: usize| {
+            debug_assert!(mr == 1 || np <= 2);
+            // SAFETY: the caller's contract covers every tile the driver asks for; AVX-512F is
+            // present (this implementation is only selected then).
+            unsafe { dispatch!(mr, np, (a, lda, b, k, t, ldt); 1 2 3 4 5 6 7 8 9 10 11 12) }
+        };
+        super::drive(a, lda, bp, k, m as usize, c0 as usize, ncols as usize, up, &tile)
+    }
+}
+
+mod portable {
+    use super::PANEL;
+
+    /// The portable tile: `mr x (16 np)` over the whole `k`, `np <= 4`, `mr <= MR`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(mr: usize, np: usize, a: *const f32, lda: usize, b: *const f32, k: usize, t: *mut f32, ldt: usize) {
+        let pstride = PANEL * k;
+        let mut acc = [[0.0f32; 4 * PANEL]; super::MR];
+        for kk in 0..k {
+            for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                // SAFETY (both reads): within the rows and panels the caller passed.
+                let x = unsafe { *a.add(r * lda + kk) };
+                for p in 0..np {
+                    let bs = unsafe { std::slice::from_raw_parts(b.add(p * pstride + kk * PANEL), PANEL) };
+                    for (y, &w) in row[p * PANEL..(p + 1) * PANEL].iter_mut().zip(bs) {
+                        *y = x.mul_add(w, *y);
+                    }
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            // SAFETY: the tile's row lies within the scratch tile.
+            let out = unsafe { std::slice::from_raw_parts_mut(t.add(r * ldt), np * PANEL) };
+            out.copy_from_slice(&row[..np * PANEL]);
+        }
+    }
+
+    /// See [`super::GemmPanelsFn`].
+    ///
+    /// # Safety
+    /// The [`super::GemmPanelsFn`] contract.
+    pub(super) unsafe extern "sysv64" fn gemm_panels(
+        a: *const f32,
+        lda: i64,
+        bp: *const f32,
+        k: i64,
+        m: i64,
+        c0: i64,
+        ncols: i64,
+        up: *const f32,
+    ) -> *mut f32 {
+        let (lda, k) = (lda as usize, k as usize);
+        let f = |mr: usize, np: usize, a: *const f32, b: *const f32, t: *mut f32, ldt: usize| tile(mr, np, a, lda, b, k, t, ldt);
+        super::drive(a, lda, bp, k, m as usize, c0 as usize, ncols as usize, up, &f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Every implementation against a naive product, on shapes that are not multiples of any
+    /// tile (M, N, K), M = 1 and K = 1, gated and not, with column chunks starting mid-matrix.
+    #[test]
+    fn panel_gemm_matches_naive_product() {
+        let mut impls: Vec<(&str, GemmPanelsFn)> = vec![("portable", portable::gemm_panels)];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            impls.push(("avx512f", avx512::gemm_panels));
+        }
+        let mut seed = 7u64;
+        for &(m, n, k) in &[(1, 1, 1), (1, 70, 33), (3, 16, 1), (9, 37, 5), (17, 100, 64), (8, 64, 130), (2, 200, 7), (13, 48, 19)] {
+            for groups in [1usize, 2] {
+                let rows = n * groups;
+                let lda = k + 3;
+                let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
+                let w: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
+                let packed = pack_panels(&w, rows, k, groups);
+                assert_eq!(packed.len(), groups * panel_group_len(n, k));
+                let naive = |r: usize, c: usize| -> f32 { (0..k).map(|kk| a[r * lda + kk] * w[c * k + kk]).sum() };
+                for (name, f) in &impls {
+                    // Chunks of 32 columns (the last one partial), as a generated kernel asks.
+                    for c0 in (0..n).step_by(32) {
+                        let ncols = (n - c0).min(32);
+                        let up = if groups == 2 { unsafe { packed.as_ptr().add(panel_group_len(n, k)) } } else { std::ptr::null() };
+                        let t = unsafe { f(a.as_ptr(), lda as i64, packed.as_ptr(), k as i64, m as i64, c0 as i64, ncols as i64, up) };
+                        let ldt = ncols.div_ceil(PANEL) * PANEL;
+                        for g in 0..groups {
+                            for r in 0..m {
+                                for c in 0..ncols {
+                                    let got = unsafe { *t.add(g * m * ldt + r * ldt + c) };
+                                    let want = naive(r, g * n + c0 + c);
+                                    assert!(
+                                        (got - want).abs() <= 1e-5 * (k as f32).sqrt() + 1e-6,
+                                        "{name}: m={m} n={n} k={k} groups={groups} at ({r}, {c0}+{c}) group {g}: {got} vs {want}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn table_is_filled() {
+        assert!(table().iter().all(|&f| f != 0));
+        assert!(["avx512f", "portable"].contains(&implementation()));
+    }
+
+    /// Throughput report, not a check: `cargo test --release -p llmc-runtime ukernel -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn panel_gemm_throughput() {
+        let f = table()[GEMM_PANELS];
+        // SAFETY: the table holds GemmPanelsFn addresses.
+        let f: GemmPanelsFn = unsafe { std::mem::transmute::<usize, GemmPanelsFn>(f) };
+        for &(m, n, k) in &[(128, 768, 768), (128, 2048, 768), (128, 768, 2048), (1, 2048, 768), (1, 32000, 768)] {
+            let mut seed = 1u64;
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let p = pack_panels(&w, n, k, 1);
+            let reps = if m == 1 { 50 } else { 20 };
+            // CPU time of this thread (the machine may be shared): schedstat's first field, ns.
+            let cpu = || -> f64 {
+                let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+                s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) * 1e-9
+            };
+            let c = cpu();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for c0 in (0..n).step_by(64) {
+                    unsafe { f(a.as_ptr(), k as i64, p.as_ptr(), k as i64, m as i64, c0 as i64, (n - c0).min(64) as i64, std::ptr::null()) };
+                }
+            }
+            let wall = t.elapsed().as_secs_f64() / reps as f64;
+            let dt = (cpu() - c) / reps as f64;
+            eprintln!(
+                "{} {m}x{n}x{k}: {:.1} GFLOP/s, {:.1} GB/s of weights per CPU second (wall {:.0}% on CPU)",
+                implementation(),
+                2.0 * (m * n * k) as f64 / dt / 1e9,
+                (n * k * 4) as f64 / dt / 1e9,
+                100.0 * dt / wall
+            );
+        }
+    }
+}
