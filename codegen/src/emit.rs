@@ -206,25 +206,51 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
 
     // Stream: code, then each data buffer (one weight in memory at a time), then the header.
     let t1 = Instant::now();
-    let mut w = ArtifactWriter::create(out, reserve, &code)?;
+    let w = ArtifactWriter::create(out, reserve, &code)?;
+    // Two threads: this one loads, converts and packs each buffer while a writer thread appends
+    // the previous ones (copy into the page cache, checksum). Offsets are computed here with the
+    // writer's rule, so nothing waits for them; the writer checks it agrees.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Payload, u64)>(2);
     let mut weight_bytes = 0;
-    for (i, p) in places.iter().enumerate() {
-        let off = match p {
-            Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. } => {
-                weight_bytes += data_bytes(p);
-                push_place(&mut w, p, weights)?
+    let (produced, written) = std::thread::scope(|sc| {
+        let writer = sc.spawn(move || -> Result<ArtifactWriter> {
+            let mut w = w;
+            for (bytes, expect) in rx {
+                let off = w.push_data(bytes.as_bytes())?;
+                if off != expect {
+                    return Err(CodegenError::Target(format!("bug: data written at {off}, planned at {expect}")));
+                }
             }
-            Place::Const { values } => w.push_data(f32_bytes(values))?,
-            _ => continue,
-        };
-        if let BufferDecl::Data { offset, .. } = &mut buffers[i] {
-            *offset = off;
-        }
-    }
+            Ok(w)
+        });
+        let mut sink = Sink { pos: 0, tx };
+        let produced = (|| -> Result<()> {
+            for (i, p) in places.iter().enumerate() {
+                let off = match p {
+                    Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. } => {
+                        weight_bytes += data_bytes(p);
+                        push_place(&mut sink, p, weights)?
+                    }
+                    Place::Const { values } => sink.push(Payload::F32(values.clone()))?,
+                    _ => continue,
+                };
+                if let BufferDecl::Data { offset, .. } = &mut buffers[i] {
+                    *offset = off;
+                }
+            }
+            for ((_, bytes), entry) in opts.blobs.iter().zip(&mut header.blobs) {
+                entry.offset = sink.push(Payload::Bytes(bytes.clone()))?;
+            }
+            Ok(())
+        })();
+        drop(sink);
+        let written = writer.join().unwrap_or_else(|_| Err(CodegenError::Target("bug: the artifact writer thread panicked".into())));
+        (produced, written)
+    });
+    // The writer's error (an I/O error) is the cause when both failed.
+    let w = written?;
+    produced?;
     header.buffers = buffers;
-    for ((_, bytes), entry) in opts.blobs.iter().zip(&mut header.blobs) {
-        entry.offset = w.push_data(bytes)?;
-    }
     let file_bytes = w.finish(header.clone())?;
     Ok(CompileReport {
         nodes: g.node_count(),
@@ -342,16 +368,48 @@ fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<u8>> {
     })
 }
 
+/// Bytes on their way to the artifact's data section.
+enum Payload {
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::F32(v) => f32_bytes(v),
+            Payload::Bytes(b) => b,
+        }
+    }
+}
+
+/// The producing end of the writer thread: hands buffers over in order and tracks where each
+/// lands (the rule of `ArtifactWriter::push_data`: the next multiple of `DATA_ALIGN`).
+struct Sink {
+    pos: u64,
+    tx: std::sync::mpsc::SyncSender<(Payload, u64)>,
+}
+
+impl Sink {
+    fn push(&mut self, p: Payload) -> Result<u64> {
+        let off = runtime::artifact::round_up(self.pos, runtime::artifact::DATA_ALIGN);
+        self.pos = off + p.as_bytes().len() as u64;
+        // A closed channel means the writer stopped on an error, which the caller reports.
+        self.tx.send((p, off)).map_err(|_| CodegenError::Target("the artifact writer stopped".into()))?;
+        Ok(off)
+    }
+}
+
 /// Writes a weight or compile-time concat to the data section and returns its offset. A concat
 /// along its outermost non-unit extent whose parts (all but the last) are multiples of the data
 /// alignment is streamed part by part, one part in memory at a time; others are built in memory.
-fn push_place(w: &mut ArtifactWriter, p: &Place, weights: &dyn WeightSource) -> Result<u64> {
+fn push_place(w: &mut Sink, p: &Place, weights: &dyn WeightSource) -> Result<u64> {
     if matches!(p, Place::Weight { packed: true, .. } | Place::WeightConcat { packed: true, .. }) {
         let bytes = place_packed(p, weights)?;
         if bytes.len() as u64 != data_bytes(p) {
             return Err(CodegenError::Target(format!("bug: {} packed to {} bytes, planned {}", data_name(p), bytes.len(), data_bytes(p))));
         }
-        return Ok(w.push_data(&bytes)?);
+        return w.push(Payload::Bytes(bytes));
     }
     if let Place::WeightConcat { parts, axis, .. } = p {
         let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
@@ -361,16 +419,16 @@ fn push_place(w: &mut ArtifactWriter, p: &Place, weights: &dyn WeightSource) -> 
             let mut end = 0;
             for (q, _) in parts {
                 let v = place_values(q, weights)?;
-                let off = w.push_data(f32_bytes(&v))?;
+                let len = v.len() as u64 * 4;
+                let off = w.push(Payload::F32(v))?;
                 if start.is_some() && off != end {
                     return Err(CodegenError::Target(format!("bug: concat part written at {off}, expected {end}")));
                 }
                 start.get_or_insert(off);
-                end = off + v.len() as u64 * 4;
+                end = off + len;
             }
             return Ok(start.unwrap_or(0));
         }
     }
-    let v = place_values(p, weights)?;
-    Ok(w.push_data(f32_bytes(&v))?)
+    w.push(Payload::F32(place_values(p, weights)?))
 }
