@@ -477,11 +477,15 @@ mod tests {
             impls.push(("avx512f", avx512::gemm_panels));
         }
         for (name, f) in impls {
-        for &(m, n, k) in &[(24, 64, 64), (128, 768, 768), (128, 2048, 768), (128, 768, 2048), (1, 2048, 768), (1, 32000, 768)] {
+        for &(m, n, k) in &[(24, 64, 64), (128, 768, 768), (128, 2048, 768), (128, 768, 2048), (1, 2048, 768), (1, 4096, 768), (1, 32000, 768), (1, 2048, 1536)] {
             let mut seed = 1u64;
             let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-            let p = pack_panels(&w, n, k, 1);
+            let gated = k == 1536;
+            let k = if gated { 768 } else { k };
+            let a: Vec<f32> = a[..m * k].to_vec();
+            let p = pack_panels(&w, n * (1 + gated as usize), k, 1 + gated as usize);
+            let up = if gated { unsafe { p.as_ptr().add(panel_group_len(n, k)) } } else { std::ptr::null() };
             let reps = if name == "portable" && k == 64 { 2000 } else if name == "portable" { 3 } else if m == 1 { 50 } else if k == 64 { 20000 } else { 20 };
             // CPU time of this thread (the machine may be shared): schedstat's first field, ns.
             let cpu = || -> f64 {
@@ -492,13 +496,15 @@ mod tests {
             let t = std::time::Instant::now();
             for _ in 0..reps {
                 for c0 in (0..n).step_by(64) {
-                    unsafe { f(a.as_ptr(), k as i64, p.as_ptr(), k as i64, m as i64, c0 as i64, (n - c0).min(64) as i64, std::ptr::null()) };
+                    unsafe { f(a.as_ptr(), k as i64, p.as_ptr(), k as i64, m as i64, c0 as i64, (n - c0).min(64) as i64, up) };
                 }
             }
             let wall = t.elapsed().as_secs_f64() / reps as f64;
             let dt = (cpu() - c) / reps as f64;
+            let (n, k) = if gated { (2 * n, k) } else { (n, k) };
             eprintln!(
-                "{name} {m}x{n}x{k}: {:.1} GFLOP/s, {:.1} GB/s of weights per CPU second (wall {:.0}% on CPU)",
+                "{name} {m}x{n}x{k}{}: {:.1} GFLOP/s, {:.1} GB/s of weights per CPU second (wall {:.0}% on CPU)",
+                if gated { " gated" } else { "" },
                 2.0 * (m * n * k) as f64 / dt / 1e9,
                 (n * k * 4) as f64 / dt / 1e9,
                 100.0 * dt / wall
