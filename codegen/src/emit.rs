@@ -322,6 +322,9 @@ fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
     Ok(match p {
         Place::Weight { name, ty, layout, .. } => {
             let v = weights.load(name, ty)?;
+            if *layout == ir::Layout::Dense {
+                return Ok(v); // `fake_quant` would copy it unchanged
+            }
             let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
             ir::quant::fake_quant(*layout, &v, k)
         }
@@ -339,10 +342,30 @@ fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
             }
             out
         }
-        Place::Panels { inner, rows, k, groups, .. } => {
-            let v = place_values(inner, weights)?;
-            runtime::ukernel::pack_panels(&v, *rows, *k, *groups)
-        }
+        Place::Panels { inner, rows, k, groups, .. } => match &**inner {
+            // A row-wise concat (merged gate/up or Q/K/V): pack straight from its parts.
+            Place::WeightConcat { parts, axis: 0, .. } => {
+                let datas = parts.iter().map(|(q, _)| place_values(q, weights)).collect::<Result<Vec<_>>>()?;
+                let mut starts = Vec::with_capacity(datas.len());
+                let mut r0 = 0;
+                for d in &datas {
+                    starts.push(r0);
+                    r0 += d.len() / (*k).max(1);
+                }
+                if r0 != *rows {
+                    return Err(CodegenError::Target(format!("bug: {} has {r0} rows, planned {rows}", data_name(p))));
+                }
+                runtime::ukernel::pack_panels_with(*rows, *k, *groups, |r| {
+                    let i = starts.partition_point(|&s| s <= r) - 1;
+                    let o = (r - starts[i]) * k;
+                    &datas[i][o..o + k]
+                })
+            }
+            _ => {
+                let v = place_values(inner, weights)?;
+                runtime::ukernel::pack_panels(&v, *rows, *k, *groups)
+            }
+        },
         Place::Arena { .. } | Place::State { .. } | Place::Microkernels => {
             return Err(CodegenError::Target(format!("bug: {p:?} has no compile-time value")))
         }

@@ -197,6 +197,11 @@ impl Checkpoint {
             // SAFETY: the mapping is read-only; a checkpoint file modified while open is outside
             // what llmc supports (as for every reader of memory-mapped weights).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+            // Tensors are read front to back, each once: ask for large read-ahead, and start
+            // reading the file now, so that disk reads overlap the compiler's work on earlier
+            // tensors instead of stalling on each page fault. Advice only: failure changes nothing.
+            let _ = map.advise(memmap2::Advice::Sequential);
+            let _ = map.advise(memmap2::Advice::WillNeed);
             ckpt.add_shard(path, ShardData::Map(map))?;
         }
         Ok(ckpt)

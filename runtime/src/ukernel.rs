@@ -108,16 +108,22 @@ pub fn panel_group_len(n: usize, k: usize) -> usize {
 /// The panel layout of a row-major `[rows, k]` weight in `groups` row groups (see the module
 /// docs). `rows` must be a multiple of `groups`.
 pub fn pack_panels(w: &[f32], rows: usize, k: usize, groups: usize) -> Vec<f32> {
+    pack_panels_with(rows, k, groups, |r| &w[r * k..(r + 1) * k])
+}
+
+/// [`pack_panels`] of the `[rows, k]` matrix whose row `r` is `row(r)` (`k` values): packs a
+/// concatenation of weights without building it first.
+pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
     let n = rows / groups.max(1);
     let glen = panel_group_len(n, k);
     let mut out = vec![0.0f32; glen * groups];
     for g in 0..groups {
         let dst = &mut out[g * glen..(g + 1) * glen];
         for r in 0..n {
-            let src = &w[(g * n + r) * k..(g * n + r + 1) * k];
+            let src = row(g * n + r);
             let (p, j) = (r / PANEL, r % PANEL);
             let panel = &mut dst[p * PANEL * k..(p + 1) * PANEL * k];
-            for (kk, &v) in src.iter().enumerate() {
+            for (kk, &v) in src.iter().enumerate().take(k) {
                 panel[kk * PANEL + j] = v;
             }
         }
@@ -157,6 +163,7 @@ const MR: usize = 12;
 /// # Safety
 /// The [`GemmPanelsFn`] contract.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn drive(
     a: *const f32,
     lda: usize,
