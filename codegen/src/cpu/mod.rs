@@ -22,7 +22,8 @@
 //! [`reduce`] (reductions, softmax), [`matmul`] (matmul and the GEMM driver with epilogues),
 //! [`movement`] (transpose, slice, gather, kv_concat, positions), [`rope`] (rope, causal mask),
 //! [`concat`]; fused ops: [`attention`] (flash-style, online softmax), [`norm`] (rms_norm,
-//! layer_norm), [`linear`] (linear, gated_linear); [`moe`] (mixture of experts, chosen experts only).
+//! layer_norm), [`linear`] (linear, gated_linear); [`moe`] (mixture of experts, chosen experts only);
+//! [`panel`] (products with a compile-time weight through the runtime's GEMM microkernel).
 
 mod attention;
 mod builder;
