@@ -166,7 +166,7 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
             _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default()),
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
-            Op::Attention { scale, window } => attention::attention(&mut kb, g, n, *scale, *window)?,
+            Op::Attention { scale, window, causal } => attention::attention(&mut kb, g, n, *scale, *window, *causal)?,
             Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),
             Op::LayerNorm { eps } => norm::layer_norm(&mut kb, g, n, *eps),
             Op::Linear { transpose_b, bias, act, residual } => {
