@@ -3,6 +3,9 @@
 //! divergence), `gpu.shuffle xor` exchanges between lanes, `gpu.barrier` (only at the top level,
 //! as the kernels use it) is honoured by running every warp of a block up to it before any goes
 //! on, and loads and stores go to byte buffers. It knows exactly the subset `text.rs` emits.
+//! `exp` is exact here where the GPU's `ex2.approx` is within 2 ulp.
+//! [`run_artifact`] executes a whole CUDA artifact's step list this way (tests/cuda.rs compares
+//! the logits with transformers' on the golden fixtures).
 
 use std::collections::HashMap;
 
@@ -514,4 +517,60 @@ pub fn launch(k: &Kernel, grid: u64, block: u32, bufs: &mut Vec<Vec<u8>>, s: i64
         }
         bufs.truncate(base);
     }
+}
+
+/// Runs a CUDA artifact's step list in the emulator, one chunk of ids after another (each at most
+/// `max_chunk`), and returns every chunk's logits (`[len, vocab]`). `mlir[k]` is kernel `k`'s
+/// MLIR text (the `.mlir` files `--emit ptx DIR` writes).
+pub fn run_artifact(a: &runtime::Artifact, mlir: &[String], chunks: &[&[u32]]) -> Vec<Vec<f32>> {
+    use runtime::BufferDecl;
+    let h = &a.header;
+    let progs: Vec<Kernel> = mlir.iter().map(|t| parse(t)).collect();
+    assert_eq!(progs.len(), h.kernels.len());
+    let mut arena = vec![0u8; h.arena_bytes as usize];
+    let mut states: Vec<Vec<u8>> = h.states.iter().map(|s| vec![0u8; s.bytes as usize]).collect();
+    let data = a.data();
+    let region = |b: u32| -> (u8, usize, usize) {
+        match &h.buffers[b as usize] {
+            BufferDecl::Data { offset, bytes, .. } => (0, *offset as usize, *bytes as usize),
+            BufferDecl::Arena { offset, bytes } => (1, *offset as usize, *bytes as usize),
+            BufferDecl::State { index } => (2, *index as usize, h.states[*index as usize].bytes as usize),
+        }
+    };
+    let (_, in_off, _) = region(h.input);
+    let (_, out_off, _) = region(h.output);
+    let vocab = h.vocab_size as usize;
+    let mut past = 0usize;
+    let mut out = Vec::new();
+    for ids in chunks {
+        let s = ids.len();
+        for (i, id) in ids.iter().enumerate() {
+            arena[in_off + 4 * i..in_off + 4 * i + 4].copy_from_slice(&(*id as i32).to_le_bytes());
+        }
+        for st in &h.steps {
+            let k = st.kernel as usize;
+            let regions: Vec<(u8, usize, usize)> = st.args.iter().map(|&b| region(b)).collect();
+            let mut bufs: Vec<Vec<u8>> = regions
+                .iter()
+                .map(|&(kind, off, len)| match kind {
+                    0 => data[off..off + len].to_vec(),
+                    1 => arena[off..off + len].to_vec(),
+                    _ => states[off].clone(),
+                })
+                .collect();
+            let l = h.kernels[k].launch.expect("a launch shape");
+            launch(&progs[k], l.grid(s as u64, past as u64), l.block, &mut bufs, s as i64, past as i64);
+            for (&(kind, off, len), b) in regions.iter().zip(bufs) {
+                match kind {
+                    1 => arena[off..off + len].copy_from_slice(&b),
+                    2 => states[off] = b,
+                    _ => {}
+                }
+            }
+        }
+        let logits = arena[out_off..out_off + 4 * s * vocab].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.push(logits);
+        past += s;
+    }
+    out
 }

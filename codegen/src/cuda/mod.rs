@@ -4,8 +4,8 @@
 //! an `nvptx-cuda` artifact ([`emit`]). The runtime (feature `cuda`) runs it through the CUDA
 //! driver.
 
-#[cfg(test)]
-mod emulate;
+#[doc(hidden)]
+pub mod emulate;
 pub mod emit;
 pub mod kernels;
 pub mod lower;
