@@ -165,25 +165,34 @@ fn vec8(e: Elem, kdim: usize) -> bool {
     matches!(e, Elem::F32 | Elem::F16 | Elem::BF16) && kdim % 8 == 0 && kdim > 0
 }
 
-/// `sum_j a[abase + j] * b[r][j]` for each rhs row base in `bbases`, `j < kdim`: lane `l` reads
-/// elements `8l .. 8l+8` of each 256-element stretch (coalesced vector loads: the decode GEMV's
-/// weight stream), f32 accumulation, summed over the warp; every lane gets the sums.
+/// `sum_j a[ra][j] * b[rb][j]` for every `a` row base in `abases` and `b` row base in `bbases`
+/// (results `a`-major), `j < kdim`: lane `l` reads elements `8l .. 8l+8` of each 256-element
+/// stretch (coalesced 16-byte loads: the decode GEMV's weight stream; every `b` vector is used
+/// for all `a` rows), f32 accumulation, summed over the warp; every lane gets the sums.
 #[allow(clippy::too_many_arguments)]
-fn warp_dot8(k: &mut Kt, lane: &str, kdim: usize, a: &str, ae: Elem, abase: &str, b: &str, be: Elem, bbases: &[String]) -> Vec<String> {
+fn warp_dot8(k: &mut Kt, lane: &str, kdim: usize, a: &str, ae: Elem, abases: &[String], b: &str, be: Elem, bbases: &[String]) -> Vec<String> {
     let j0 = k.mulc(lane, 8);
     let kv = k.ci(kdim as i64);
     let st = k.ci(256);
     let z = k.op("arith.constant dense<0.000000e+00> : vector<8xf32>");
-    let inits: Vec<(String, &str)> = bbases.iter().map(|_| (z.clone(), "vector<8xf32>")).collect();
+    let n = abases.len() * bbases.len();
+    let inits: Vec<(String, &str)> = (0..n).map(|_| (z.clone(), "vector<8xf32>")).collect();
     let accs = k.for_(&j0, &kv, &st, &inits, |k, j, acc| {
-        let ai = k.add(abase, j);
-        let av = k.load8(a, &ai, ae);
+        let bvs: Vec<String> = bbases
+            .iter()
+            .map(|bb| {
+                let bi = k.add(bb, j);
+                k.load8(b, &bi, be)
+            })
+            .collect();
         let mut next = Vec::new();
-        for (r, bb) in bbases.iter().enumerate() {
-            let bi = k.add(bb, j);
-            let bv = k.load8(b, &bi, be);
-            let p = k.op(&format!("arith.mulf {av}, {bv} : vector<8xf32>"));
-            next.push(k.op(&format!("arith.addf {}, {p} : vector<8xf32>", acc[r])));
+        for (ra, ab) in abases.iter().enumerate() {
+            let ai = k.add(ab, j);
+            let av = k.load8(a, &ai, ae);
+            for (rb, bv) in bvs.iter().enumerate() {
+                let p = k.op(&format!("arith.mulf {av}, {bv} : vector<8xf32>"));
+                next.push(k.op(&format!("arith.addf {}, {p} : vector<8xf32>", acc[ra * bbases.len() + rb])));
+            }
         }
         next
     });
@@ -194,6 +203,11 @@ fn warp_dot8(k: &mut Kt, lane: &str, kdim: usize, a: &str, ae: Elem, abase: &str
         })
         .collect()
 }
+
+/// Rows of `a` one warp of a vectorized `linear` computes (its weight loads serve all of them):
+/// the warp of row `r` with `r % LINEAR_ROWS == 0` does rows `r .. r + LINEAR_ROWS`, the
+/// others exit at once.
+const LINEAR_ROWS: i64 = 4;
 
 /// Element `(n, kk)` of a product's right-hand side, as f32: `[N, K]` rows when `transposed`
 /// (dense or packed), else `[K, N]`.
@@ -643,7 +657,7 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let s = if tb && vec8(elems[1], kconst) && vec8(elems[0], kconst) {
                     let brow = k.mul(ni, &kv);
                     let bbase = k.add(&bo, &brow);
-                    warp_dot8(k, lane, kconst, "%b0", elems[0], &abase, "%b1", elems[1], &[bbase]).remove(0)
+                    warp_dot8(k, lane, kconst, "%b0", elems[0], &[abase.clone()], "%b1", elems[1], &[bbase]).remove(0)
                 } else { warp_sum_over(k, lane, &kv, |k, j, acc| {
                     let ai = k.add(&abase, j);
                     let x = k.loadf("%b0", &ai, elems[0]);
@@ -685,25 +699,8 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let kv = k.ci(kc as i64);
                 let row = k.div(item, &nv);
                 let col = k.rem(item, &nv);
-                let abase = k.mul(&row, &kv);
-                let s = if tb && vec8(elems[1], kc) && vec8(elems[0], kc) {
-                    let bbase = k.mul(&col, &kv);
-                    warp_dot8(k, lane, kc, "%b0", elems[0], &abase, "%b1", elems[1], &[bbase]).remove(0)
-                } else {
-                    warp_sum_over(k, lane, &kv, |k, j, acc| {
-                        let ai = k.add(&abase, j);
-                        let x = k.loadf("%b0", &ai, elems[0]);
-                        let w = rhs(k, "%b1", elems[1], &col, j, kc, nc, tb).unwrap_or_else(|e| {
-                            failure = Some(e);
-                            x.clone()
-                        });
-                        k.fma(&x, &w, acc)
-                    })
-                };
-                let zero = k.ci(0);
-                let first = k.cmp("eq", lane, &zero);
-                k.if_(&first, |k| {
-                    let mut y = s.clone();
+                let epilogue = |k: &mut Kt, s: &str, item: &str| {
+                    let mut y = s.to_string();
                     if bias {
                         let bv = k.loadf("%b2", &col, elems[2]);
                         y = k.fadd(&y, &bv);
@@ -716,7 +713,51 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                         y = k.fadd(&y, &r);
                     }
                     k.storef(&ob, item, &y);
-                });
+                };
+                let zero = k.ci(0);
+                if tb && vec8(elems[1], kc) && vec8(elems[0], kc) {
+                    let rbv = k.ci(LINEAR_ROWS);
+                    let phase = k.rem(&row, &rbv);
+                    let lead = k.cmp("eq", &phase, &zero);
+                    k.if_(&lead, |k| {
+                        let rows_total = numel(k, &out[..out.len() - 1]);
+                        let last = k.addc(&rows_total, -1);
+                        let mut abases = Vec::new();
+                        let mut rows = Vec::new();
+                        for i in 0..LINEAR_ROWS {
+                            let r = k.addc(&row, i);
+                            let rc = k.min(&r, &last);
+                            abases.push(k.mul(&rc, &kv));
+                            rows.push(r);
+                        }
+                        let bbase = k.mul(&col, &kv);
+                        let sums = warp_dot8(k, lane, kc, "%b0", elems[0], &abases, "%b1", elems[1], &[bbase]);
+                        let first = k.cmp("eq", lane, &zero);
+                        k.if_(&first, |k| {
+                            for (r, s) in rows.iter().zip(&sums) {
+                                let valid = k.cmp("slt", r, &rows_total);
+                                k.if_(&valid, |k| {
+                                    let it = k.mul(r, &nv);
+                                    let it = k.add(&it, &col);
+                                    epilogue(k, s, &it);
+                                });
+                            }
+                        });
+                    });
+                } else {
+                    let abase = k.mul(&row, &kv);
+                    let s = warp_sum_over(k, lane, &kv, |k, j, acc| {
+                        let ai = k.add(&abase, j);
+                        let x = k.loadf("%b0", &ai, elems[0]);
+                        let w = rhs(k, "%b1", elems[1], &col, j, kc, nc, tb).unwrap_or_else(|e| {
+                            failure = Some(e);
+                            x.clone()
+                        });
+                        k.fma(&x, &w, acc)
+                    });
+                    let first = k.cmp("eq", lane, &zero);
+                    k.if_(&first, |k| epilogue(k, &s, item));
+                }
             })
         }
         Op::GatedLinear { act } => {
@@ -735,7 +776,7 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let (gsum, usum) = if vec8(elems[1], kc) && vec8(elems[0], kc) {
                     let gb = k.mul(&col, &kv);
                     let ub = k.mul(&col2, &kv);
-                    let r = warp_dot8(k, lane, kc, "%b0", elems[0], &abase, "%b1", elems[1], &[gb, ub]);
+                    let r = warp_dot8(k, lane, kc, "%b0", elems[0], &[abase.clone()], "%b1", elems[1], &[gb, ub]);
                     (r[0].clone(), r[1].clone())
                 } else {
                     let st = k.ci(32);
