@@ -772,13 +772,45 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let row = k.div(item, &nv);
                 let col = k.rem(item, &nv);
                 let col2 = k.add(&col, &nv);
-                let abase = k.mul(&row, &kv);
-                let (gsum, usum) = if vec8(elems[1], kc) && vec8(elems[0], kc) {
-                    let gb = k.mul(&col, &kv);
-                    let ub = k.mul(&col2, &kv);
-                    let r = warp_dot8(k, lane, kc, "%b0", elems[0], &[abase.clone()], "%b1", elems[1], &[gb, ub]);
-                    (r[0].clone(), r[1].clone())
+                let zero = k.ci(0);
+                let store = |k: &mut Kt, g: &str, u: &str, item: &str| {
+                    let a = k.unary(act, g);
+                    let y = k.fmul(&a, u);
+                    k.storef(&ob, item, &y);
+                };
+                if vec8(elems[1], kc) && vec8(elems[0], kc) {
+                    // LINEAR_ROWS rows per warp, as in `linear`
+                    let rbv = k.ci(LINEAR_ROWS);
+                    let phase = k.rem(&row, &rbv);
+                    let lead = k.cmp("eq", &phase, &zero);
+                    k.if_(&lead, |k| {
+                        let rows_total = numel(k, &out[..out.len() - 1]);
+                        let last = k.addc(&rows_total, -1);
+                        let mut abases = Vec::new();
+                        let mut rows = Vec::new();
+                        for i in 0..LINEAR_ROWS {
+                            let r = k.addc(&row, i);
+                            let rc = k.min(&r, &last);
+                            abases.push(k.mul(&rc, &kv));
+                            rows.push(r);
+                        }
+                        let gb = k.mul(&col, &kv);
+                        let ub = k.mul(&col2, &kv);
+                        let sums = warp_dot8(k, lane, kc, "%b0", elems[0], &abases, "%b1", elems[1], &[gb, ub]);
+                        let first = k.cmp("eq", lane, &zero);
+                        k.if_(&first, |k| {
+                            for (i, r) in rows.iter().enumerate() {
+                                let valid = k.cmp("slt", r, &rows_total);
+                                k.if_(&valid, |k| {
+                                    let it = k.mul(r, &nv);
+                                    let it = k.add(&it, &col);
+                                    store(k, &sums[2 * i], &sums[2 * i + 1], &it);
+                                });
+                            }
+                        });
+                    });
                 } else {
+                    let abase = k.mul(&row, &kv);
                     let st = k.ci(32);
                     let z = k.cf(0.0);
                     let acc = k.for_(lane, &kv, &st, &[(z.clone(), "f32"), (z, "f32")], |k, j, acc| {
@@ -794,15 +826,10 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                         let wu = get(k, &col2);
                         vec![k.fma(&x, &wg, &acc[0]), k.fma(&x, &wu, &acc[1])]
                     });
-                    (k.warp_sum(&acc[0]), k.warp_sum(&acc[1]))
-                };
-                let zero = k.ci(0);
-                let first = k.cmp("eq", lane, &zero);
-                k.if_(&first, |k| {
-                    let a = k.unary(act, &gsum);
-                    let y = k.fmul(&a, &usum);
-                    k.storef(&ob, item, &y);
-                });
+                    let (gsum, usum) = (k.warp_sum(&acc[0]), k.warp_sum(&acc[1]));
+                    let first = k.cmp("eq", lane, &zero);
+                    k.if_(&first, |k| store(k, &gsum, &usum, item));
+                }
             })
         }
         Op::Attention { scale, window, .. } => {
