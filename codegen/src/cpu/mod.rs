@@ -36,7 +36,7 @@ pub(crate) mod quant;
 mod movement;
 mod norm;
 mod reduce;
-mod rope;
+pub(crate) mod rope;
 #[cfg(test)]
 mod tests;
 
