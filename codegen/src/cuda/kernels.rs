@@ -832,10 +832,8 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 }
             })
         }
-        Op::Attention { scale, window, .. } => {
-            // TODO(merge: `Op::Attention` gains `causal`): bind it in the pattern above and
-            // replace the next line with `let causal = *causal;`.
-            let causal = true;
+        Op::Attention { scale, window, causal } => {
+            let causal = *causal;
             let (scale, window) = (*scale, *window);
             let (nh, d) = (shapes[0][1].as_const().unwrap_or(1), shapes[0][2].as_const().unwrap_or(0));
             let nkv = shapes[1][1].as_const().unwrap_or(1);
@@ -879,7 +877,8 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                     };
                     (lo, hi)
                 } else {
-                    (k.ci(0), "%t".to_string())
+                    // bidirectional: every key of the step ([S, ..]) or of the cache ([T, ..])
+                    (k.ci(0), dimv(&mut *k, shapes[1][0]))
                 };
                 let one = k.ci(1);
                 let ninf = k.cf(f32::NEG_INFINITY);

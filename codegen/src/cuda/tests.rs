@@ -140,7 +140,12 @@ fn attention_and_moe_lower() {
     let k = g.add(Op::KvConcat { state: "k0".into() }, &[kx], None).unwrap();
     let v = g.add(Op::KvConcat { state: "v0".into() }, &[kx], None).unwrap();
     for window in [None, Some(4)] {
-        let a = g.add(Op::Attention { scale: 0.125, window }, &[q, k, v], None).unwrap();
+        let a = g.add(Op::Attention { scale: 0.125, window, causal: true }, &[q, k, v], None).unwrap();
+        lowers(&l, &g, a, &f32s(3));
+    }
+    // bidirectional, over the step's keys and over the cache
+    for (kk, vv) in [(kx, kx), (k, v)] {
+        let a = g.add(Op::Attention { scale: 0.125, window: None, causal: false }, &[q, kk, vv], None).unwrap();
         lowers(&l, &g, a, &f32s(3));
     }
     let x = input(&mut g, vec![S, N(16)]);
@@ -406,9 +411,29 @@ mod numerics {
             c.state("vc", vec![2, 40]);
             let k = c.g.add(Op::KvConcat { state: "kc".into() }, &[kx], None).unwrap();
             let v = c.g.add(Op::KvConcat { state: "vc".into() }, &[vx], None).unwrap();
-            let a = c.g.add(Op::Attention { scale: 0.3, window }, &[q, k, v], None).unwrap();
+            let a = c.g.add(Op::Attention { scale: 0.3, window, causal: true }, &[q, k, v], None).unwrap();
             let e = c.check(a, &[&[2, 9, 6], IDS], Elem::F32);
             assert!(e < 1e-5, "window {window:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn bidirectional_attention_matches_the_interpreter() {
+        // Encoders: every key visible, keys of this step ([S, ..]) or of the whole cache.
+        for cached in [false, true] {
+            let mut c = Case::new();
+            let q = c.act("q", vec![4, 40]);
+            let mut k = c.act("k", vec![2, 40]);
+            let mut v = c.act("v", vec![2, 40]);
+            if cached {
+                c.state("kc", vec![2, 40]);
+                c.state("vc", vec![2, 40]);
+                k = c.g.add(Op::KvConcat { state: "kc".into() }, &[k], None).unwrap();
+                v = c.g.add(Op::KvConcat { state: "vc".into() }, &[v], None).unwrap();
+            }
+            let a = c.g.add(Op::Attention { scale: 0.3, window: None, causal: false }, &[q, k, v], None).unwrap();
+            let e = c.check(a, &[&[2, 9, 6], IDS], Elem::F32);
+            assert!(e < 1e-5, "cached {cached}: {e}");
         }
     }
 
