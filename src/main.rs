@@ -94,9 +94,14 @@ struct CompileArgs {
     /// Output: the artifact file, or with `--emit lib` the directory to write.
     #[arg(short, long)]
     output: PathBuf,
-    /// What to write.
-    #[arg(long, value_enum, default_value = "artifact")]
-    emit: Emit,
+    /// What to write: `artifact` (default), `lib`, or `ptx DIR` (with --target cuda: the artifact
+    /// and every kernel's PTX, for sm_80 and sm_90, plus its MLIR, in DIR).
+    #[arg(long, num_args = 1..=2, value_names = ["KIND", "DIR"], default_values = ["artifact"])]
+    emit: Vec<String>,
+    /// With --target cuda: element type of float weights on the GPU (f16, bf16 or f32;
+    /// activations and accumulation are f32 either way).
+    #[arg(long = "gpu-dtype", value_name = "TYPE")]
+    gpu_dtype: Option<String>,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
     #[arg(long = "max-chunk")]
     max_chunk: Option<usize>,
@@ -465,7 +470,24 @@ fn text_assets(m: &mut frontend::Model, vocab: usize) -> Result<TextAssets, CliE
 fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     let t0 = Instant::now();
     let backend = codegen::backend(&a.target)?;
-    let artifact_path = match a.emit {
+    let (emit, ptx_dir) = match a.emit.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["artifact"] => (Emit::Artifact, None),
+        ["lib"] => (Emit::Lib, None),
+        ["ptx", dir] if backend.name() == "cuda" => (Emit::Artifact, Some(PathBuf::from(dir))),
+        ["ptx", _] => return Err(CliError::Usage("--emit ptx DIR needs --target cuda".into())),
+        ["ptx"] => return Err(CliError::Usage("--emit ptx needs a directory: --emit ptx DIR".into())),
+        [kind, extra] if kind != "ptx" => {
+            return Err(CliError::Usage(format!("--emit {kind} takes no directory (got `{extra}`); only `--emit ptx DIR` does")))
+        }
+        _ => return Err(CliError::Usage(format!("--emit `{}`: expected artifact, lib or ptx DIR", a.emit.join(" ")))),
+    };
+    if a.gpu_dtype.is_some() && backend.name() != "cuda" {
+        return Err(CliError::Usage("--gpu-dtype applies to --target cuda only".into()));
+    }
+    if emit == Emit::Lib && backend.name() != "cpu" {
+        return Err(CliError::Usage("--emit lib links the CPU runtime: use it with --target cpu".into()));
+    }
+    let artifact_path = match emit {
         Emit::Artifact => a.output.clone(),
         Emit::Lib => {
             std::fs::create_dir_all(&a.output).map_err(|e| CliError::Usage(format!("{}: {e}", a.output.display())))?;
@@ -489,7 +511,13 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     };
     let assets = if a.no_tokenizer { TextAssets::default() } else { text_assets(&mut m, vocab)? };
     let mut opts =
-        codegen::CompileOptions { max_chunk: a.max_chunk, no_microkernels: a.no_microkernels, ..Default::default() };
+        codegen::CompileOptions {
+            max_chunk: a.max_chunk,
+            no_microkernels: a.no_microkernels,
+            gpu_dtype: a.gpu_dtype.clone(),
+            ptx_dir,
+            ..Default::default()
+        };
     if let Some(t) = &assets.tokenizer {
         opts.blobs.push((runtime::tokenizer::TOKENIZER_BLOB.to_string(), t.clone()));
     }
@@ -518,7 +546,7 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     let r = backend.compile(&m.graph, &source, &opts, &artifact_path)?;
     bar.finish_and_clear();
     info!(output = %artifact_path.display(), steps = r.steps, kernels = r.kernels, file_bytes = r.file_bytes, seconds = t1.elapsed().as_secs_f64(), "artifact written");
-    let lib = match a.emit {
+    let lib = match emit {
         Emit::Lib => {
             let t2 = Instant::now();
             let lib = emit_lib::write(&a.output, &artifact_path).map_err(CliError::Usage)?;
@@ -538,6 +566,9 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
             "emit": if lib.is_some() { "lib" } else { "artifact" },
         });
         j["params"] = params.into();
+        if !r.ptx_files.is_empty() {
+            j["ptx_files"] = r.ptx_files.len().into();
+        }
         j["bits_per_weight"] = (r.weight_bytes as f64 * 8.0 / params.max(1) as f64).into();
         if let Some((tensors, qparams)) = quant {
             j["quant"] = serde_json::json!({ "format": a.quant, "tensors": tensors, "params": qparams });
@@ -900,14 +931,40 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
             if spec["identical_output"] == true { "identical to the target alone" } else { "DIFFERS from the target alone" },
         )?;
     }
+    // CUDA artifacts: decode is bound by reading the weights and the KV cache from HBM once per
+    // token; the roofline is peak bandwidth over those bytes (KV at the run's mean context).
+    let mut gpu = serde_json::Value::Null;
+    if let Some((device, arch)) = model.gpu_device() {
+        let h = model.header();
+        let weights: u64 = h.buffers.iter().map(|b| if let runtime::BufferDecl::Data { bytes, .. } = b { *bytes } else { 0 }).sum();
+        let kv_row = h.states.iter().map(|s| s.bytes).sum::<u64>() as f64 / h.max_context.max(1) as f64;
+        let per_token = weights as f64 + kv_row * (prompt.len() as f64 + a.gen as f64 / 2.0);
+        let bw = model.gpu_peak_bandwidth();
+        let roof = bw.map(|b| b / per_token.max(1.0));
+        match (bw, roof) {
+            (Some(b), Some(r)) => writeln!(
+                out,
+                "HBM roofline (decode) {r:>10.1} tokens/s: {:.1} MiB read per token at {:.0} GB/s peak on {device} ({arch}); measured {d_med:.1} tokens/s = {:.1}% of roofline",
+                per_token / 1048576.0, b / 1e9, 100.0 * d_med / r
+            )?,
+            _ => writeln!(out, "HBM roofline (decode): the driver does not report {device}'s memory bandwidth")?,
+        }
+        gpu = serde_json::json!({
+            "device": device, "arch": arch, "peak_bandwidth_bytes_per_s": bw, "bytes_per_decode_token": per_token,
+            "roofline_decode_tokens_per_s": roof,
+        });
+    }
     if a.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "artifact": a.artifact.display().to_string(), "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
             "reps": a.reps, "threads": session.threads(),
             "prefill_tokens_per_s": p_med, "decode_tokens_per_s": d_med,
             "prefill_tokens_per_s_runs": prefill, "decode_tokens_per_s_runs": decode,
             "peak_rss_bytes": peak, "speculative": spec,
         });
+        if !gpu.is_null() {
+            j["gpu"] = gpu;
+        }
         writeln!(out, "{j}")?;
     }
     Ok(())

@@ -17,6 +17,10 @@ use crate::plan::{plan, Place};
 pub struct CompileOptions {
     /// Largest number of tokens per step (prefill chunk); default `min(512, max_context)`.
     pub max_chunk: Option<usize>,
+    /// CUDA target: element type of float weights on the GPU (`f16` default, `f32`, `bf16`).
+    pub gpu_dtype: Option<String>,
+    /// CUDA target: also write every kernel's PTX (and MLIR) into this directory.
+    pub ptx_dir: Option<std::path::PathBuf>,
     /// Named non-tensor bytes to carry in the data section (`tokenizer.json`), see `Header::blobs`.
     pub blobs: Vec<(String, Vec<u8>)>,
     /// Keep every weight row-major and every product in generated code (no panel layouts, no
@@ -39,16 +43,18 @@ pub struct CompileReport {
     pub max_context: usize,
     pub codegen_seconds: f64,
     pub write_seconds: f64,
+    /// The files `--emit ptx DIR` wrote (CUDA target), one per kernel and architecture.
+    pub ptx_files: Vec<std::path::PathBuf>,
 }
 
 /// The little-endian bytes of `v` without a copy (x86-64 is little-endian).
-fn f32_bytes(v: &[f32]) -> &[u8] {
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     const _: () = assert!(cfg!(target_endian = "little"));
     // SAFETY: f32 has no padding and alignment 4 >= 1; the slice covers exactly v's memory.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn meta_usize(g: &Graph, key: &str) -> Option<usize> {
+pub(crate) fn meta_usize(g: &Graph, key: &str) -> Option<usize> {
     g.meta.get(key).and_then(|v| v.parse().ok())
 }
 
@@ -124,7 +130,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
                         while code.len() % 64 != 0 {
                             code.push(0xcc); // int3 between kernels
                         }
-                        kernels.push(KernelEntry { name, offset: code.len() as u64, len: kc.len() as u64 });
+                        kernels.push(KernelEntry { name, offset: code.len() as u64, len: kc.len() as u64, launch: None, variants: Vec::new() });
                         code.extend_from_slice(&kc);
                         let k = (kernels.len() - 1) as u32;
                         by_code.insert(kc, k);
@@ -265,12 +271,18 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         max_context,
         codegen_seconds,
         write_seconds: t1.elapsed().as_secs_f64(),
+        ptx_files: Vec::new(),
     })
 }
 
 /// Drops the data buffers (weights, constants, compile-time concats) that no step and no `roots`
 /// entry references, renumbering the rest in `steps` and `roots`. Arena and state buffers stay.
-fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> Vec<Place> {
+pub(crate) fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> Vec<Place> {
+    retain_used_indexed(places, steps, roots).0
+}
+
+/// [`retain_used`], also returning the original index of every kept place.
+pub(crate) fn retain_used_indexed(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> (Vec<Place>, Vec<usize>) {
     let mut used = vec![false; places.len()];
     for &a in steps.iter().flat_map(|s| &s.args) {
         used[a as usize] = true;
@@ -280,10 +292,12 @@ fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -
     }
     let mut new_index = vec![u32::MAX; places.len()];
     let mut kept = Vec::with_capacity(places.len());
+    let mut origin = Vec::with_capacity(places.len());
     for (i, p) in places.into_iter().enumerate() {
         if used[i] || !p.is_data() {
             new_index[i] = kept.len() as u32;
             kept.push(p);
+            origin.push(i);
         }
     }
     for a in steps.iter_mut().flat_map(|s| &mut s.args) {
@@ -292,11 +306,11 @@ fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -
     for r in roots.iter_mut() {
         **r = new_index[**r as usize];
     }
-    kept
+    (kept, origin)
 }
 
 /// A readable name for a data buffer: the weight's name, `concat(..)` of its parts' names.
-fn data_name(p: &Place) -> String {
+pub(crate) fn data_name(p: &Place) -> String {
     match p {
         Place::Weight { name, .. } => name.clone(),
         Place::WeightConcat { parts, axis, .. } => {
@@ -309,7 +323,7 @@ fn data_name(p: &Place) -> String {
 }
 
 /// Bytes of a data place.
-fn data_bytes(p: &Place) -> u64 {
+pub(crate) fn data_bytes(p: &Place) -> u64 {
     match p {
         Place::Weight { bytes, .. } | Place::WeightConcat { bytes, .. } | Place::Panels { bytes, .. } => *bytes,
         Place::Const { values } => values.len() as u64 * 4,
@@ -318,7 +332,7 @@ fn data_bytes(p: &Place) -> u64 {
 }
 
 /// The f32 values of a data place (`Weight`, `Const`, `WeightConcat`), row-major.
-fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
+pub(crate) fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
     Ok(match p {
         Place::Weight { name, ty, layout, .. } => {
             let v = weights.load(name, ty)?;
@@ -373,7 +387,7 @@ fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<f32>> {
 }
 
 /// The packed bytes of a weight, or of a row-wise concat of weights (their rows in order).
-fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<u8>> {
+pub(crate) fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<u8>> {
     Ok(match p {
         Place::Weight { name, ty, layout, .. } => {
             let v = weights.load(name, ty)?;

@@ -14,6 +14,10 @@ pub enum CodegenError {
     /// Cranelift rejected a generated kernel (a bug in llmc).
     #[error("codegen: kernel `{kernel}`: cranelift: {msg}")]
     Cranelift { kernel: String, msg: String },
+    /// MLIR rejected or could not lower a generated GPU kernel (a bug in llmc); `msg` carries
+    /// MLIR's diagnostics.
+    #[error("codegen: kernel `{kernel}`: mlir: {msg}")]
+    Mlir { kernel: String, msg: String },
     /// The host (or requested) instruction set cannot run generated code.
     #[error("codegen: target ISA: {0}")]
     Isa(String),

@@ -6,6 +6,8 @@ extern crate llmc_ir as ir;
 extern crate llmc_runtime as runtime;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod emit;
 pub mod error;
 pub mod plan;
@@ -35,15 +37,36 @@ impl Backend for CpuBackend {
     }
 }
 
+/// The CUDA backend: PTX for sm_80 and sm_90 through MLIR.
+#[cfg(feature = "cuda")]
+pub struct CudaBackend;
+
+#[cfg(feature = "cuda")]
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
+        cuda::compile_cuda(g, weights, opts, out)
+    }
+}
+
 /// Names of the targets this build can compile for.
+#[cfg(not(feature = "cuda"))]
 pub const TARGETS: &[&str] = &["cpu"];
+/// Names of the targets this build can compile for.
+#[cfg(feature = "cuda")]
+pub const TARGETS: &[&str] = &["cpu", "cuda"];
 
 /// The backend for `--target NAME`.
 pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend)),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Box::new(CudaBackend)),
+        #[cfg(not(feature = "cuda"))]
         "cuda" => Err(CodegenError::Target(
-            "target `cuda` is not available in this build of llmc (the CUDA backend is not implemented yet); available targets: cpu".into(),
+            "target `cuda` is not available in this build of llmc (built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, which needs LLVM/MLIR 22, see docs/cuda.md); available targets: cpu".into(),
         )),
         other => Err(CodegenError::Target(format!("unknown target `{other}`; available targets: {}", TARGETS.join(", ")))),
     }

@@ -176,7 +176,9 @@ pub fn ops_bitwise_eq(a: &Op, b: &Op) -> bool {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     match (a, b) {
         (Op::Const { values: x }, Op::Const { values: y }) => bits(x) == bits(y),
-        (Op::Attention { scale: x, window: wx }, Op::Attention { scale: y, window: wy }) => x.to_bits() == y.to_bits() && wx == wy,
+        (Op::Attention { scale: x, window: wx, causal: cx }, Op::Attention { scale: y, window: wy, causal: cy }) => {
+            x.to_bits() == y.to_bits() && wx == wy && cx == cy
+        }
         (Op::RmsNorm { eps: x }, Op::RmsNorm { eps: y }) | (Op::LayerNorm { eps: x }, Op::LayerNorm { eps: y }) => x.to_bits() == y.to_bits(),
         _ => a == b,
     }

@@ -296,7 +296,7 @@ impl<'w> Interpreter<'w> {
                 }
                 Tensor::new(out_shape, out)
             }
-            Op::Attention { scale, window } => {
+            Op::Attention { scale, window, causal } => {
                 let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
                 let (s, nh, d) = (q.shape[0], q.shape[1], q.shape[2]);
                 let (t, nkv) = (k.shape[0], k.shape[1]);
@@ -307,7 +307,8 @@ impl<'w> Interpreter<'w> {
                     for h in 0..nh {
                         let kh = h / g;
                         let qrow = &q.data[(si * nh + h) * d..(si * nh + h + 1) * d];
-                        let vis: Vec<usize> = (0..t).filter(|&ti| ti <= qp && window.is_none_or(|w| qp - ti < w)).collect();
+                        let vis: Vec<usize> =
+                            (0..t).filter(|&ti| !causal || (ti <= qp && window.is_none_or(|w| qp - ti < w))).collect();
                         let scores: Vec<f64> = vis
                             .iter()
                             .map(|&ti| {

@@ -63,7 +63,8 @@ mod tests {
         let fr = g.add(Op::Const { values: vec![1.0, 0.01] }, &[], Some(f(vec![N(2)]))).unwrap();
         let q = g.add(Op::Rope { rotary_dim: 4 }, &[q, fr], None).unwrap();
         let k = g.add(Op::KvConcat { state: "cache.0.k".into() }, &[q], None).unwrap();
-        let a = g.add(Op::Attention { scale: 0.5, window: Some(3) }, &[q, k, k], None).unwrap();
+        let a = g.add(Op::Attention { scale: 0.5, window: Some(3), causal: true }, &[q, k, k], None).unwrap();
+        let a = g.add(Op::Attention { scale: 0.25, window: None, causal: false }, &[a, q, q], None).unwrap();
         let qt = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[a], None).unwrap();
         let kt = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[k], None).unwrap();
         let sc = g.add(Op::Matmul { transpose_b: true }, &[qt, kt], None).unwrap();

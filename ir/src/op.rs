@@ -176,13 +176,17 @@ pub enum Op {
     Moe { top_k: usize, act: UnaryOp },
 
     // ---- Fused ops: produced by the optimizer, never by the frontend. ----
-    /// Causal scaled-dot-product attention with grouped KV heads (flash-style in backends: tiles over
-    /// `T` with an online softmax, no `S x T` buffer).
-    /// `(q f32[S, NH, D], k f32[T, NKV, D], v f32[T, NKV, D]) -> f32[S, NH, D]`, `NKV` divides `NH`;
-    /// query head `h` reads KV head `h / (NH / NKV)`. For query `s` (absolute position `P + s`),
-    /// key `t` is visible iff `t <= P + s` and, with a window `w`, `P + s - t < w`;
+    /// Scaled-dot-product attention with grouped KV heads (flash-style in backends: tiles over
+    /// the keys with an online softmax, no `S x T` buffer).
+    /// `(q f32[S, NH, D], k f32[K, NKV, D], v f32[K, NKV, D]) -> f32[S, NH, D]`, `NKV` divides `NH`;
+    /// query head `h` reads KV head `h / (NH / NKV)`.
+    /// - `causal` (decoders): `K = T` (the KV cache); for query `s` (absolute position `P + s`),
+    ///   key `t` is visible iff `t <= P + s` and, with a window `w`, `P + s - t < w`.
+    /// - not `causal` (encoders, printed `bidirectional`): `K` is `S` or `T`, every key is visible,
+    ///   and there is no window.
+    ///
     /// `out[s,h] = sum_t softmax_t(scale * q[s,h] . k[t]) v[t]` over visible `t`.
-    Attention { scale: f32, window: Option<usize> },
+    Attention { scale: f32, window: Option<usize>, causal: bool },
     /// RMSNorm over the last axis: `(x f32[.., H], w f32[H]) -> x / sqrt(mean(x^2) + eps) * w`.
     RmsNorm { eps: f32 },
     /// LayerNorm over the last axis: `(x f32[.., H], w f32[H], b f32[H])`,
@@ -457,22 +461,27 @@ impl Op {
                 }
                 x.clone()
             }
-            Op::Attention { .. } => {
+            Op::Attention { window, causal, .. } => {
                 let (q, k, v) = (ins[0], ins[1], ins[2]);
                 for t in [q, k, v] {
                     need_f32(t, "operand")?;
                 }
+                if !causal && window.is_some() {
+                    return Err(type_err(name, "a bidirectional attention has no window"));
+                }
+                let keys_ok = k.rank() >= 1 && (k.shape[0] == Dim::T || (!causal && k.shape[0] == Dim::S));
                 let ok = q.rank() == 3
                     && k.rank() == 3
                     && q.shape[0] == Dim::S
-                    && k.shape[0] == Dim::T
+                    && keys_ok
                     && k.shape == v.shape
                     && q.shape[2] == k.shape[2]
                     && q.shape[1..].iter().all(|d| d.is_const())
                     && k.shape[1..].iter().all(|d| d.is_const())
                     && matches!((q.shape[1], k.shape[1]), (Dim::N(nh), Dim::N(nkv)) if nkv > 0 && nh % nkv == 0);
                 if !ok {
-                    return Err(type_err(name, format!("wants (f32[S,NH,D], f32[T,NKV,D], f32[T,NKV,D]) with NKV dividing NH, got ({q}, {k}, {v})")));
+                    let keys = if *causal { "T" } else { "S or T" };
+                    return Err(type_err(name, format!("wants (f32[S,NH,D], f32[K,NKV,D], f32[K,NKV,D]) with K = {keys} and NKV dividing NH, got ({q}, {k}, {v})")));
                 }
                 q.clone()
             }
@@ -626,6 +635,23 @@ mod tests {
         assert!(moe(2).infer_type(&[&x, &r, &gu, &odd], None).is_err());
         let three = TensorType::f32(vec![N(3), N(8)]);
         assert!(moe(2).infer_type(&[&x, &three, &gu, &dn], None).is_err());
+    }
+
+    #[test]
+    fn attention_type_rule() {
+        use Dim::*;
+        let q = TensorType::f32(vec![S, N(4), N(8)]);
+        let (kt, ks) = (TensorType::f32(vec![T, N(2), N(8)]), TensorType::f32(vec![S, N(2), N(8)]));
+        let att = |window, causal| Op::Attention { scale: 0.5, window, causal };
+        assert_eq!(att(Some(3), true).infer_type(&[&q, &kt, &kt], None).unwrap(), q);
+        assert_eq!(att(None, false).infer_type(&[&q, &ks, &ks], None).unwrap(), q);
+        assert_eq!(att(None, false).infer_type(&[&q, &kt, &kt], None).unwrap(), q);
+        // Causal attention reads the cache; a bidirectional one has no window.
+        assert!(att(None, true).infer_type(&[&q, &ks, &ks], None).is_err());
+        let e = att(Some(3), false).infer_type(&[&q, &ks, &ks], None).unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
+        let odd = TensorType::f32(vec![S, N(3), N(8)]); // 3 KV heads do not divide 4
+        assert!(att(None, false).infer_type(&[&q, &odd, &odd], None).is_err());
     }
 
     #[test]

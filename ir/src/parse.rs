@@ -371,6 +371,7 @@ fn make_op(name: &str, a: &mut Attrs) -> Result<Op> {
         "attention" => Op::Attention {
             scale: a.f32("scale")?,
             window: if a.m.contains_key("window") { Some(a.usize("window")?) } else { None },
+            causal: !a.flag("bidirectional")?,
         },
         "rms_norm" => Op::RmsNorm { eps: a.f32("eps")? },
         "layer_norm" => Op::LayerNorm { eps: a.f32("eps")? },

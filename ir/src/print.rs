@@ -120,10 +120,13 @@ fn attrs(op: &Op) -> Vec<String> {
         Op::CausalMask { window: Some(w) } => vec![format!("window = {w}")],
         Op::KvConcat { state } => vec![format!("state = @{state}")],
         Op::Concat { axis, n } => vec![format!("axis = {axis}"), format!("n = {n}")],
-        Op::Attention { scale, window } => {
+        Op::Attention { scale, window, causal } => {
             let mut v = vec![format!("scale = {}", fmt_f32(*scale))];
             if let Some(w) = window {
                 v.push(format!("window = {w}"));
+            }
+            if !causal {
+                v.push("bidirectional".into());
             }
             v
         }

@@ -34,6 +34,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const PREAMBLE: usize = 32;
 /// The target string of Cranelift x86-64 artifacts.
 pub const TARGET_X86_64: &str = "x86_64-cpu";
+/// The target string of CUDA artifacts: the code section holds PTX text, one module per kernel
+/// and architecture ([`KernelEntry::variants`]); the runtime loads it through the CUDA driver.
+pub const TARGET_CUDA: &str = "nvptx-cuda";
 /// Largest accepted header JSON. A real header is well under a megabyte (a few entries per layer).
 pub const MAX_HEADER_BYTES: u64 = 64 << 20;
 /// Largest accepted activation arena or state tensor (1 TiB), and of all of them together.
@@ -45,6 +48,48 @@ pub const DATA_ALIGN: u64 = 64;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct KernelEntry {
     pub name: String,
+    pub offset: u64,
+    pub len: u64,
+    /// GPU kernels: how to launch it (absent in CPU artifacts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<Launch>,
+    /// GPU kernels: the same kernel's PTX per architecture (`sm_80`, `sm_90`), each a range of
+    /// the code section; `offset`/`len` is the first (the oldest architecture).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<CodeVariant>,
+}
+
+/// A GPU kernel's launch shape as a function of the step's `s` (tokens) and `p` (cached tokens):
+/// `items = coef * s^s_pow * p^p_pow * (s+p)^t_pow` work items of `per_item` threads each, in
+/// blocks of `block` threads: `grid = ceil(items * per_item / block)`. The kernel takes its
+/// buffers (as 64-bit device pointers) in step order, then `s` and `p` as i64, and guards
+/// threads past its work.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Launch {
+    pub block: u32,
+    pub per_item: u32,
+    pub coef: u64,
+    pub s_pow: u8,
+    pub p_pow: u8,
+    pub t_pow: u8,
+}
+
+impl Launch {
+    /// Work items for a step of `s` new and `p` cached tokens (saturating).
+    pub fn items(&self, s: u64, p: u64) -> u64 {
+        let pow = |b: u64, e: u8| (0..e).fold(1u64, |a, _| a.saturating_mul(b));
+        self.coef.saturating_mul(pow(s, self.s_pow)).saturating_mul(pow(p, self.p_pow)).saturating_mul(pow(s + p, self.t_pow))
+    }
+    /// Blocks in the grid.
+    pub fn grid(&self, s: u64, p: u64) -> u64 {
+        self.items(s, p).saturating_mul(self.per_item as u64).div_ceil(self.block.max(1) as u64)
+    }
+}
+
+/// A kernel's code for one GPU architecture: `len` bytes of PTX at `offset` in the code section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CodeVariant {
+    pub arch: String,
     pub offset: u64,
     pub len: u64,
 }
@@ -223,6 +268,11 @@ pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
         return Err(RuntimeError::Checksum { path: pb, section: "data" });
     }
     validate(&header).map_err(corrupt)?;
+    if header.target == TARGET_CUDA {
+        // PTX is never mapped executable on the host; whether a GPU can run it is decided when
+        // the model is loaded (`Model::from_artifact`).
+        return Ok(header);
+    }
     if header.target != TARGET_X86_64 || !cfg!(target_arch = "x86_64") {
         return Err(RuntimeError::Target { path: pb, target: header.target.clone() });
     }
@@ -240,6 +290,14 @@ fn validate(h: &Header) -> std::result::Result<(), String> {
     for k in &h.kernels {
         if k.offset.checked_add(k.len).is_none_or(|e| e > h.code_len) || k.len == 0 {
             return Err(format!("kernel `{}` lies outside the code section", k.name));
+        }
+        for v in &k.variants {
+            if v.offset.checked_add(v.len).is_none_or(|e| e > h.code_len) || v.len == 0 {
+                return Err(format!("kernel `{}` ({}) lies outside the code section", k.name, v.arch));
+            }
+        }
+        if h.target == TARGET_CUDA && k.launch.is_none_or(|l| l.block == 0 || l.block > 1024 || l.per_item == 0) {
+            return Err(format!("GPU kernel `{}` has no valid launch shape", k.name));
         }
     }
     for (i, b) in h.buffers.iter().enumerate() {

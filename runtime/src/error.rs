@@ -17,6 +17,9 @@ pub enum RuntimeError {
     Version { path: PathBuf, found: u32, expected: u32 },
     #[error("{path}: artifact was compiled for target `{target}`, which this runtime cannot run")]
     Target { path: PathBuf, target: String },
+    /// A CUDA artifact cannot run here (no `cuda` feature in this build, no driver, no GPU).
+    #[error("{path}: cannot run this CUDA artifact: {msg}")]
+    Gpu { path: PathBuf, msg: String },
     #[error("{path}: artifact needs CPU feature `{feature}`, which this CPU lacks")]
     CpuFeature { path: PathBuf, feature: String },
     #[error("token id {id} at position {index} is out of range: the vocabulary has {vocab} tokens")]

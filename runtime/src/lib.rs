@@ -8,6 +8,8 @@
 //! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
 pub mod artifact;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod embed;
 pub mod error;
 pub mod exec;

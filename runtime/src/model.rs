@@ -26,6 +26,9 @@ pub struct Model {
     artifact: Artifact,
     _code: CodeMemory,
     kernels: Vec<KernelFn>,
+    /// A CUDA artifact's kernels and weights on the GPU.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::DeviceModel>,
 }
 
 // SAFETY: the model is immutable after loading; kernels are pure functions of their buffers.
@@ -46,11 +49,52 @@ impl Model {
 
     /// Maps the code of a verified artifact.
     pub fn from_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+        if artifact.header.target == crate::artifact::TARGET_CUDA {
+            return Self::from_cuda_artifact(artifact);
+        }
         let code = CodeMemory::new(artifact.code())?;
         // SAFETY: offsets were validated against the code section and name functions compiled for
         // the kernel ABI by the compiler that wrote this checksummed artifact.
         let kernels = artifact.header.kernels.iter().map(|k| unsafe { code.kernel(k.offset as usize) }).collect();
-        Ok(Arc::new(Model { artifact, _code: code, kernels }))
+        Ok(Arc::new(Model {
+            artifact,
+            _code: code,
+            kernels,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn from_cuda_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+        let gpu = crate::cuda::DeviceModel::load(&artifact)?;
+        Ok(Arc::new(Model { _code: CodeMemory::new(&[])?, kernels: Vec::new(), gpu: Some(gpu), artifact }))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn from_cuda_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+        Err(RuntimeError::Gpu {
+            path: artifact.path.clone(),
+            msg: "this build of llmc has no CUDA support (rebuild with `--features cuda`; see docs/cuda.md)".into(),
+        })
+    }
+
+    /// For a CUDA artifact: the GPU's name and the PTX architecture loaded for it.
+    pub fn gpu_device(&self) -> Option<(String, String)> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some((g.device.clone(), g.arch.clone()));
+        }
+        None
+    }
+
+    /// For a CUDA artifact: the GPU's peak memory bandwidth in bytes/s, when the driver reports it.
+    pub fn gpu_peak_bandwidth(&self) -> Option<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return crate::cuda::peak_bandwidth(g);
+        }
+        None
     }
 
     pub fn header(&self) -> &Header {
@@ -157,6 +201,8 @@ pub struct Session {
     input: *mut i32,
     output: *const f32,
     past: usize,
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::DeviceSession>,
 }
 
 // SAFETY: the raw pointers point into memory the session owns (arena, states) or the model's
@@ -171,6 +217,22 @@ impl Session {
 
     /// A session running each kernel split across `threads` threads (1: the caller's alone).
     pub fn with_threads(model: Arc<Model>, threads: usize) -> Result<Session> {
+        #[cfg(feature = "cuda")]
+        if let Some(dm) = &model.gpu {
+            let gpu = crate::cuda::DeviceSession::new(dm, &model.artifact)?;
+            return Ok(Session {
+                _arena: AlignedBuf::new(64)?,
+                states: Vec::new(),
+                _ptrs: Vec::new(),
+                calls: Vec::new(),
+                pool: Pool::new(1),
+                input: std::ptr::null_mut(),
+                output: std::ptr::null(),
+                past: 0,
+                gpu: Some(gpu),
+                model,
+            });
+        }
         let h = model.header();
         let arena = AlignedBuf::new(h.arena_bytes as usize)?;
         let states = h.states.iter().map(|s| AlignedBuf::new(s.bytes as usize)).collect::<Result<Vec<_>>>()?;
@@ -190,7 +252,19 @@ impl Session {
         let input = buf_ptr(h.input) as *mut i32;
         let output = buf_ptr(h.output) as *const f32;
         let pool = Pool::new(threads);
-        Ok(Session { model, _arena: arena, states, _ptrs: ptrs, calls, pool, input, output, past: 0 })
+        Ok(Session {
+            model,
+            _arena: arena,
+            states,
+            _ptrs: ptrs,
+            calls,
+            pool,
+            input,
+            output,
+            past: 0,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        })
     }
 
     /// Threads each kernel is split across.
@@ -218,6 +292,11 @@ impl Session {
     pub fn reset(&mut self) {
         for s in &mut self.states {
             s.zero();
+        }
+        #[cfg(feature = "cuda")]
+        if let (Some(g), Some(dm)) = (&mut self.gpu, &self.model.gpu) {
+            // A failed clear leaves stale rows that no kernel reads (rows past `past + S`).
+            let _ = g.reset(dm);
         }
         self.past = 0;
     }
@@ -247,6 +326,17 @@ impl Session {
         let mut out = Vec::with_capacity(if all_logits { ids.len() * vocab } else { vocab });
         for (ci, part) in ids.chunks(chunk).enumerate() {
             let s = part.len();
+            #[cfg(feature = "cuda")]
+            if let (Some(g), Some(dm)) = (&mut self.gpu, &self.model.gpu) {
+                let logits = g.run(dm, part, self.past, vocab)?;
+                self.past += s;
+                if all_logits {
+                    out.extend_from_slice(&logits);
+                } else if (ci + 1) * chunk >= ids.len() {
+                    out.extend_from_slice(&logits[(s - 1) * vocab..]);
+                }
+                continue;
+            }
             // SAFETY: the input buffer holds max_chunk i32s (validated at load); s <= max_chunk.
             unsafe {
                 for (i, &id) in part.iter().enumerate() {
@@ -335,5 +425,71 @@ impl Session {
         stats.decode_seconds = t1.elapsed().as_secs_f64();
         stats.generated_tokens = new.len();
         Ok((new, want_prompt_logits.then_some(logits), stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::{ArtifactWriter, CodeVariant, KernelEntry, Launch, TARGET_CUDA};
+
+    /// A CUDA artifact opens (its checks pass) but loading it where it cannot run is an error
+    /// naming the file and the reason, never a panic.
+    #[test]
+    fn cuda_artifact_without_gpu_support_is_a_clear_error() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::unavailable_reason().is_none() {
+            eprintln!("SKIP: a GPU is present");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("llmc-cuda-nogpu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny-cuda.llmc");
+        let code = b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() { ret; }\n".to_vec();
+        let len = code.len() as u64;
+        let launch = Launch { block: 32, per_item: 1, coef: 1, s_pow: 1, p_pow: 0, t_pow: 0 };
+        let h = Header {
+            target: TARGET_CUDA.into(),
+            cpu_features: vec![],
+            meta: Default::default(),
+            vocab_size: 4,
+            max_context: 4,
+            max_chunk: 1,
+            code_offset: 0,
+            code_len: 0,
+            data_offset: 0,
+            data_len: 0,
+            code_checksum: String::new(),
+            data_checksum: String::new(),
+            kernels: vec![KernelEntry {
+                name: "k".into(),
+                offset: 0,
+                len,
+                launch: Some(launch),
+                variants: vec![CodeVariant { arch: "sm_80".into(), offset: 0, len }],
+            }],
+            buffers: vec![BufferDecl::Arena { offset: 0, bytes: 64 }, BufferDecl::Arena { offset: 64, bytes: 64 }],
+            states: vec![],
+            steps: vec![crate::artifact::Step { kernel: 0, args: vec![0, 1], label: String::new() }],
+            input: 0,
+            output: 1,
+            arena_bytes: 128,
+            blobs: vec![],
+        };
+        let w = ArtifactWriter::create(&path, crate::artifact::header_size_bound(&h), &code).unwrap();
+        w.finish(h).unwrap();
+        let a = Artifact::open(&path).expect("a CUDA artifact passes the file checks");
+        assert_eq!(a.header.target, TARGET_CUDA);
+        match Model::load(&path) {
+            Err(e @ RuntimeError::Gpu { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("tiny-cuda.llmc") && msg.contains("cannot run this CUDA artifact"), "{msg}");
+                #[cfg(not(feature = "cuda"))]
+                assert!(msg.contains("no CUDA support"), "{msg}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a CUDA artifact loaded without a GPU"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,9 +1,12 @@
-//! Flash-style causal attention with grouped KV heads: `(q [S, NH, D], k [T, NKV, D],
-//! v [T, NKV, D]) -> [S, NH, D]`, never materializing an `S x T` score matrix.
+//! Flash-style attention with grouped KV heads: `(q [S, NH, D], k [K, NKV, D],
+//! v [K, NKV, D]) -> [S, NH, D]`, never materializing an `S x K` score matrix. Causal attention
+//! reads `K = T` cached keys up to the query's position; bidirectional attention (encoders) reads
+//! all `K` keys (`S` of this step, or `T`) for every query.
 //!
 //! A work item is one query row `s` and one group of up to [`GMAX`] query heads that share a KV
 //! head (`G = NH / NKV` heads per KV head; groups of the largest divisor of `G` that is at most
-//! `GMAX`). Its visible keys `lo..=P+s` (`lo = P+s+1-w` with a window `w`, else 0) are processed in
+//! `GMAX`). Its visible keys `lo..=P+s` (`lo = P+s+1-w` with a window `w`, else 0; `0..K` when
+//! bidirectional) are processed in
 //! blocks of `BT` keys (`BT * D` about 4096 floats, so a block of `k` and of `v` stays in L1):
 //! 1. scores `scale * q[h] . k[t]` for every head of the group, into a `[heads, BT]` stack buffer;
 //!    each loaded `k` vector meets every head's `q` (up to 8 `f32x4` accumulators: 4 keys x 1-2
@@ -26,7 +29,7 @@ use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::types::{F32, I64};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_frontend::Variable;
-use llmc_ir::{Graph, NodeId};
+use llmc_ir::{Dim, Graph, NodeId};
 
 use super::builder::{Kb, V4};
 use super::math;
@@ -66,7 +69,14 @@ fn stack(kb: &mut Kb, bytes: usize) -> Value {
     kb.b.ins().stack_addr(I64, slot, 0)
 }
 
-pub(crate) fn attention(kb: &mut Kb, g: &Graph, n: NodeId, scale: f32, window: Option<usize>) -> Result<()> {
+pub(crate) fn attention(
+    kb: &mut Kb,
+    g: &Graph,
+    n: NodeId,
+    scale: f32,
+    window: Option<usize>,
+    causal: bool,
+) -> Result<()> {
     let ins = g.inputs(n);
     let (qt, kt) = (g.ty(ins[0]), g.ty(ins[1]));
     let (Some(nh), Some(d), Some(nkv)) = (qt.shape[1].as_const(), qt.shape[2].as_const(), kt.shape[1].as_const())
@@ -75,6 +85,11 @@ pub(crate) fn attention(kb: &mut Kb, g: &Graph, n: NodeId, scale: f32, window: O
     };
     if d == 0 || nkv == 0 || nh % nkv != 0 {
         return Err(unsupported(g, n, format!("unsupported head layout NH={nh} NKV={nkv} D={d}")));
+    }
+    // A bidirectional attention's keys are this step's (`[S, ..]`) or the whole cache (`[T, ..]`).
+    let keys_are_step = kt.shape[0] == Dim::S;
+    if causal && keys_are_step {
+        return Err(unsupported(g, n, "causal attention reads its keys from the KV cache ([T, ..])"));
     }
     let gsz = nh / nkv;
     let gh = (1..=GMAX.min(gsz)).rev().find(|c| gsz % c == 0).unwrap_or(1);
@@ -117,8 +132,14 @@ pub(crate) fn attention(kb: &mut Kb, g: &Graph, n: NodeId, scale: f32, window: O
         let kbase = kb.addr(k, kvo);
         let vbase = kb.addr(v, kvo);
         // Visible keys [tlo, thi).
-        let qpos = kb.add(kb.p, si);
-        let thi = kb.addi(qpos, 1);
+        let thi = if causal {
+            let qpos = kb.add(kb.p, si);
+            kb.addi(qpos, 1)
+        } else if keys_are_step {
+            kb.s
+        } else {
+            kb.add(kb.s, kb.p)
+        };
         let tlo = match window {
             Some(w) => {
                 let l = kb.addi(thi, -(w as i64));

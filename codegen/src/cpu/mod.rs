@@ -38,7 +38,7 @@ mod movement;
 mod norm;
 pub(crate) mod panel;
 mod reduce;
-mod rope;
+pub(crate) mod rope;
 #[cfg(test)]
 mod tests;
 
@@ -184,7 +184,7 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
             _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default()),
             _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1))?,
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
-            Op::Attention { scale, window } => attention::attention(&mut kb, g, n, *scale, *window)?,
+            Op::Attention { scale, window, causal } => attention::attention(&mut kb, g, n, *scale, *window, *causal)?,
             Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),
             Op::LayerNorm { eps } => norm::layer_norm(&mut kb, g, n, *eps),
             Op::Linear { transpose_b, bias, act, residual } => {

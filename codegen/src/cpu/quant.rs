@@ -49,7 +49,7 @@ fn code_bytes(layout: Layout, k: usize) -> usize {
 }
 
 /// Byte offset of the codes in a row record.
-fn codes_at(layout: Layout, k: usize) -> usize {
+pub(crate) fn codes_at(layout: Layout, k: usize) -> usize {
     let asym = matches!(layout, Layout::Int4 { asym: true, .. });
     4 * groups(layout, k) * (1 + asym as usize)
 }

@@ -800,7 +800,7 @@ fn parts_run_concurrently() {
     let x = gb.seq(64, -1.0, 1.0);
     let mm = gb.op(Op::Matmul { transpose_b: false }, &[x, w]);
     let q = gb.reshape(x, vec![Dim::S, Dim::N(4), Dim::N(16)]);
-    let att = gb.op(Op::Attention { scale: 0.25, window: None }, &[q, a.k, a.k]);
+    let att = gb.op(Op::Attention { scale: 0.25, window: None, causal: true }, &[q, a.k, a.k]);
     let wt = gb.weight(&[200, 64], -1.0, 1.0);
     let bias = gb.weight(&[100], -1.0, 1.0);
     let gl = gb.op(Op::GatedLinear { act: UnaryOp::Silu }, &[x, wt]);
@@ -858,7 +858,7 @@ fn attn_graph(nh: usize, nkv: usize, d: usize, window: Option<usize>, cap: usize
     let v = gb.reshape(v, vec![S, N(nkv), N(d)]);
     let v = gb.kv_cap(v, cap);
     let scale = 1.0 / (d as f32).sqrt();
-    let n = gb.op(Op::Attention { scale, window }, &[q, k, v]);
+    let n = gb.op(Op::Attention { scale, window, causal: true }, &[q, k, v]);
     (gb, n)
 }
 
@@ -896,6 +896,42 @@ fn attention_long_prefill_and_sharp_scores() {
         }
     }
     eprintln!("attention (long): max abs err {:.3e}, max rel err {:.3e} over {} values", all.max_abs, all.max_rel, all.n);
+}
+
+/// Bidirectional `attention(q [S, nh, d], k [K, nkv, d], v)`: keys of this step (`K = S`) or
+/// the whole cache (`K = T`, `cached`).
+fn bidir_attn_graph(nh: usize, nkv: usize, d: usize, cached: bool, amp: f32) -> (Gb, NodeId) {
+    use Dim::{N, S};
+    let mut gb = Gb::new((nh * 1000 + nkv * 100 + d + 7) as u64);
+    let q = gb.seq(nh * d, -amp, amp);
+    let q = gb.reshape(q, vec![S, N(nh), N(d)]);
+    let mut k = gb.seq(nkv * d, -amp, amp);
+    k = gb.reshape(k, vec![S, N(nkv), N(d)]);
+    let mut v = gb.seq(nkv * d, -1.0, 1.0);
+    v = gb.reshape(v, vec![S, N(nkv), N(d)]);
+    if cached {
+        k = gb.kv_cap(k, 300);
+        v = gb.kv_cap(v, 300);
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let n = gb.op(Op::Attention { scale, window: None, causal: false }, &[q, k, v]);
+    (gb, n)
+}
+
+#[test]
+fn bidirectional_attention_sees_every_key() {
+    // Encoders: every query row attends to all keys of the step (or of the cache), so later keys
+    // change earlier rows; several key blocks and a head-dim tail.
+    let mut all = Stats::default();
+    for (nh, nkv, d) in [(4, 4, 8), (12, 12, 64), (4, 2, 32), (3, 1, 6)] {
+        for cached in [false, true] {
+            let (gb, n) = bidir_attn_graph(nh, nkv, d, cached, 1.0);
+            for steps in [&[1][..], &[7], &[150], &[5, 9], &[40, 1]] {
+                all.merge(check(&gb, n, steps, ATTN_TOL));
+            }
+        }
+    }
+    eprintln!("bidirectional attention: max abs err {:.3e}, max rel err {:.3e} over {} values", all.max_abs, all.max_rel, all.n);
 }
 
 #[test]
@@ -1136,7 +1172,7 @@ fn compiled_model_with_fused_ops_and_weight_concats() {
     let v = gb.op(Op::Slice { axis: 1, start: (nh + nkv) * d, end: (nh + 2 * nkv) * d }, &[qkv]);
     let v = gb.reshape(v, vec![S, N(nkv), N(d)]);
     let v = gb.kv_cap(v, cap);
-    let att = gb.op(Op::Attention { scale: 1.0 / (d as f32).sqrt(), window: Some(9) }, &[q, k, v]);
+    let att = gb.op(Op::Attention { scale: 1.0 / (d as f32).sqrt(), window: Some(9), causal: true }, &[q, k, v]);
     let att = gb.reshape(att, vec![S, N(nh * d)]);
     let wo = gb.weight(&[nh * d, h], -0.3, 0.3);
     let x2 = gb.op(Op::Linear { transpose_b: false, bias: false, act: None, residual: true }, &[att, wo, x]);
@@ -1238,7 +1274,7 @@ fn every_kernel_compiles_without_relocations() {
     let bias = gb.weight(&[64], -1.0, 1.0);
     gb.op(Op::RmsNorm { eps: 1e-5 }, &[x, w]);
     gb.op(Op::LayerNorm { eps: 1e-5 }, &[x, w, bias]);
-    gb.op(Op::Attention { scale: 0.25, window: Some(8) }, &[x3, a.k, a.k]);
+    gb.op(Op::Attention { scale: 0.25, window: Some(8), causal: true }, &[x3, a.k, a.k]);
     let wl = gb.weight(&[64, 64], -1.0, 1.0);
     for tb in [false, true] {
         gb.op(Op::Linear { transpose_b: tb, bias: true, act: Some(UnaryOp::Gelu), residual: true }, &[x, wl, bias, x]);

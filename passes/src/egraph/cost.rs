@@ -144,9 +144,9 @@ impl CostModel {
                 let experts = (r * k).min(e) / e.max(1.0);
                 (flops, 4.0 * (n(ins[0]) + n(ins[1]) + experts * (n(ins[2]) + n(ins[3])) + nout), r)
             }
-            Op::Attention { window, .. } => {
+            Op::Attention { window, causal, .. } => {
                 let (s, nh, d) = (b.s as f64, ins[0].shape[1].eval(b) as f64, ins[0].shape[2].eval(b) as f64);
-                let visible = visible_keys(b, *window);
+                let visible = if *causal { visible_keys(b, *window) } else { s * ins[1].shape[0].eval(b) as f64 };
                 (4.0 * visible * nh * d + 6.0 * visible * nh, 4.0 * (nin + nout), s * nh)
             }
             Op::RmsNorm { .. } => (4.0 * nout, 4.0 * (2.0 * n(ins[0]) + n(ins[1]) + nout), rows(out)),
@@ -208,7 +208,7 @@ mod tests {
         use Dim::*;
         let q = t(&[S, N(8), N(64)]);
         let kv = t(&[T, N(2), N(64)]);
-        let att = m.op_cost(&Op::Attention { scale: 0.125, window: None }, &[&q, &kv, &kv], &q, &[false; 3]);
+        let att = m.op_cost(&Op::Attention { scale: 0.125, window: None, causal: true }, &[&q, &kv, &kv], &q, &[false; 3]);
         // The primitive form: scores = q' k'ᵀ (full S x T), scale, mask, softmax, p v'.
         let (qh, kh) = (t(&[N(2), N(4), S, N(64)]), t(&[N(2), N(1), T, N(64)]));
         let scores = t(&[N(2), N(4), S, T]);

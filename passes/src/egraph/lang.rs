@@ -226,8 +226,8 @@ define_language! {
         "kv_concat" = KvConcat([Id; 2]),
         // axis, x1 .. xn
         "concat" = Concat(Box<[Id]>),
-        // q, k, v, scale, window
-        "attention" = Attention([Id; 5]),
+        // q, k, v, scale, window, causal
+        "attention" = Attention([Id; 6]),
         // x, w, eps
         "rms_norm" = RmsNorm([Id; 3]),
         // x, w, b, eps
@@ -302,9 +302,10 @@ pub fn to_ir(node: &Tn, attr: impl Fn(Id) -> Option<Attr>) -> Option<(Op, Vec<Id
             let (axis, xs) = c.split_first()?;
             Some((Op::Concat { axis: attr(*axis)?.as_usize()?, n: xs.len() }, xs.to_vec()))
         }
-        Attention([q, k, v, s, w]) => {
-            Some((Op::Attention { scale: attr(*s)?.as_f32()?, window: attr(*w)?.as_window()? }, vec![*q, *k, *v]))
-        }
+        Attention([q, k, v, s, w, c]) => Some((
+            Op::Attention { scale: attr(*s)?.as_f32()?, window: attr(*w)?.as_window()?, causal: attr(*c)?.as_bool()? },
+            vec![*q, *k, *v],
+        )),
         RmsNorm([x, w, e]) => Some((Op::RmsNorm { eps: attr(*e)?.as_f32()? }, vec![*x, *w])),
         LayerNorm([x, w, b, e]) => Some((Op::LayerNorm { eps: attr(*e)?.as_f32()? }, vec![*x, *w, *b])),
         Linear([a, b, tb, act, bias, res]) => {
@@ -376,9 +377,14 @@ pub fn from_ir(
             c.extend_from_slice(ins);
             Concat(c.into_boxed_slice())
         }
-        Op::Attention { scale, window } => {
-            Attention([ins[0], ins[1], ins[2], attr(self::Attr::f32(*scale)), attr(self::Attr::window(*window))])
-        }
+        Op::Attention { scale, window, causal } => Attention([
+            ins[0],
+            ins[1],
+            ins[2],
+            attr(self::Attr::f32(*scale)),
+            attr(self::Attr::window(*window)),
+            attr(self::Attr::Bool(*causal)),
+        ]),
         Op::RmsNorm { eps } => RmsNorm([ins[0], ins[1], attr(self::Attr::f32(*eps))]),
         Op::LayerNorm { eps } => LayerNorm([ins[0], ins[1], ins[2], attr(self::Attr::f32(*eps))]),
         Op::Linear { transpose_b, bias, act, residual } => {
@@ -435,7 +441,7 @@ mod tests {
             "(transpose ?x [1,0,2])",
             "(reshape ?x f32[S,4,2])",
             "(concat 0 ?a ?b)",
-            "(attention ?q ?k ?v 0.125f none)",
+            "(attention ?q ?k ?v 0.125f none true)",
         ] {
             p.parse::<egg::Pattern<Tn>>().unwrap_or_else(|e| panic!("{p}: {e}"));
         }

@@ -179,6 +179,48 @@ macro_rules! single_block {
     };
 }
 
+/// An encoder's attention block (4 heads, head dim 4): keys and values of this step (`[S, ..]`),
+/// no mask, no cache.
+macro_rules! bidir_heads_block {
+    ($scale:literal) => {
+        concat!(
+            "  %wk = weight {name = \"wk\"} : f32[16,16]\n",
+            "  %wv = weight {name = \"wv\"} : f32[16,16]\n",
+            "  %q = reshape %x : f32[S,4,4]\n",
+            "  %k0 = matmul %x, %wk {transpose_b} : f32[S,16]\n",
+            "  %v0 = matmul %x, %wv {transpose_b} : f32[S,16]\n",
+            "  %k = reshape %k0 : f32[S,4,4]\n",
+            "  %v = reshape %v0 : f32[S,4,4]\n",
+            "  %qh = transpose %q {perm = [1, 0, 2]} : f32[4,S,4]\n",
+            "  %kh = transpose %k {perm = [1, 0, 2]} : f32[4,S,4]\n",
+            "  %vh = transpose %v {perm = [1, 0, 2]} : f32[4,S,4]\n",
+            "  %s = matmul %qh, %kh {transpose_b} : f32[4,S,S]\n",
+            $scale,
+            "  %p = softmax %s1 : f32[4,S,S]\n",
+            "  %o = matmul %p, %vh : f32[4,S,4]\n",
+            "  %out = transpose %o {perm = [1, 0, 2]} : f32[S,4,4]"
+        )
+    };
+}
+
+/// One head over the whole KV cache with no mask (every cached key visible, `[T, ..]` keys).
+macro_rules! bidir_single_block {
+    ($scale:literal) => {
+        concat!(
+            "  %wk = weight {name = \"wk\"} : f32[16,16]\n",
+            "  %wv = weight {name = \"wv\"} : f32[16,16]\n",
+            "  %k0 = matmul %x, %wk {transpose_b} : f32[S,16]\n",
+            "  %v0 = matmul %x, %wv {transpose_b} : f32[S,16]\n",
+            "  %kc = kv_concat %k0 {state = @k} : f32[T,16]\n",
+            "  %vc = kv_concat %v0 {state = @v} : f32[T,16]\n",
+            "  %s = matmul %x, %kc {transpose_b} : f32[S,T]\n",
+            $scale,
+            "  %p = softmax %s1 : f32[S,T]\n",
+            "  %out = matmul %p, %vc : f32[S,16]"
+        )
+    };
+}
+
 #[rustfmt::skip]
 const CASES: &[Case] = &[
     // algebra
@@ -200,6 +242,10 @@ const CASES: &[Case] = &[
     Case { rule: "attention-heads-unscaled", deps: &["reshape-identity"], states: KV_HEADS, body: heads_block!("  %s1 = reshape %s : f32[4,S,T]\n"), contains: &["scale = 1.0, window = 2"], counts: &[("attention", 1), ("softmax", 0)] },
     Case { rule: "attention-2d", deps: &[], states: KV_2D, body: single_block!("  %c = const {values = [0.25]} : f32[]\n  %s1 = mul %s, %c : f32[S,T]\n"), contains: &["scale = 0.25"], counts: &[("attention", 1), ("softmax", 0)] },
     Case { rule: "attention-2d-unscaled", deps: &["reshape-identity"], states: KV_2D, body: single_block!("  %s1 = reshape %s : f32[S,T]\n"), contains: &["scale = 1.0"], counts: &[("attention", 1), ("softmax", 0)] },
+    Case { rule: "attention-bidir-heads", deps: &[], states: "", body: bidir_heads_block!("  %c = const {values = [0.25]} : f32[]\n  %s1 = mul %s, %c : f32[4,S,S]\n"), contains: &["scale = 0.25, bidirectional"], counts: &[("attention", 1), ("softmax", 0), ("transpose", 0)] },
+    Case { rule: "attention-bidir-heads-unscaled", deps: &["reshape-identity"], states: "", body: bidir_heads_block!("  %s1 = reshape %s : f32[4,S,S]\n"), contains: &["scale = 1.0, bidirectional"], counts: &[("attention", 1), ("softmax", 0)] },
+    Case { rule: "attention-bidir-2d", deps: &[], states: KV_2D, body: bidir_single_block!("  %c = const {values = [0.25]} : f32[]\n  %s1 = mul %s, %c : f32[S,T]\n"), contains: &["scale = 0.25, bidirectional"], counts: &[("attention", 1), ("softmax", 0)] },
+    Case { rule: "attention-bidir-2d-unscaled", deps: &["reshape-identity"], states: KV_2D, body: bidir_single_block!("  %s1 = reshape %s : f32[S,T]\n"), contains: &["scale = 1.0, bidirectional"], counts: &[("attention", 1), ("softmax", 0)] },
     // norms
     Case { rule: "rms-norm", deps: &[], states: "", body: "  %w = weight {name = \"g\"} : f32[16]\n  %sq = mul %x, %x : f32[S,16]\n  %ms = reduce_mean %sq : f32[S,1]\n  %e = const {values = [1e-5]} : f32[]\n  %a = add %ms, %e : f32[S,1]\n  %r = rsqrt %a : f32[S,1]\n  %y = mul %x, %r : f32[S,16]\n  %out = mul %y, %w : f32[S,16]", contains: &["eps = 1e-5"], counts: &[("rms_norm", 1), ("rsqrt", 0)] },
     Case { rule: "rms-norm-div", deps: &[], states: "", body: "  %w = weight {name = \"g\"} : f32[16]\n  %sq = mul %x, %x : f32[S,16]\n  %ms = reduce_mean %sq : f32[S,1]\n  %e = const {values = [1e-6]} : f32[1]\n  %a = add %ms, %e : f32[S,1]\n  %r = sqrt %a : f32[S,1]\n  %y = div %x, %r : f32[S,16]\n  %out = mul %y, %w : f32[S,16]", contains: &["eps = 1e-6"], counts: &[("rms_norm", 1), ("sqrt", 0)] },

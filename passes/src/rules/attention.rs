@@ -13,6 +13,10 @@
 //!   to `NH` or 1 (batch broadcasting);
 //! - `2d`: one head, `q f32[S,D]`, `k`, `v f32[T,D]`.
 //!
+//! Without a `causal_mask` between the scores and the softmax (encoders), the same `heads` and
+//! `2d` layouts become a bidirectional `attention` (every key visible; keys `[S, ..]` of this step
+//! or `[T, ..]`).
+//!
 //! The mask applies to the key position `t` against the query's absolute position `P + s`, as
 //! the op's does; softmax over the masked scores is the op's softmax over visible keys.
 
@@ -23,30 +27,43 @@ use llmc_ir::{Dim, TensorType};
 #[rustfmt::skip]
 pub const RULES: &[RuleDef] = &[
     // out = transpose(softmax(mask(s * q' k'ᵀ)) v', [2,0,1,3]) = reshape(attention(q, k, v, s), [S,NKV,G,D])
-    rule("attention-gqa", "(transpose (matmul (softmax (causal_mask (mul (matmul (transpose (reshape ?q ?sq) [1,2,0,3]) (reshape (transpose ?k [1,0,2]) ?sk) true) ?c) ?w)) (reshape (transpose ?v [1,0,2]) ?sk) false) [2,0,1,3])", "(reshape (attention (reshape ?q ?q3) ?k ?v ?scale ?w) ?sq)", gqa_scaled),
-    rule("attention-gqa-unscaled", "(transpose (matmul (softmax (causal_mask (matmul (transpose (reshape ?q ?sq) [1,2,0,3]) (reshape (transpose ?k [1,0,2]) ?sk) true) ?w)) (reshape (transpose ?v [1,0,2]) ?sk) false) [2,0,1,3])", "(reshape (attention (reshape ?q ?q3) ?k ?v ?scale ?w) ?sq)", gqa_unscaled),
+    rule("attention-gqa", "(transpose (matmul (softmax (causal_mask (mul (matmul (transpose (reshape ?q ?sq) [1,2,0,3]) (reshape (transpose ?k [1,0,2]) ?sk) true) ?c) ?w)) (reshape (transpose ?v [1,0,2]) ?sk) false) [2,0,1,3])", "(reshape (attention (reshape ?q ?q3) ?k ?v ?scale ?w true) ?sq)", gqa_scaled),
+    rule("attention-gqa-unscaled", "(transpose (matmul (softmax (causal_mask (matmul (transpose (reshape ?q ?sq) [1,2,0,3]) (reshape (transpose ?k [1,0,2]) ?sk) true) ?w)) (reshape (transpose ?v [1,0,2]) ?sk) false) [2,0,1,3])", "(reshape (attention (reshape ?q ?q3) ?k ?v ?scale ?w true) ?sq)", gqa_unscaled),
     // transpose(softmax(mask(s * q' k'ᵀ)) v', [1,0,2]) = attention(q, k, v, s), q' = transpose(q, [1,0,2]) (same for k', v')
-    rule("attention-heads", "(transpose (matmul (softmax (causal_mask (mul (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true) ?c) ?w)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale ?w)", heads_scaled),
-    rule("attention-heads-unscaled", "(transpose (matmul (softmax (causal_mask (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true) ?w)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale ?w)", heads_unscaled),
+    rule("attention-heads", "(transpose (matmul (softmax (causal_mask (mul (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true) ?c) ?w)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale ?w true)", heads_scaled),
+    rule("attention-heads-unscaled", "(transpose (matmul (softmax (causal_mask (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true) ?w)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale ?w true)", heads_unscaled),
     // softmax(mask(s * q kᵀ)) v = reshape(attention(q as [S,1,D], k, v as [T,1,D], s), [S,D])
-    rule("attention-2d", "(matmul (softmax (causal_mask (mul (matmul ?q ?k true) ?c) ?w)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale ?w) ?o2)", single_scaled),
-    rule("attention-2d-unscaled", "(matmul (softmax (causal_mask (matmul ?q ?k true) ?w)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale ?w) ?o2)", single_unscaled),
+    rule("attention-2d", "(matmul (softmax (causal_mask (mul (matmul ?q ?k true) ?c) ?w)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale ?w true) ?o2)", single_scaled),
+    rule("attention-2d-unscaled", "(matmul (softmax (causal_mask (matmul ?q ?k true) ?w)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale ?w true) ?o2)", single_unscaled),
+    // Bidirectional (encoders: no mask, keys of this step or of the cache, every key visible):
+    // transpose(softmax(s * q' k'ᵀ) v', [1,0,2]) = attention(q, k, v, s, bidirectional)
+    rule("attention-bidir-heads", "(transpose (matmul (softmax (mul (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true) ?c)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale none false)", bidir_heads_scaled),
+    rule("attention-bidir-heads-unscaled", "(transpose (matmul (softmax (matmul (transpose ?q [1,0,2]) (transpose ?k [1,0,2]) true)) (transpose ?v [1,0,2]) false) [1,0,2])", "(attention ?q ?k ?v ?scale none false)", bidir_heads_unscaled),
+    // softmax(s * q kᵀ) v = reshape(attention(q as [S,1,D], k, v as [K,1,D], s, bidirectional), [S,D])
+    rule("attention-bidir-2d", "(matmul (softmax (mul (matmul ?q ?k true) ?c)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale none false) ?o2)", bidir_single_scaled),
+    rule("attention-bidir-2d-unscaled", "(matmul (softmax (matmul ?q ?k true)) ?v false)", "(reshape (attention (reshape ?q ?q3) (reshape ?k ?k3) (reshape ?v ?k3) ?scale none false) ?o2)", bidir_single_unscaled),
 ];
 
-/// `(NH, D)` of a `[S, NH, D]` query and `(NKV, D)` of `[T, NKV, D]` keys equal to the values.
-fn qkv(c: &Ctx<'_>) -> Option<((usize, usize), (usize, usize))> {
+/// `(NH, D)` of a `[S, NH, D]` query and `(NKV, D)` of `[K, NKV, D]` keys equal to the values,
+/// where `K` is `T` (the KV cache) for causal attention and `S` or `T` for bidirectional.
+fn qkv(c: &Ctx<'_>, causal: bool) -> Option<((usize, usize), (usize, usize))> {
     let (q, k, v) = (c.shape("?q")?, c.shape("?k")?, c.shape("?v")?);
     if k != v {
         return None;
     }
     match (q, k) {
-        ([Dim::S, Dim::N(nh), Dim::N(d)], [Dim::T, Dim::N(nkv), Dim::N(dk)])
-            if d == dk && *nkv > 0 && nh % nkv == 0 =>
+        ([Dim::S, Dim::N(nh), Dim::N(d)], [kd, Dim::N(nkv), Dim::N(dk)])
+            if keys_ok(kd, causal) && d == dk && *nkv > 0 && nh % nkv == 0 =>
         {
             Some(((*nh, *d), (*nkv, *dk)))
         }
         _ => None,
     }
+}
+
+/// Whether `K`, the keys' first axis, suits the attention kind.
+fn keys_ok(k: &Dim, causal: bool) -> bool {
+    *k == Dim::T || (!causal && *k == Dim::S)
 }
 
 /// The scale: the one-element const `?c` (its rank must not grow the 4-D scores), or 1.
@@ -91,7 +108,7 @@ fn gqa_unscaled(c: &Ctx<'_>) -> Option<Binds> {
 }
 
 fn heads(c: &Ctx<'_>, scaled: bool) -> Option<Binds> {
-    let ((nh, _), (nkv, _)) = qkv(c)?;
+    let ((nh, _), (nkv, _)) = qkv(c, true)?;
     window(c)?;
     let s = scale(c, scaled, 3)?;
     (nkv == nh || nkv == 1).then(|| vec![("?scale", Bind::Attr(Attr::f32(s)))])
@@ -105,27 +122,51 @@ fn heads_unscaled(c: &Ctx<'_>) -> Option<Binds> {
     heads(c, false)
 }
 
-fn single(c: &Ctx<'_>, scaled: bool) -> Option<Binds> {
+fn single(c: &Ctx<'_>, scaled: bool, causal: bool) -> Option<Binds> {
     let (q, k, v) = (c.shape("?q")?, c.shape("?k")?, c.shape("?v")?);
-    let d = match (q, k) {
-        ([Dim::S, Dim::N(d)], [Dim::T, Dim::N(dk)]) if d == dk && k == v => *d,
+    let (d, kd) = match (q, k) {
+        ([Dim::S, Dim::N(d)], [kd, Dim::N(dk)]) if keys_ok(kd, causal) && d == dk && k == v => (*d, *kd),
         _ => return None,
     };
-    window(c)?;
+    if causal {
+        window(c)?;
+    }
     let s = scale(c, scaled, 2)?;
     let ty = |shape: Vec<Dim>| Bind::Attr(Attr::ty(&TensorType::f32(shape)));
     Some(vec![
         ("?scale", Bind::Attr(Attr::f32(s))),
         ("?q3", ty(vec![Dim::S, Dim::N(1), Dim::N(d)])),
-        ("?k3", ty(vec![Dim::T, Dim::N(1), Dim::N(d)])),
+        ("?k3", ty(vec![kd, Dim::N(1), Dim::N(d)])),
         ("?o2", ty(vec![Dim::S, Dim::N(d)])),
     ])
 }
 
 fn single_scaled(c: &Ctx<'_>) -> Option<Binds> {
-    single(c, true)
+    single(c, true, true)
 }
 
 fn single_unscaled(c: &Ctx<'_>) -> Option<Binds> {
-    single(c, false)
+    single(c, false, true)
+}
+
+fn bidir_heads(c: &Ctx<'_>, scaled: bool) -> Option<Binds> {
+    let ((nh, _), (nkv, _)) = qkv(c, false)?;
+    let s = scale(c, scaled, 3)?;
+    (nkv == nh || nkv == 1).then(|| vec![("?scale", Bind::Attr(Attr::f32(s)))])
+}
+
+fn bidir_heads_scaled(c: &Ctx<'_>) -> Option<Binds> {
+    bidir_heads(c, true)
+}
+
+fn bidir_heads_unscaled(c: &Ctx<'_>) -> Option<Binds> {
+    bidir_heads(c, false)
+}
+
+fn bidir_single_scaled(c: &Ctx<'_>) -> Option<Binds> {
+    single(c, true, false)
+}
+
+fn bidir_single_unscaled(c: &Ctx<'_>) -> Option<Binds> {
+    single(c, false, false)
 }
