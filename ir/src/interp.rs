@@ -13,6 +13,12 @@ use crate::types::{Bindings, Layout, TensorType};
 /// Supplies weight data by checkpoint name, converted to f32, row-major, `ty`'s element count.
 pub trait WeightSource {
     fn load(&self, name: &str, ty: &TensorType) -> Result<Vec<f32>>;
+    /// Calibrated quantized rows of `name` under `layout` (GPTQ codes and scales), when this
+    /// source has them; `None` (the default) means round-to-nearest of [`WeightSource::load`]'s
+    /// values. Every consumer (interpreter, packer) goes through [`crate::quant::rows_of`].
+    fn quantized(&self, _name: &str, _layout: Layout) -> Option<Vec<crate::quant::QRow>> {
+        None
+    }
 }
 
 /// Weights from a map (tests, synthetic graphs).
@@ -146,7 +152,7 @@ impl<'w> Interpreter<'w> {
                             return Err(IrError::Weight { name: name.clone(), msg: format!("source gave {} elements for {ty}", d.len()) });
                         }
                         let k = out_shape.last().copied().unwrap_or(1);
-                        let d = Rc::new(crate::quant::fake_quant(*layout, &d, k));
+                        let d = Rc::new(crate::quant::dequant_weight(self.weights, name, *layout, &d, k));
                         self.cache.insert(key, d.clone());
                         d
                     }

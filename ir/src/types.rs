@@ -61,6 +61,11 @@ pub enum Layout {
     /// partial), one f32 scale per group; symmetric (`q` in -8..=7, `w = q * scale`) or `asym`
     /// (`q` in 0..=15 with a zero point per group, `w = (q - zero) * scale`).
     Int4 { group: usize, asym: bool },
+    /// 2:4 structured sparsity along `K` (`K` a multiple of 4): in each aligned group of 4
+    /// elements the two of largest magnitude are kept (ties: the lower index), the others are 0.
+    /// Stored as the kept values and their 2-bit indices; with `int8` the kept values are int8
+    /// codes with one f32 scale per row (`max|kept| / 127`), as [`Layout::Int8`].
+    Sparse24 { int8: bool },
 }
 
 impl Layout {
@@ -70,12 +75,16 @@ impl Layout {
             Layout::Dense => "dense".into(),
             Layout::Int8 => "int8".into(),
             Layout::Int4 { group, asym } => format!("int4_g{group}{}", if asym { "_asym" } else { "" }),
+            Layout::Sparse24 { int8: false } => "sparse24".into(),
+            Layout::Sparse24 { int8: true } => "sparse24_int8".into(),
         }
     }
     pub fn from_name(s: &str) -> Option<Layout> {
         Some(match s {
             "dense" => Layout::Dense,
             "int8" => Layout::Int8,
+            "sparse24" => Layout::Sparse24 { int8: false },
+            "sparse24_int8" => Layout::Sparse24 { int8: true },
             _ => {
                 let rest = s.strip_prefix("int4_g")?;
                 let (g, asym) = match rest.strip_suffix("_asym") {
@@ -100,6 +109,9 @@ impl Layout {
                 let groups = (k / group as f64).ceil();
                 4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k
             }
+            // Per 4 elements: two kept values and two 2-bit indices.
+            Layout::Sparse24 { int8: false } => (2.0 * 32.0 + 4.0) / 4.0,
+            Layout::Sparse24 { int8: true } => (2.0 * 8.0 + 4.0) / 4.0 + 32.0 / k,
         }
     }
 }

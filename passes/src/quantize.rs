@@ -8,8 +8,9 @@
 //! interpreter and every backend agree on the quantized graph. Not in the default pipeline:
 //! `llmc compile --quant int8|int4[:gN][:asym]` runs it after the pipeline.
 //!
-//! Plain round-to-nearest only; calibrated methods (AWQ, GPTQ), activation quantization (W8A8)
-//! and sparsity are not implemented.
+//! The pass sets layouts only (round-to-nearest semantics, 2:4 by magnitude); calibrated
+//! methods (GPTQ, Wanda) change the weights' values through `calibrate::Calibrated`, not the graph.
+//! A 2:4 layout skips weights whose `K` is not a multiple of 4 (counted as kept).
 
 use llmc_ir as ir;
 
@@ -60,6 +61,41 @@ impl Quantize {
             }
             _ => Err(bad("unknown format")),
         }
+    }
+
+    /// Parses `--sparsity`: `2:4`, `2:4:magnitude` or `2:4:wanda`; returns whether Wanda.
+    pub fn parse_sparsity(spec: &str) -> Result<bool> {
+        let bad = |why: &str| PassError::Quant(format!("--sparsity `{spec}`: {why} (want 2:4, 2:4:magnitude or 2:4:wanda)"));
+        let mut parts = spec.split(':');
+        match (parts.next(), parts.next()) {
+            (Some("2"), Some("4")) => {}
+            (Some(n), Some(m)) if n.parse::<u32>().is_ok() && m.parse::<u32>().is_ok() => {
+                return Err(bad(&format!("only 2:4 structured sparsity is supported, not {n}:{m}")))
+            }
+            _ => return Err(bad("not an N:M pattern")),
+        }
+        let wanda = match parts.next() {
+            None | Some("magnitude") => false,
+            Some("wanda") => true,
+            Some(m) => return Err(bad(&format!("unknown pruning method `{m}`"))),
+        };
+        match parts.next() {
+            None => Ok(wanda),
+            Some(p) => Err(bad(&format!("unexpected `{p}`"))),
+        }
+    }
+
+    /// The layout of `--quant` and `--sparsity` together: 2:4 alone (f32 kept values), 2:4 with
+    /// int8, or the `--quant` format alone.
+    pub fn combine(quant: Option<ir::Layout>, sparse: bool) -> Result<Option<ir::Layout>> {
+        Ok(match (quant, sparse) {
+            (q, false) => q,
+            (None, true) => Some(ir::Layout::Sparse24 { int8: false }),
+            (Some(ir::Layout::Int8), true) => Some(ir::Layout::Sparse24 { int8: true }),
+            (Some(l), true) => {
+                return Err(PassError::Quant(format!("--sparsity 2:4 combines with --quant int8 only, not {l}")))
+            }
+        })
     }
 
     fn keep(&self, name: &str) -> bool {
@@ -123,6 +159,11 @@ impl Pass for Quantize {
                 continue;
             };
             if *layout != ir::Layout::Dense || g.ty(n).rank() != 2 || !rhs_only(g, n) {
+                continue;
+            }
+            let k = g.ty(n).shape[1].as_const();
+            if matches!(self.layout, ir::Layout::Sparse24 { .. }) && k.is_none_or(|k| k % 4 != 0) {
+                kept += 1;
                 continue;
             }
             if self.keep(name) {
@@ -218,6 +259,17 @@ mod tests {
         for bad in ["int2", "int4:g0", "int4:g3", "int4:x", "int8:g32", ""] {
             assert!(Quantize::parse_spec(bad).is_err(), "{bad}");
         }
+        assert!(!Quantize::parse_sparsity("2:4").unwrap());
+        assert!(!Quantize::parse_sparsity("2:4:magnitude").unwrap());
+        assert!(Quantize::parse_sparsity("2:4:wanda").unwrap());
+        for bad in ["3:4", "2:8", "2:4:x", "2", "", "2:4:wanda:1"] {
+            assert!(Quantize::parse_sparsity(bad).is_err(), "{bad}");
+        }
+        let e = Quantize::parse_sparsity("3:4").unwrap_err().to_string();
+        assert!(e.contains("3:4"), "{e}");
+        assert_eq!(Quantize::combine(Some(ir::Layout::Int8), true).unwrap(), Some(ir::Layout::Sparse24 { int8: true }));
+        assert_eq!(Quantize::combine(None, true).unwrap(), Some(ir::Layout::Sparse24 { int8: false }));
+        assert!(Quantize::combine(Some(ir::Layout::Int4 { group: 32, asym: false }), true).is_err());
         assert!(glob(b"model.*.mlp.*", b"model.layers.0.mlp.up_proj.weight"));
         assert!(!glob(b"lm_?ead", b"lm_head.weight"));
     }

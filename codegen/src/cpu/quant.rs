@@ -31,6 +31,7 @@ pub fn packable(layout: Layout) -> bool {
         Layout::Dense => false,
         Layout::Int8 => true,
         Layout::Int4 { group, .. } => group % 16 == 0,
+        Layout::Sparse24 { .. } => true,
     }
 }
 
@@ -44,12 +45,26 @@ fn groups(layout: Layout, k: usize) -> usize {
 fn code_bytes(layout: Layout, k: usize) -> usize {
     match layout {
         Layout::Int4 { .. } => k.div_ceil(32) * 16,
+        Layout::Sparse24 { int8 } => sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
         _ => k.div_ceil(4) * 4,
+    }
+}
+
+/// Byte offset, from the codes, of a 2:4 row's index bytes: after the `K / 2` kept values
+/// (f32, or int8 padded to 4 bytes).
+fn sparse_idx_at(int8: bool, k: usize) -> usize {
+    if int8 {
+        (k / 2).div_ceil(4) * 4
+    } else {
+        4 * (k / 2)
     }
 }
 
 /// Byte offset of the codes in a row record.
 fn codes_at(layout: Layout, k: usize) -> usize {
+    if let Layout::Sparse24 { int8 } = layout {
+        return 4 * int8 as usize;
+    }
     let asym = matches!(layout, Layout::Int4 { asym: true, .. });
     4 * groups(layout, k) * (1 + asym as usize)
 }
@@ -59,14 +74,21 @@ pub fn row_bytes(layout: Layout, k: usize) -> usize {
     codes_at(layout, k) + code_bytes(layout, k)
 }
 
-/// The packed bytes of a row-major `[n, k]` weight (`data` has `n * k` values).
+/// The packed bytes of a row-major `[n, k]` weight (`data` has `n * k` values), round to nearest.
+#[cfg(test)]
 pub fn pack(layout: Layout, data: &[f32], k: usize) -> Vec<u8> {
+    let rows: Vec<_> = data.chunks(k.max(1)).map(|r| quant::quantize_row(layout, r)).collect();
+    pack_rows(layout, data, &rows, k)
+}
+
+/// The packed bytes of `[n, k]` weight `data` whose quantized rows are `rows` (from
+/// `ir::quant::rows_of`: calibrated or round-to-nearest).
+pub fn pack_rows(layout: Layout, data: &[f32], rows: &[quant::QRow], k: usize) -> Vec<u8> {
     let n = data.len().checked_div(k).unwrap_or(0);
     let rb = row_bytes(layout, k);
     let mut out = Vec::with_capacity(n * rb);
-    for row in data.chunks(k.max(1)) {
+    for (row, r) in data.chunks(k.max(1)).zip(rows) {
         let start = out.len();
-        let r = quant::quantize_row(layout, row);
         for s in &r.scales {
             out.extend_from_slice(&s.to_le_bytes());
         }
@@ -74,6 +96,30 @@ pub fn pack(layout: Layout, data: &[f32], k: usize) -> Vec<u8> {
             out.extend_from_slice(&(*z as f32).to_le_bytes());
         }
         match layout {
+            Layout::Sparse24 { int8 } => {
+                // Kept values in element order, then one byte per two groups of 4: the kept
+                // indices `a < b` of the first group in bits 0..4 (`a | b << 2`), the second's in 4..8.
+                let mut idx = Vec::with_capacity((k / 4).div_ceil(2));
+                for (gi, g) in row.chunks(4).enumerate() {
+                    let (a, b) = quant::sparse24_pair(g);
+                    for l in [a, b] {
+                        if int8 {
+                            out.push(r.q[4 * gi + l] as u8);
+                        } else {
+                            out.extend_from_slice(&g[l].to_le_bytes());
+                        }
+                    }
+                    let nib = (a | b << 2) as u8;
+                    if gi % 2 == 0 {
+                        idx.push(nib);
+                    } else if let Some(x) = idx.last_mut() {
+                        *x |= nib << 4;
+                    }
+                }
+                out.resize(start + codes_at(layout, k) + sparse_idx_at(int8, k), 0);
+                out.extend(idx);
+                out.resize(start + rb, 0);
+            }
             Layout::Int4 { asym, .. } => {
                 let code = |j: usize| -> u8 {
                     if j >= k {
@@ -163,6 +209,47 @@ pub(crate) enum Epi {
     },
 }
 
+/// Visits every kept value of a packed 2:4 row of `k` elements: `f(kb, v, e, slot)` with `v` the
+/// value as f32 (the int8 code, unscaled), `e` its element index (i64) and `slot` in `0..4` (its
+/// position among the four kept values of a pair of groups, for independent accumulators).
+fn sparse_each(kb: &mut Kb, int8: bool, k: usize, prow: Value, f: &mut dyn FnMut(&mut Kb, Value, Value, usize)) {
+    let codes = kb.addi(prow, 4 * int8 as i64);
+    let idxp = kb.addi(codes, sparse_idx_at(int8, k) as i64);
+    let ng = k / 4;
+    let mut pair = |kb: &mut Kb, bi: Value, groups: usize| {
+        let pb = kb.add(idxp, bi);
+        let byte = kb.b.ins().uload8(I64, flags(), pb, 0);
+        for h in 0..groups {
+            let nib = if h == 0 { byte } else { kb.b.ins().ushr_imm_s(byte, 4) };
+            let a = kb.b.ins().band_imm_s(nib, 3);
+            let b = kb.b.ins().ushr_imm_s(nib, 2);
+            let b = kb.b.ins().band_imm_s(b, 3);
+            let e0 = kb.muli(bi, 8);
+            let e0 = kb.addi(e0, 4 * h as i64);
+            let t0 = kb.muli(bi, 4);
+            for (s, l) in [(0usize, a), (1, b)] {
+                let t = kb.addi(t0, (2 * h + s) as i64);
+                let v = if int8 {
+                    let pc = kb.add(codes, t);
+                    let q = kb.b.ins().sload8(I32, flags(), pc, 0);
+                    kb.b.ins().fcvt_from_sint(F32, q)
+                } else {
+                    kb.ld_ro(F32, codes, t)
+                };
+                let e = kb.add(e0, l);
+                f(kb, v, e, 2 * h + s);
+            }
+        }
+    };
+    let z = kb.ic(0);
+    let np = kb.ic((ng / 2) as i64);
+    kb.for_steps(z, np, 1, &mut |kb, bi| pair(kb, bi, 2));
+    if ng % 2 == 1 {
+        let bi = kb.ic((ng / 2) as i64);
+        pair(kb, bi, 1);
+    }
+}
+
 /// Dequantizes packed row `prow` (`k` elements) into the f32 buffer `dst`.
 fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
     let codes = kb.addi(prow, codes_at(layout, k) as i64);
@@ -243,6 +330,17 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
                 let blk = kb.ic(full as i64);
                 block(kb, blk, if rest > 16 { 2 } else { 1 });
             }
+        }
+        Layout::Sparse24 { int8 } => {
+            let zero = kb.fc(V4, 0.0);
+            let z = kb.ic(0);
+            let kv = kb.ic(k as i64);
+            kb.for_steps(z, kv, 4, &mut |kb, c| kb.st(zero, dst, c));
+            let scale = if int8 { kb.b.ins().load(F32, flags(), prow, 0) } else { kb.fc(F32, 1.0) };
+            sparse_each(kb, int8, k, prow, &mut |kb, v, e, _| {
+                let v = if int8 { kb.fmul(v, scale) } else { v };
+                kb.st(v, dst, e);
+            });
         }
         Layout::Dense => {}
     }
@@ -423,6 +521,25 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
             let y = kb.get(acc[1]);
             let s = kb.fadd(x, y);
             kb.hsum(s)
+        }
+        Layout::Sparse24 { int8 } => {
+            let acc: Vec<_> = (0..4).map(|_| kb.var(F32, zs)).collect();
+            sparse_each(kb, int8, k, prow, &mut |kb, v, e, slot| {
+                let x = kb.ld_ro(F32, a, e);
+                let s = kb.get(acc[slot]);
+                let s = kb.fma(v, x, s);
+                kb.set(acc[slot], s);
+            });
+            let v: Vec<Value> = acc.iter().map(|&x| kb.get(x)).collect();
+            let s01 = kb.fadd(v[0], v[1]);
+            let s23 = kb.fadd(v[2], v[3]);
+            let s = kb.fadd(s01, s23);
+            if int8 {
+                let scale = kb.b.ins().load(F32, flags(), prow, 0);
+                kb.fmul(s, scale)
+            } else {
+                s
+            }
         }
         Layout::Dense => zs,
     }
