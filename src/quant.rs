@@ -19,8 +19,9 @@ use crate::CliError;
 
 #[derive(Args, Clone, Debug, Default)]
 pub(crate) struct QuantArgs {
-    /// Quantize matmul weights after the pipeline: int8, or int4[:gN][:asym] (group-wise along
-    /// K, groups of N (default 32); symmetric unless asym). Round to nearest unless --calib.
+    /// Quantize matmul weights after the pipeline: int8, w8a8 (int8 weights and per-token int8
+    /// activations), or int4[:gN][:asym] (group-wise along K, groups of N (default 32);
+    /// symmetric unless asym). Round to nearest unless --calib (GPTQ; SmoothQuant for w8a8).
     #[arg(long, value_name = "FORMAT")]
     pub quant: Option<String>,
     /// 2:4 structured sparsity of matmul weights: 2:4[:magnitude|wanda] (wanda needs --calib);
@@ -38,6 +39,9 @@ pub(crate) struct QuantArgs {
     /// Calibration tokens used from --calib (windows of 128).
     #[arg(long = "calib-tokens", default_value_t = 2048, value_name = "N")]
     pub calib_tokens: usize,
+    /// SmoothQuant migration strength α for --quant w8a8 with --calib (0: none, 1: all).
+    #[arg(long = "smooth-alpha", default_value_t = 0.5, value_name = "ALPHA")]
+    pub smooth_alpha: f32,
     /// Print the per-matrix quantization error table (weight error, output error on the
     /// calibration rows with --calib, bits/weight); with --json, as "report".
     #[arg(long)]
@@ -68,6 +72,9 @@ pub(crate) fn set_layouts(q: &QuantArgs, m: &mut frontend::Model, out: &mut dyn 
             }
         }
         return Ok(None);
+    }
+    if !(0.0..=1.0).contains(&q.smooth_alpha) {
+        return Err(CliError::Usage(format!("--smooth-alpha {}: must be within 0..=1", q.smooth_alpha)));
     }
     if wanda == Some(true) && q.calib.is_none() {
         return Err(CliError::Usage("--sparsity 2:4:wanda needs --calib FILE (Wanda weighs |w| by activation norms)".into()));
@@ -125,7 +132,9 @@ pub(crate) fn calibrate<'a>(
     let acts = passes::calibrate::capture(&m.graph, &m.checkpoint, &windows)?;
     info!(windows = windows.len(), seconds = t0.elapsed().as_secs_f64(), "calibration activations captured");
     let t1 = Instant::now();
-    let src = passes::calibrate::calibrate(&m.graph, &m.checkpoint, &acts, !sparse, sparse && wanda)?;
+    let w8a8 = layout == ir::Layout::W8A8;
+    let alpha = w8a8.then_some(q.smooth_alpha);
+    let src = passes::calibrate::calibrate(&m.graph, &m.checkpoint, &acts, !sparse && !w8a8, sparse && wanda, alpha)?;
     info!(gptq = src.rows.len(), wanda = src.values.len(), seconds = t1.elapsed().as_secs_f64(), "calibrated");
     plan.method = if sparse {
         if wanda {
@@ -133,6 +142,8 @@ pub(crate) fn calibrate<'a>(
         } else {
             "magnitude"
         }
+    } else if w8a8 {
+        "smoothquant"
     } else {
         "gptq"
     };

@@ -63,6 +63,23 @@ fn bcast_strides(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
         .collect()
 }
 
+/// Whether product `n` reads a [`Layout::W8A8`] weight (or a row-wise concat of them) as its
+/// right-hand side, so its left-hand side is quantized per token.
+pub fn acts_quantized(g: &Graph, n: NodeId) -> bool {
+    if !matches!(g.op(n), Op::Matmul { .. } | Op::Linear { .. } | Op::GatedLinear { .. }) {
+        return false;
+    }
+    let Some(&w) = g.inputs(n).get(1) else { return false };
+    match g.op(w) {
+        Op::Weight { layout: Layout::W8A8, .. } => true,
+        Op::Concat { axis: 0, .. } => {
+            let ins = g.inputs(w);
+            !ins.is_empty() && ins.iter().all(|&i| matches!(g.op(i), Op::Weight { layout: Layout::W8A8, .. }))
+        }
+        _ => false,
+    }
+}
+
 /// Calls `f(out_index, [offsets into each input])` for every element of `out_shape` in row-major order.
 fn for_each_index(out_shape: &[usize], in_strides: &[Vec<usize>], mut f: impl FnMut(usize, &[usize])) {
     let n: usize = out_shape.iter().product();
@@ -138,6 +155,18 @@ impl<'w> Interpreter<'w> {
 
     fn eval(&mut self, g: &Graph, n: NodeId, ins: &[Rc<Tensor>], ids: &[i32], b: Bindings) -> Result<Tensor> {
         let ty = g.ty(n);
+        // A W8A8 right-hand side: the left-hand side is quantized per row to int8 first.
+        let act8;
+        let ins = if acts_quantized(g, n) {
+            let x = &ins[0];
+            let k = *x.shape.last().unwrap_or(&1);
+            let mut v = ins.to_vec();
+            v[0] = Rc::new(Tensor::new(x.shape.clone(), crate::quant::fake_quant_act(&x.data, k)));
+            act8 = v;
+            &act8[..]
+        } else {
+            ins
+        };
         let out_shape = ty.eval_shape(b);
         Ok(match g.op(n) {
             Op::Input { .. } => Tensor::new(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),

@@ -24,7 +24,7 @@ pub struct QRow {
 pub fn quantize_row(layout: Layout, row: &[f32]) -> QRow {
     match layout {
         Layout::Dense | Layout::Sparse24 { int8: false } => QRow { q: Vec::new(), scales: Vec::new(), zeros: Vec::new() },
-        Layout::Int8 => {
+        Layout::Int8 | Layout::W8A8 => {
             let (q, s) = sym(row, 127.0, -127.0);
             QRow { q, scales: vec![s], zeros: Vec::new() }
         }
@@ -101,6 +101,29 @@ fn sym(x: &[f32], qmax: f32, qmin: f32) -> (Vec<i8>, f32) {
     (x.iter().map(|&v| (v / scale).round().clamp(qmin, qmax) as i8).collect(), scale)
 }
 
+/// Per-token int8 quantization of an activation row (the left-hand side of a product whose
+/// weight is [`Layout::W8A8`]): `inv = 127 / max|x|` and `q = round_ties_even(x * inv)` in f32,
+/// clamped to -127..=127, scale `max|x| / 127`. A zero or non-finite maximum gives codes 0 and
+/// scale 0. Kernels compute exactly these f32 operations.
+pub fn quantize_act(x: &[f32]) -> (Vec<i8>, f32) {
+    let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    if !(amax > 0.0 && amax.is_finite()) {
+        return (vec![0; x.len()], 0.0);
+    }
+    let inv = 127.0f32 / amax;
+    (x.iter().map(|&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8).collect(), amax / 127.0)
+}
+
+/// The dequantized activation rows (`k` per row) of [`quantize_act`].
+pub fn fake_quant_act(x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(k.max(1)) {
+        let (q, s) = quantize_act(row);
+        out.extend(q.iter().map(|&c| c as f32 * s));
+    }
+    out
+}
+
 /// Which elements of a row 2:4 sparsity keeps: in each aligned group of 4, the two of largest
 /// magnitude (ties: the lower index). A trailing group of fewer than 4 is kept whole (the
 /// verifier only admits `K` divisible by 4).
@@ -130,7 +153,7 @@ pub fn sparse24_pair(g: &[f32]) -> (usize, usize) {
 pub fn dequant(layout: Layout, r: &QRow, j: usize) -> f32 {
     match layout {
         Layout::Dense | Layout::Sparse24 { int8: false } => 0.0,
-        Layout::Int8 | Layout::Sparse24 { int8: true } => r.q[j] as f32 * r.scales[0],
+        Layout::Int8 | Layout::W8A8 | Layout::Sparse24 { int8: true } => r.q[j] as f32 * r.scales[0],
         Layout::Int4 { group, asym } => {
             let g = j / group;
             let z = if asym { r.zeros[g] } else { 0 };

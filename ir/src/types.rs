@@ -66,6 +66,11 @@ pub enum Layout {
     /// Stored as the kept values and their 2-bit indices; with `int8` the kept values are int8
     /// codes with one f32 scale per row (`max|kept| / 127`), as [`Layout::Int8`].
     Sparse24 { int8: bool },
+    /// W8A8: the weight as [`Layout::Int8`], and every product reading it as its right-hand side
+    /// quantizes its left-hand side per row (per token) to int8 first: `x = q * s` with
+    /// `s = max|x_row| / 127`, `q = round_ties_even(x * (127 / max|x_row|))` in -127..=127
+    /// ([`crate::quant::quantize_act`]); a zero row stays zero.
+    W8A8,
 }
 
 impl Layout {
@@ -77,6 +82,7 @@ impl Layout {
             Layout::Int4 { group, asym } => format!("int4_g{group}{}", if asym { "_asym" } else { "" }),
             Layout::Sparse24 { int8: false } => "sparse24".into(),
             Layout::Sparse24 { int8: true } => "sparse24_int8".into(),
+            Layout::W8A8 => "w8a8".into(),
         }
     }
     pub fn from_name(s: &str) -> Option<Layout> {
@@ -85,6 +91,7 @@ impl Layout {
             "int8" => Layout::Int8,
             "sparse24" => Layout::Sparse24 { int8: false },
             "sparse24_int8" => Layout::Sparse24 { int8: true },
+            "w8a8" => Layout::W8A8,
             _ => {
                 let rest = s.strip_prefix("int4_g")?;
                 let (g, asym) = match rest.strip_suffix("_asym") {
@@ -104,7 +111,7 @@ impl Layout {
         let k = k.max(1) as f64;
         match self {
             Layout::Dense => 32.0,
-            Layout::Int8 => 8.0 + 32.0 / k,
+            Layout::Int8 | Layout::W8A8 => 8.0 + 32.0 / k,
             Layout::Int4 { group, asym } => {
                 let groups = (k / group as f64).ceil();
                 4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k

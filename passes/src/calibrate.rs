@@ -37,6 +37,8 @@ pub struct Activations {
     pub xs: Vec<(usize, Vec<f32>)>,
     /// Weight name -> index into `xs`.
     pub of: HashMap<String, usize>,
+    /// The graph node each entry of `xs` was captured from.
+    pub nodes: Vec<NodeId>,
 }
 
 impl Activations {
@@ -103,6 +105,7 @@ pub fn capture(g: &ir::Graph, weights: &dyn ir::WeightSource, windows: &[Vec<i32
         let idx = *out_of.entry(x).or_insert_with(|| {
             f32g.outputs.push(x);
             acts.xs.push((k, Vec::new()));
+            acts.nodes.push(x);
             acts.xs.len() - 1
         });
         acts.of.insert(name, idx);
@@ -370,16 +373,110 @@ pub enum Method {
     Wanda,
 }
 
+/// SmoothQuant (Xiao et al. 2023) for W8A8: for each captured input that is an `rms_norm`'s
+/// output read only by products of W8A8 weights, per input channel
+/// `s_j = max|X_j|^α / max|W_·j|^(1−α)` (over all those weights); the norm's weight is divided
+/// by `s` and every weight's column `j` multiplied by `s_j`, so the f32 function is unchanged
+/// while the activations' outlier channels move into the weights. Returns the replaced values.
+pub fn smooth(g: &ir::Graph, inner: &dyn ir::WeightSource, acts: &Activations, alpha: f32) -> Result<HashMap<String, Vec<f32>>> {
+    let mut out = HashMap::new();
+    let ws = quantized_weights(g);
+    for (xi, &x) in acts.nodes.iter().enumerate() {
+        let Op::RmsNorm { .. } = g.op(x) else { continue };
+        let nw = g.inputs(x)[1];
+        let Op::Weight { name: norm_name, .. } = g.op(nw) else { continue };
+        // The norm weight must feed only this norm; the norm's output only W8A8 products.
+        if g.users(nw).len() != 1 || out.contains_key(norm_name) {
+            continue;
+        }
+        let mine: Vec<_> = ws.iter().filter(|w| acts.of.get(&w.1) == Some(&xi)).collect();
+        if mine.is_empty() || mine.iter().any(|w| w.2 != Layout::W8A8) {
+            continue;
+        }
+        let users_ok = g.users(x).iter().all(|&u| {
+            g.inputs(u).first() == Some(&x)
+                && !g.inputs(u)[1..].contains(&x)
+                && ir::interp::acts_quantized(g, u)
+                && g.inputs(u).get(1).is_some_and(|&r| {
+                    let names: Vec<String> = match g.op(r) {
+                        Op::Weight { name, .. } => vec![name.clone()],
+                        Op::Concat { .. } => g
+                            .inputs(r)
+                            .iter()
+                            .filter_map(|&i| match g.op(i) {
+                                Op::Weight { name, .. } => Some(name.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => vec![],
+                    };
+                    !names.is_empty() && names.iter().all(|n| mine.iter().any(|w| &w.1 == n))
+                })
+        });
+        if !users_ok {
+            continue;
+        }
+        let (k, xs) = (acts.xs[xi].0, &acts.xs[xi].1);
+        let mut xmax = vec![0.0f32; k];
+        for row in xs.chunks(k) {
+            for (m, &v) in xmax.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+        let mut wmax = vec![0.0f32; k];
+        let mut datas = Vec::new();
+        for w in &mine {
+            let d = inner.load(&w.1, g.ty(w.0))?;
+            for row in d.chunks(k) {
+                for (m, &v) in wmax.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            }
+            datas.push((w.1.clone(), d));
+        }
+        let s: Vec<f32> = xmax
+            .iter()
+            .zip(&wmax)
+            .map(|(&a, &w)| {
+                let v = a.max(1e-5).powf(alpha) / w.max(1e-5).powf(1.0 - alpha);
+                if v.is_finite() && v > 0.0 {
+                    v.clamp(1e-5, 1e5)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mut norm = inner.load(norm_name, g.ty(nw))?;
+        if norm.len() != k {
+            continue;
+        }
+        norm.iter_mut().zip(&s).for_each(|(v, &f)| *v /= f);
+        out.insert(norm_name.clone(), norm);
+        for (name, mut d) in datas {
+            for row in d.chunks_mut(k) {
+                row.iter_mut().zip(&s).for_each(|(v, &f)| *v *= f);
+            }
+            out.insert(name, d);
+        }
+    }
+    Ok(out)
+}
+
 /// Builds the calibrated weight source for the quantized weights of `g`: Wanda-pruned values
-/// for 2:4 layouts when `wanda`, GPTQ rows for int8/int4 layouts when `gptq`.
+/// for 2:4 layouts when `wanda`, GPTQ rows for int8/int4 layouts when `gptq`, SmoothQuant for
+/// W8A8 layouts when `smooth_alpha` is set.
 pub fn calibrate<'a>(
     g: &ir::Graph,
     inner: &'a dyn ir::WeightSource,
     acts: &Activations,
     gptq_on: bool,
     wanda_on: bool,
+    smooth_alpha: Option<f32>,
 ) -> Result<Calibrated<'a>> {
     let mut c = Calibrated { inner, values: HashMap::new(), rows: HashMap::new() };
+    if let Some(alpha) = smooth_alpha {
+        c.values = smooth(g, inner, acts, alpha)?;
+    }
     for (n, name, layout, _, k) in quantized_weights(g) {
         let Some((kx, x)) = acts.get(&name) else { continue };
         if kx != k || x.is_empty() {

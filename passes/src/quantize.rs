@@ -34,12 +34,16 @@ impl Default for Quantize {
 impl Quantize {
     /// Parses `--quant`: `int8`, `int4`, `int4:g64`, `int4:g128:asym`, `int4:asym` (group 32 by default).
     pub fn parse_spec(spec: &str) -> Result<ir::Layout> {
-        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8 or int4[:gN][:asym])"));
+        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8, w8a8 or int4[:gN][:asym])"));
         let mut parts = spec.split(':');
         match parts.next() {
             Some("int8") => match parts.next() {
                 None => Ok(ir::Layout::Int8),
                 Some(p) => Err(bad(&format!("int8 takes no option `{p}`"))),
+            },
+            Some("w8a8") => match parts.next() {
+                None => Ok(ir::Layout::W8A8),
+                Some(p) => Err(bad(&format!("w8a8 takes no option `{p}`"))),
             },
             Some("int4") => {
                 let (mut group, mut asym) = (32, false);
@@ -254,6 +258,7 @@ mod tests {
     #[test]
     fn spec_parsing() {
         assert_eq!(Quantize::parse_spec("int8").unwrap(), ir::Layout::Int8);
+        assert_eq!(Quantize::parse_spec("w8a8").unwrap(), ir::Layout::W8A8);
         assert_eq!(Quantize::parse_spec("int4").unwrap(), ir::Layout::Int4 { group: 32, asym: false });
         assert_eq!(Quantize::parse_spec("int4:g128:asym").unwrap(), ir::Layout::Int4 { group: 128, asym: true });
         for bad in ["int2", "int4:g0", "int4:g3", "int4:x", "int8:g32", ""] {

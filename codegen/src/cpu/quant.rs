@@ -29,7 +29,7 @@ use super::math;
 pub fn packable(layout: Layout) -> bool {
     match layout {
         Layout::Dense => false,
-        Layout::Int8 => true,
+        Layout::Int8 | Layout::W8A8 => true,
         Layout::Int4 { group, .. } => group % 16 == 0,
         Layout::Sparse24 { .. } => true,
     }
@@ -45,6 +45,7 @@ fn groups(layout: Layout, k: usize) -> usize {
 fn code_bytes(layout: Layout, k: usize) -> usize {
     match layout {
         Layout::Int4 { .. } => k.div_ceil(32) * 16,
+        Layout::W8A8 => k.div_ceil(16) * 16,
         Layout::Sparse24 { int8 } => sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
         _ => k.div_ceil(4) * 4,
     }
@@ -64,6 +65,9 @@ fn sparse_idx_at(int8: bool, k: usize) -> usize {
 fn codes_at(layout: Layout, k: usize) -> usize {
     if let Layout::Sparse24 { int8 } = layout {
         return 4 * int8 as usize;
+    }
+    if layout == Layout::W8A8 {
+        return 8; // scale, then the row's code sum (i32)
     }
     let asym = matches!(layout, Layout::Int4 { asym: true, .. });
     4 * groups(layout, k) * (1 + asym as usize)
@@ -135,6 +139,12 @@ pub fn pack_rows(layout: Layout, data: &[f32], rows: &[quant::QRow], k: usize) -
                         out.push(code(32 * blk + i) | (code(32 * blk + 16 + i) << 4));
                     }
                 }
+            }
+            Layout::W8A8 => {
+                let sum: i32 = r.q.iter().map(|&q| q as i32).sum();
+                out.extend_from_slice(&sum.to_le_bytes());
+                out.extend(r.q.iter().map(|&q| q as u8));
+                out.resize(start + rb, 0);
             }
             _ => {
                 out.extend(r.q.iter().map(|&q| q as u8));
@@ -331,6 +341,7 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
                 block(kb, blk, if rest > 16 { 2 } else { 1 });
             }
         }
+        Layout::W8A8 => {}
         Layout::Sparse24 { int8 } => {
             let zero = kb.fc(V4, 0.0);
             let z = kb.ic(0);
@@ -522,6 +533,7 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
             let s = kb.fadd(x, y);
             kb.hsum(s)
         }
+        Layout::W8A8 => zs,
         Layout::Sparse24 { int8 } => {
             let acc: Vec<_> = (0..4).map(|_| kb.var(F32, zs)).collect();
             sparse_each(kb, int8, k, prow, &mut |kb, v, e, slot| {
@@ -574,6 +586,164 @@ fn epilogue(kb: &mut Kb, epi: &Epi, x: Value, up: Option<Value>, j: Value, oi: V
     }
 }
 
+/// `Σ_k w[k] · (u[k] − 128)` as i32 for one W8A8 row `prow` (`k` codes, padded to 16) and the
+/// activation codes `u` (u8, `q + 128`, padded with 128): 16 bytes per step through the
+/// widening-multiply, pairwise-add tree that Cranelift folds into one `vpdpbusd` on VNNI hosts
+/// (exact: each i8·u8 product fits i16), minus `128 · Σ w` (the row's stored code sum).
+fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
+    let codes = kb.addi(prow, 8);
+    let zero = kb.b.ins().iconst(I32, 0);
+    let zv = kb.b.ins().splat(I32X4, zero);
+    let acc = [kb.var(I32X4, zv), kb.var(I32X4, zv)];
+    let steps = k.div_ceil(16);
+    let step = |kb: &mut Kb, c: Value, slot: usize| {
+        let pw = kb.add(codes, c);
+        let w = kb.b.ins().load(I8X16, flags(), pw, 0);
+        let pu = kb.add(u, c);
+        let x = kb.b.ins().load(I8X16, flags(), pu, 0);
+        let wl = kb.b.ins().swiden_low(w);
+        let xl = kb.b.ins().uwiden_low(x);
+        let lo = kb.b.ins().imul(wl, xl);
+        let wh = kb.b.ins().swiden_high(w);
+        let xh = kb.b.ins().uwiden_high(x);
+        let hi = kb.b.ins().imul(wh, xh);
+        let l0 = kb.b.ins().swiden_low(lo);
+        let l1 = kb.b.ins().swiden_high(lo);
+        let pl = kb.b.ins().iadd_pairwise(l0, l1);
+        let h0 = kb.b.ins().swiden_low(hi);
+        let h1 = kb.b.ins().swiden_high(hi);
+        let ph = kb.b.ins().iadd_pairwise(h0, h1);
+        let t = kb.b.ins().iadd_pairwise(pl, ph);
+        let a = kb.get(acc[slot]);
+        let a = kb.b.ins().iadd(t, a);
+        kb.set(acc[slot], a);
+    };
+    let z = kb.ic(0);
+    let pairs = kb.ic((steps / 2 * 32) as i64);
+    kb.for_steps(z, pairs, 32, &mut |kb, c| {
+        step(kb, c, 0);
+        let c1 = kb.addi(c, 16);
+        step(kb, c1, 1);
+    });
+    if steps % 2 == 1 {
+        let c = kb.ic(((steps - 1) * 16) as i64);
+        step(kb, c, 0);
+    }
+    let a0 = kb.get(acc[0]);
+    let a1 = kb.get(acc[1]);
+    let v = kb.b.ins().iadd(a0, a1);
+    let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(v, i)).collect();
+    let s01 = kb.b.ins().iadd(l[0], l[1]);
+    let s23 = kb.b.ins().iadd(l[2], l[3]);
+    let s = kb.b.ins().iadd(s01, s23);
+    let wsum = kb.b.ins().load(I32, flags(), prow, 4);
+    let corr = kb.b.ins().imul_imm_s(wsum, 128);
+    kb.b.ins().isub(s, corr)
+}
+
+/// The W8A8 product: per row of `a`, the activations are quantized to int8 as
+/// `ir::quant::quantize_act` does (stored as `q + 128` in a stack buffer), then every output
+/// column is an integer dot product scaled by the weight row's scale times the row's scale.
+#[allow(clippy::too_many_arguments)]
+fn w8a8_gemm(kb: &mut Kb, m: Value, k: usize, n: usize, a: Value, b: Value, o: Value, epi: &Epi) {
+    use cranelift_codegen::ir::condcodes::FloatCC;
+    let rb = row_bytes(Layout::W8A8, k) as i64;
+    let kpad = k.div_ceil(16) * 16;
+    let gated = matches!(epi, Epi::Gated { .. });
+    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, kpad.max(16) as u32, 6));
+    let u = kb.b.ins().stack_addr(I64, slot, 0);
+    // Padding lanes hold code 0 (+128): they meet zero weight codes.
+    let c128 = kb.b.ins().iconst(I8, -128i64);
+    let v128 = kb.b.ins().splat(I8X16, c128);
+    for c in (0..kpad).step_by(16) {
+        kb.b.ins().store(flags(), v128, u, c as i32);
+    }
+    let nv = kb.ic(n as i64);
+    let (lo, hi) = kb.part_range(nv);
+    let z = kb.ic(0);
+    let kv = kb.ic(k as i64);
+    kb.for_steps(z, m, 1, &mut |kb, r| {
+        let ar = kb.muli(r, 4 * k as i64);
+        let ar = kb.add(a, ar);
+        // max |x| over the row
+        let zv = kb.fc(V4, 0.0);
+        let zs = kb.fc(F32, 0.0);
+        let mv = kb.var(V4, zv);
+        let ms = kb.var(F32, zs);
+        let e = kb.for_steps(z, kv, 4, &mut |kb, c| {
+            let x = kb.ld(V4, ar, c);
+            let x = kb.b.ins().fabs(x);
+            let cur = kb.get(mv);
+            let y = kb.fmax(V4, cur, x);
+            kb.set(mv, y);
+        });
+        kb.for_steps(e, kv, 1, &mut |kb, c| {
+            let x = kb.ld(F32, ar, c);
+            let x = kb.b.ins().fabs(x);
+            let cur = kb.get(ms);
+            let y = kb.fmax(F32, cur, x);
+            kb.set(ms, y);
+        });
+        let v = kb.get(mv);
+        let hm = kb.hmax(v);
+        let s = kb.get(ms);
+        let amax = kb.fmax(F32, hm, s);
+        let c127 = kb.fc(F32, 127.0);
+        let inv = kb.fdiv(c127, amax);
+        let pos = kb.b.ins().fcmp(FloatCC::GreaterThan, amax, zs);
+        let inv = kb.b.ins().select(pos, inv, zs);
+        let sa = kb.fdiv(amax, c127);
+        let invv = kb.splat(V4, inv);
+        let i128 = kb.b.ins().iconst(I32, 128);
+        let i128v = kb.b.ins().splat(I32X4, i128);
+        let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
+            let mut q = Vec::new();
+            for j in 0..4 {
+                let cj = kb.addi(c, 4 * j);
+                let x = kb.ld(V4, ar, cj);
+                let x = kb.fmul(x, invv);
+                let x = kb.b.ins().nearest(x);
+                let x = kb.b.ins().fcvt_to_sint_sat(I32X4, x);
+                q.push(kb.b.ins().iadd(x, i128v));
+            }
+            let h0 = kb.b.ins().snarrow(q[0], q[1]);
+            let h1 = kb.b.ins().snarrow(q[2], q[3]);
+            let bytes = kb.b.ins().unarrow(h0, h1);
+            let pu = kb.add(u, c);
+            kb.b.ins().store(flags(), bytes, pu, 0);
+        });
+        kb.for_steps(e, kv, 1, &mut |kb, c| {
+            let x = kb.ld(F32, ar, c);
+            let x = kb.fmul(x, inv);
+            let x = kb.b.ins().nearest(x);
+            let x = kb.b.ins().fcvt_to_sint_sat(I32, x);
+            let x = kb.b.ins().iadd_imm_s(x, 128);
+            let pu = kb.add(u, c);
+            kb.b.ins().istore8(flags(), x, pu, 0);
+        });
+        kb.for_steps(lo, hi, 1, &mut |kb, j| {
+            let off = kb.muli(j, rb);
+            let prow = kb.add(b, off);
+            let col = |kb: &mut Kb, prow: Value| {
+                let d = w8a8_dot(kb, k, prow, u);
+                let d = kb.b.ins().fcvt_from_sint(F32, d);
+                let sw = kb.b.ins().load(F32, flags(), prow, 0);
+                let sc = kb.fmul(sw, sa);
+                kb.fmul(d, sc)
+            };
+            let x = col(kb, prow);
+            let up = gated.then(|| {
+                let pu = kb.addi(prow, rb * n as i64);
+                col(kb, pu)
+            });
+            let oi = kb.muli(r, n as i64);
+            let oi = kb.add(oi, j);
+            let y = epilogue(kb, epi, x, up, j, oi);
+            kb.st(y, o, oi);
+        });
+    });
+}
+
 /// `out[r, j] = epi(sum_k a[r, k] * w[j, k])` for `r < m`, `j < n` (`n` output columns; the
 /// packed weight has `2n` rows when gated).
 #[allow(clippy::too_many_arguments)]
@@ -588,6 +758,9 @@ pub(crate) fn packed_gemm(
     o: Value,
     epi: Epi,
 ) {
+    if layout == Layout::W8A8 {
+        return w8a8_gemm(kb, m, k, n, a, b, o, &epi);
+    }
     let rb = row_bytes(layout, k) as i64;
     let kpad = k.div_ceil(32) * 32;
     let gated = matches!(epi, Epi::Gated { .. });

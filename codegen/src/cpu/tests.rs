@@ -1603,6 +1603,16 @@ fn compiled_sparse_and_calibrated_layouts_match_the_interpreter() {
     let e = layouts_match(&sparse, &dense, &gb.w, "sparse");
     assert!(e > 1e-3, "2:4 graph evaluates like the dense one ({e:e})");
 
+    // W8A8: activations quantized per token inside the kernels (K = 44: a partial 16-byte
+    // step and an f32 tail of the activation quantizer; K = 40, 28: odd step counts).
+    let mut w8 = gb.g.clone();
+    for n in [w1, wg, wu, wl] {
+        set(&mut w8, n, Layout::W8A8);
+    }
+    llmc_ir::verify(&w8).unwrap();
+    let e = layouts_match(&w8, &dense, &gb.w, "w8a8");
+    assert!(e > 1e-4, "w8a8 graph evaluates like the dense one ({e:e})");
+
     // Calibrated rows: codes that round-to-nearest would not give (every code moved by one
     // toward zero where possible, scales x1.1) for the int4 w1 and the int8 lm weight.
     struct Src<'a> {
