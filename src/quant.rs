@@ -19,9 +19,10 @@ use crate::CliError;
 
 #[derive(Args, Clone, Debug, Default)]
 pub(crate) struct QuantArgs {
-    /// Quantize matmul weights after the pipeline: int8, w8a8 (int8 weights and per-token int8
-    /// activations), or int4[:gN][:asym] (group-wise along K, groups of N (default 32);
-    /// symmetric unless asym). Round to nearest unless --calib (GPTQ; SmoothQuant for w8a8).
+    /// Quantize matmul weights after the pipeline: int8, int4[:gN][:asym] (group-wise along K,
+    /// groups of N (default 32); symmetric unless asym), w8a8 (int8 weights, per-token int8
+    /// activations) or w4a8[:gN] (symmetric int4 weights, groups a multiple of 32, int8
+    /// activations). Round to nearest unless --calib (GPTQ; SmoothQuant for w8a8).
     #[arg(long, value_name = "FORMAT")]
     pub quant: Option<String>,
     /// 2:4 structured sparsity of matmul weights: 2:4[:magnitude|wanda] (wanda needs --calib);

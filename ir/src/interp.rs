@@ -71,10 +71,17 @@ pub fn acts_quantized(g: &Graph, n: NodeId) -> bool {
     }
     let Some(&w) = g.inputs(n).get(1) else { return false };
     match g.op(w) {
-        Op::Weight { layout: Layout::W8A8, .. } => true,
+        Op::Weight { layout, .. } => layout.quantizes_activations(),
         Op::Concat { axis: 0, .. } => {
+            // Parts of one layout (as the packer requires); mixed concats are stored as f32.
             let ins = g.inputs(w);
-            !ins.is_empty() && ins.iter().all(|&i| matches!(g.op(i), Op::Weight { layout: Layout::W8A8, .. }))
+            let first = ins.first().and_then(|&i| match g.op(i) {
+                Op::Weight { layout, .. } => Some(*layout),
+                _ => None,
+            });
+            first.is_some_and(|l| {
+                l.quantizes_activations() && ins.iter().all(|&i| matches!(g.op(i), Op::Weight { layout, .. } if *layout == l))
+            })
         }
         _ => false,
     }

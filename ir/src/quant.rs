@@ -22,9 +22,10 @@ pub struct QRow {
 /// Quantizes one row under `layout` (empty for [`Layout::Dense`] and f32 [`Layout::Sparse24`],
 /// which have no codes; see [`sparse24_keep`]).
 pub fn quantize_row(layout: Layout, row: &[f32]) -> QRow {
+    let layout = layout.weight_format();
     match layout {
         Layout::Dense | Layout::Sparse24 { int8: false } => QRow { q: Vec::new(), scales: Vec::new(), zeros: Vec::new() },
-        Layout::Int8 | Layout::W8A8 => {
+        Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => {
             let (q, s) = sym(row, 127.0, -127.0);
             QRow { q, scales: vec![s], zeros: Vec::new() }
         }
@@ -54,6 +55,7 @@ pub fn quantize_row(layout: Layout, row: &[f32]) -> QRow {
 /// widened to hold 0, zero point `round(-lo / scale)`. A zero or non-finite range gives scale 0
 /// (every code decodes to 0). GPTQ takes its group parameters from here too.
 pub fn group_params(layout: Layout, g: &[f32]) -> (f32, Option<i8>) {
+    let layout = layout.weight_format();
     match layout {
         Layout::Int4 { asym: true, .. } => {
             let lo = g.iter().fold(0.0f32, |a, &x| a.min(x));
@@ -81,6 +83,7 @@ pub fn group_params(layout: Layout, g: &[f32]) -> (f32, Option<i8>) {
 /// The code of `x` under a group's `scale` and `zero`: round to nearest, clamped to the
 /// layout's range (int8 -127..=127, int4 symmetric -8..=7, asymmetric 0..=15).
 pub fn code(layout: Layout, x: f32, scale: f32, zero: Option<i8>) -> i8 {
+    let layout = layout.weight_format();
     if scale == 0.0 {
         return zero.unwrap_or(0);
     }
@@ -151,9 +154,10 @@ pub fn sparse24_pair(g: &[f32]) -> (usize, usize) {
 
 /// The value of element `j` of a quantized row: `(q - zero) as f32 * scale`.
 pub fn dequant(layout: Layout, r: &QRow, j: usize) -> f32 {
+    let layout = layout.weight_format();
     match layout {
         Layout::Dense | Layout::Sparse24 { int8: false } => 0.0,
-        Layout::Int8 | Layout::W8A8 | Layout::Sparse24 { int8: true } => r.q[j] as f32 * r.scales[0],
+        Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } | Layout::Sparse24 { int8: true } => r.q[j] as f32 * r.scales[0],
         Layout::Int4 { group, asym } => {
             let g = j / group;
             let z = if asym { r.zeros[g] } else { 0 };

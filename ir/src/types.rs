@@ -71,6 +71,9 @@ pub enum Layout {
     /// `s = max|x_row| / 127`, `q = round_ties_even(x * (127 / max|x_row|))` in -127..=127
     /// ([`crate::quant::quantize_act`]); a zero row stays zero.
     W8A8,
+    /// W4A8: the weight as symmetric [`Layout::Int4`] with groups of `group` (a multiple of 32),
+    /// the left-hand side of its products quantized per token as for [`Layout::W8A8`].
+    W4A8 { group: usize },
 }
 
 impl Layout {
@@ -83,6 +86,7 @@ impl Layout {
             Layout::Sparse24 { int8: false } => "sparse24".into(),
             Layout::Sparse24 { int8: true } => "sparse24_int8".into(),
             Layout::W8A8 => "w8a8".into(),
+            Layout::W4A8 { group } => format!("w4a8_g{group}"),
         }
     }
     pub fn from_name(s: &str) -> Option<Layout> {
@@ -92,6 +96,13 @@ impl Layout {
             "sparse24" => Layout::Sparse24 { int8: false },
             "sparse24_int8" => Layout::Sparse24 { int8: true },
             "w8a8" => Layout::W8A8,
+            _ if s.starts_with("w4a8_g") => {
+                let group: usize = s["w4a8_g".len()..].parse().ok()?;
+                if group == 0 || !group.is_multiple_of(32) {
+                    return None;
+                }
+                Layout::W4A8 { group }
+            }
             _ => {
                 let rest = s.strip_prefix("int4_g")?;
                 let (g, asym) = match rest.strip_suffix("_asym") {
@@ -106,12 +117,28 @@ impl Layout {
             }
         })
     }
+    /// The weight-side format: [`Layout::W8A8`] stores [`Layout::Int8`] codes, [`Layout::W4A8`]
+    /// symmetric [`Layout::Int4`] codes; others are their own.
+    pub fn weight_format(self) -> Layout {
+        match self {
+            Layout::W8A8 => Layout::Int8,
+            Layout::W4A8 { group } => Layout::Int4 { group, asym: false },
+            l => l,
+        }
+    }
+    /// Whether products reading a weight of this layout quantize their activations per token.
+    pub fn quantizes_activations(self) -> bool {
+        matches!(self, Layout::W8A8 | Layout::W4A8 { .. })
+    }
     /// Storage bits per weight element, scales and zero points included, for a row of `k` elements.
     pub fn bits_per_weight(self, k: usize) -> f64 {
+        if self.weight_format() != self {
+            return self.weight_format().bits_per_weight(k);
+        }
         let k = k.max(1) as f64;
         match self {
             Layout::Dense => 32.0,
-            Layout::Int8 | Layout::W8A8 => 8.0 + 32.0 / k,
+            Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => 8.0 + 32.0 / k,
             Layout::Int4 { group, asym } => {
                 let groups = (k / group as f64).ceil();
                 4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k

@@ -227,7 +227,7 @@ fn par_rows<T: Send>(data: &[f32], k: usize, f: &(dyn Fn(usize, &[f32]) -> T + S
 /// GPTQ codes and scales for weight `w` (`[n, k]`, row-major) under `layout` (int8 or int4),
 /// given `H = XᵀX` of its calibration inputs.
 pub fn gptq(w: &[f32], k: usize, h: &[f64], layout: Layout) -> Result<Vec<QRow>> {
-    if !matches!(layout, Layout::Int8 | Layout::Int4 { .. }) {
+    if !matches!(layout.weight_format(), Layout::Int8 | Layout::Int4 { .. }) || layout == Layout::W8A8 {
         return Err(err(format!("GPTQ does not apply to layout {layout}")));
     }
     let mut h = h.to_vec();
@@ -253,7 +253,7 @@ pub fn gptq(w: &[f32], k: usize, h: &[f64], layout: Layout) -> Result<Vec<QRow>>
             return Err(err("GPTQ: the calibration Hessian is not positive definite even when damped"));
         }
     };
-    let group = match layout {
+    let group = match layout.weight_format() {
         Layout::Int4 { group, .. } => group,
         _ => k,
     };
@@ -292,7 +292,7 @@ pub fn gptq(w: &[f32], k: usize, h: &[f64], layout: Layout) -> Result<Vec<QRow>>
 /// a slightly smaller scale trades clipped outliers for finer steps). int8 keeps its row scale.
 fn search_params(layout: Layout, g: &[f32], hdiag: &[f64]) -> (f32, Option<i8>) {
     let base = ir::quant::group_params(layout, g);
-    if !matches!(layout, Layout::Int4 { .. }) {
+    if !matches!(layout.weight_format(), Layout::Int4 { .. }) {
         return base;
     }
     let err = |(s, z): (f32, Option<i8>)| -> f64 {
@@ -494,7 +494,7 @@ pub fn calibrate<'a>(
                 norm.iter_mut().for_each(|s| *s = s.sqrt());
                 c.values.insert(name, wanda(&w, k, &norm));
             }
-            Layout::Int8 | Layout::Int4 { .. } if gptq_on => {
+            Layout::Int8 | Layout::Int4 { .. } | Layout::W4A8 { .. } if gptq_on => {
                 let h = hessian(x, k);
                 let rows = gptq(&w, k, &h, layout)?;
                 c.rows.insert(name, (layout, rows));

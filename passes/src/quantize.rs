@@ -34,13 +34,24 @@ impl Default for Quantize {
 impl Quantize {
     /// Parses `--quant`: `int8`, `int4`, `int4:g64`, `int4:g128:asym`, `int4:asym` (group 32 by default).
     pub fn parse_spec(spec: &str) -> Result<ir::Layout> {
-        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8, w8a8 or int4[:gN][:asym])"));
+        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8, int4[:gN][:asym], w8a8 or w4a8[:gN])"));
         let mut parts = spec.split(':');
         match parts.next() {
             Some("int8") => match parts.next() {
                 None => Ok(ir::Layout::Int8),
                 Some(p) => Err(bad(&format!("int8 takes no option `{p}`"))),
             },
+            Some("w4a8") => {
+                let mut group = 32;
+                for p in parts {
+                    match p.strip_prefix('g').and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) if n > 0 && n % 32 == 0 => group = n,
+                        Some(_) => return Err(bad("the w4a8 group size must be a positive multiple of 32")),
+                        None => return Err(bad(&format!("unknown option `{p}`"))),
+                    }
+                }
+                Ok(ir::Layout::W4A8 { group })
+            }
             Some("w8a8") => match parts.next() {
                 None => Ok(ir::Layout::W8A8),
                 Some(p) => Err(bad(&format!("w8a8 takes no option `{p}`"))),
@@ -259,6 +270,8 @@ mod tests {
     fn spec_parsing() {
         assert_eq!(Quantize::parse_spec("int8").unwrap(), ir::Layout::Int8);
         assert_eq!(Quantize::parse_spec("w8a8").unwrap(), ir::Layout::W8A8);
+        assert_eq!(Quantize::parse_spec("w4a8:g64").unwrap(), ir::Layout::W4A8 { group: 64 });
+        assert!(Quantize::parse_spec("w4a8:g16").is_err());
         assert_eq!(Quantize::parse_spec("int4").unwrap(), ir::Layout::Int4 { group: 32, asym: false });
         assert_eq!(Quantize::parse_spec("int4:g128:asym").unwrap(), ir::Layout::Int4 { group: 128, asym: true });
         for bad in ["int2", "int4:g0", "int4:g3", "int4:x", "int8:g32", ""] {

@@ -29,21 +29,29 @@ use super::math;
 pub fn packable(layout: Layout) -> bool {
     match layout {
         Layout::Dense => false,
-        Layout::Int8 | Layout::W8A8 => true,
+        Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => true,
         Layout::Int4 { group, .. } => group % 16 == 0,
         Layout::Sparse24 { .. } => true,
     }
 }
 
 fn groups(layout: Layout, k: usize) -> usize {
-    match layout {
+    match int4_of(layout) {
         Layout::Int4 { group, .. } => k.div_ceil(group),
         _ => 1,
     }
 }
 
-fn code_bytes(layout: Layout, k: usize) -> usize {
+/// W4A8 rows are stored exactly as symmetric int4 rows.
+fn int4_of(layout: Layout) -> Layout {
     match layout {
+        Layout::W4A8 { .. } => layout.weight_format(),
+        l => l,
+    }
+}
+
+fn code_bytes(layout: Layout, k: usize) -> usize {
+    match int4_of(layout) {
         Layout::Int4 { .. } => k.div_ceil(32) * 16,
         Layout::W8A8 => k.div_ceil(16) * 16,
         Layout::Sparse24 { int8 } => sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
@@ -124,7 +132,8 @@ pub fn pack_rows(layout: Layout, data: &[f32], rows: &[quant::QRow], k: usize) -
                 out.extend(idx);
                 out.resize(start + rb, 0);
             }
-            Layout::Int4 { asym, .. } => {
+            l @ (Layout::Int4 { .. } | Layout::W4A8 { .. }) => {
+                let asym = matches!(l, Layout::Int4 { asym: true, .. });
                 let code = |j: usize| -> u8 {
                     if j >= k {
                         0
@@ -341,7 +350,7 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
                 block(kb, blk, if rest > 16 { 2 } else { 1 });
             }
         }
-        Layout::W8A8 => {}
+        Layout::W8A8 | Layout::W4A8 { .. } => {}
         Layout::Sparse24 { int8 } => {
             let zero = kb.fc(V4, 0.0);
             let z = kb.ic(0);
@@ -533,7 +542,7 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
             let s = kb.fadd(x, y);
             kb.hsum(s)
         }
-        Layout::W8A8 => zs,
+        Layout::W8A8 | Layout::W4A8 { .. } => zs,
         Layout::Sparse24 { int8 } => {
             let acc: Vec<_> = (0..4).map(|_| kb.var(F32, zs)).collect();
             sparse_each(kb, int8, k, prow, &mut |kb, v, e, slot| {
@@ -586,6 +595,80 @@ fn epilogue(kb: &mut Kb, epi: &Epi, x: Value, up: Option<Value>, j: Value, oi: V
     }
 }
 
+/// `c + Σ` of `s8[i] · u8[i]` over each 4 lanes (i32x4): the CLIF tree Cranelift lowers to one
+/// `vpdpbusd` on VNNI hosts (exact: every i8 · u8 product fits i16).
+fn dpbusd(kb: &mut Kb, c: Value, u8s: Value, s8s: Value) -> Value {
+    let wl = kb.b.ins().swiden_low(s8s);
+    let xl = kb.b.ins().uwiden_low(u8s);
+    let lo = kb.b.ins().imul(wl, xl);
+    let wh = kb.b.ins().swiden_high(s8s);
+    let xh = kb.b.ins().uwiden_high(u8s);
+    let hi = kb.b.ins().imul(wh, xh);
+    let l0 = kb.b.ins().swiden_low(lo);
+    let l1 = kb.b.ins().swiden_high(lo);
+    let pl = kb.b.ins().iadd_pairwise(l0, l1);
+    let h0 = kb.b.ins().swiden_low(hi);
+    let h1 = kb.b.ins().swiden_high(hi);
+    let ph = kb.b.ins().iadd_pairwise(h0, h1);
+    let t = kb.b.ins().iadd_pairwise(pl, ph);
+    kb.b.ins().iadd(t, c)
+}
+
+/// `Σ_k (q[k] − 8) · s_g · x[k]` (f32, before the activation scale) for one W4A8 row `prow`
+/// (symmetric int4 blocks, codes stored as `q + 8`) and the activation codes `x` (i8, padded
+/// with 0) with their per-32-block sums `bsum` (i32): per block, the nibbles are the unsigned
+/// operand of two `vpdpbusd`s accumulating onto `−8 · bsum[b]` (an exact i32), converted once
+/// and multiplied by the block's group scale.
+fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Value) -> Value {
+    let layout = Layout::W4A8 { group };
+    let codes = kb.addi(prow, codes_at(layout, k) as i64);
+    let mask = kb.b.ins().iconst(I8, 0x0f);
+    let mask = kb.b.ins().splat(I8X16, mask);
+    let zv = kb.fc(V4, 0.0);
+    let acc = [kb.var(V4, zv), kb.var(V4, zv)];
+    let nb = k.div_ceil(32);
+    let per = group / 32;
+    let block = |kb: &mut Kb, blk: Value, slot: usize| {
+        let pc = kb.muli(blk, 16);
+        let pc = kb.add(codes, pc);
+        let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+        let lo = kb.b.ins().band(v, mask);
+        let hi = kb.b.ins().ushr_imm_s(v, 4);
+        let hi = kb.b.ins().band(hi, mask);
+        let bs = kb.ld(I32, bsum, blk);
+        let c = kb.b.ins().imul_imm_s(bs, -8);
+        let c = kb.b.ins().scalar_to_vector(I32X4, c);
+        let e0 = kb.muli(blk, 32);
+        let px = kb.add(x, e0);
+        let x0 = kb.b.ins().load(I8X16, flags(), px, 0);
+        let x1 = kb.b.ins().load(I8X16, flags(), px, 16);
+        let d = dpbusd(kb, c, lo, x0);
+        let d = dpbusd(kb, d, hi, x1);
+        let f = kb.b.ins().fcvt_from_sint(V4, d);
+        let gi = if per == 1 { blk } else { kb.b.ins().udiv_imm_s(blk, per as i64) };
+        let sg = kb.ld(F32, prow, gi);
+        let sv = kb.splat(V4, sg);
+        let a = kb.get(acc[slot]);
+        let a = kb.fma(f, sv, a);
+        kb.set(acc[slot], a);
+    };
+    let z = kb.ic(0);
+    let pairs = kb.ic((nb / 2 * 2) as i64);
+    kb.for_steps(z, pairs, 2, &mut |kb, b0| {
+        block(kb, b0, 0);
+        let b1 = kb.addi(b0, 1);
+        block(kb, b1, 1);
+    });
+    if nb % 2 == 1 {
+        let b = kb.ic((nb - 1) as i64);
+        block(kb, b, 0);
+    }
+    let a0 = kb.get(acc[0]);
+    let a1 = kb.get(acc[1]);
+    let s = kb.fadd(a0, a1);
+    kb.hsum(s)
+}
+
 /// `Σ_k w[k] · (u[k] − 128)` as i32 for one W8A8 row `prow` (`k` codes, padded to 16) and the
 /// activation codes `u` (u8, `q + 128`, padded with 128): 16 bytes per step through the
 /// widening-multiply, pairwise-add tree that Cranelift folds into one `vpdpbusd` on VNNI hosts
@@ -601,21 +684,8 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
         let w = kb.b.ins().load(I8X16, flags(), pw, 0);
         let pu = kb.add(u, c);
         let x = kb.b.ins().load(I8X16, flags(), pu, 0);
-        let wl = kb.b.ins().swiden_low(w);
-        let xl = kb.b.ins().uwiden_low(x);
-        let lo = kb.b.ins().imul(wl, xl);
-        let wh = kb.b.ins().swiden_high(w);
-        let xh = kb.b.ins().uwiden_high(x);
-        let hi = kb.b.ins().imul(wh, xh);
-        let l0 = kb.b.ins().swiden_low(lo);
-        let l1 = kb.b.ins().swiden_high(lo);
-        let pl = kb.b.ins().iadd_pairwise(l0, l1);
-        let h0 = kb.b.ins().swiden_low(hi);
-        let h1 = kb.b.ins().swiden_high(hi);
-        let ph = kb.b.ins().iadd_pairwise(h0, h1);
-        let t = kb.b.ins().iadd_pairwise(pl, ph);
         let a = kb.get(acc[slot]);
-        let a = kb.b.ins().iadd(t, a);
+        let a = dpbusd(kb, a, x, w);
         kb.set(acc[slot], a);
     };
     let z = kb.ic(0);
@@ -641,23 +711,32 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
     kb.b.ins().isub(s, corr)
 }
 
-/// The W8A8 product: per row of `a`, the activations are quantized to int8 as
-/// `ir::quant::quantize_act` does (stored as `q + 128` in a stack buffer), then every output
-/// column is an integer dot product scaled by the weight row's scale times the row's scale.
+/// The W8A8 / W4A8 product: per row of `a`, the activations are quantized to int8 as
+/// `ir::quant::quantize_act` does into a stack buffer (W8A8: stored as `q + 128`, the unsigned
+/// operand; W4A8: signed, with per-32-block code sums), then every output column is an integer
+/// dot product scaled by the weight's scale(s) times the row's activation scale.
 #[allow(clippy::too_many_arguments)]
-fn w8a8_gemm(kb: &mut Kb, m: Value, k: usize, n: usize, a: Value, b: Value, o: Value, epi: &Epi) {
+fn a8_gemm(kb: &mut Kb, layout: Layout, m: Value, k: usize, n: usize, a: Value, b: Value, o: Value, epi: &Epi) {
     use cranelift_codegen::ir::condcodes::FloatCC;
-    let rb = row_bytes(Layout::W8A8, k) as i64;
-    let kpad = k.div_ceil(16) * 16;
+    let w4 = match layout {
+        Layout::W4A8 { group } => Some(group),
+        _ => None,
+    };
+    let rb = row_bytes(layout, k) as i64;
+    let kpad = k.div_ceil(32) * 32;
     let gated = matches!(epi, Epi::Gated { .. });
-    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, kpad.max(16) as u32, 6));
+    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, kpad.max(32) as u32, 6));
     let u = kb.b.ins().stack_addr(I64, slot, 0);
-    // Padding lanes hold code 0 (+128): they meet zero weight codes.
-    let c128 = kb.b.ins().iconst(I8, -128i64);
+    let nblk = k.div_ceil(32);
+    let bslot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * nblk).max(16) as u32, 6));
+    let bsum = kb.b.ins().stack_addr(I64, bslot, 0);
+    // Padding lanes hold code 0 (stored +128 for W8A8): they meet zero weight codes.
+    let c128 = kb.b.ins().iconst(I8, if w4.is_some() { 0 } else { -128i64 });
     let v128 = kb.b.ins().splat(I8X16, c128);
     for c in (0..kpad).step_by(16) {
         kb.b.ins().store(flags(), v128, u, c as i32);
     }
+    let bias = if w4.is_some() { 0 } else { 128 };
     let nv = kb.ic(n as i64);
     let (lo, hi) = kb.part_range(nv);
     let z = kb.ic(0);
@@ -694,8 +773,21 @@ fn w8a8_gemm(kb: &mut Kb, m: Value, k: usize, n: usize, a: Value, b: Value, o: V
         let inv = kb.b.ins().select(pos, inv, zs);
         let sa = kb.fdiv(amax, c127);
         let invv = kb.splat(V4, inv);
-        let i128 = kb.b.ins().iconst(I32, 128);
+        let i128 = kb.b.ins().iconst(I32, bias);
         let i128v = kb.b.ins().splat(I32X4, i128);
+        if w4.is_some() {
+            let zi = kb.b.ins().iconst(I32, 0);
+            for bi in 0..nblk {
+                kb.b.ins().store(flags(), zi, bsum, 4 * bi as i32);
+            }
+        }
+        // Adds `v` (i32) to the block sum of element `c`.
+        let add_bsum = |kb: &mut Kb, c: Value, v: Value| {
+            let bi = kb.b.ins().ushr_imm_s(c, 5);
+            let cur = kb.ld(I32, bsum, bi);
+            let nv = kb.b.ins().iadd(cur, v);
+            kb.st(nv, bsum, bi);
+        };
         let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
             let mut q = Vec::new();
             for j in 0..4 {
@@ -704,32 +796,51 @@ fn w8a8_gemm(kb: &mut Kb, m: Value, k: usize, n: usize, a: Value, b: Value, o: V
                 let x = kb.fmul(x, invv);
                 let x = kb.b.ins().nearest(x);
                 let x = kb.b.ins().fcvt_to_sint_sat(I32X4, x);
-                q.push(kb.b.ins().iadd(x, i128v));
+                q.push(if w4.is_some() { x } else { kb.b.ins().iadd(x, i128v) });
             }
             let h0 = kb.b.ins().snarrow(q[0], q[1]);
             let h1 = kb.b.ins().snarrow(q[2], q[3]);
-            let bytes = kb.b.ins().unarrow(h0, h1);
+            let bytes = if w4.is_some() { kb.b.ins().snarrow(h0, h1) } else { kb.b.ins().unarrow(h0, h1) };
             let pu = kb.add(u, c);
             kb.b.ins().store(flags(), bytes, pu, 0);
+            if w4.is_some() {
+                let s01 = kb.b.ins().iadd(q[0], q[1]);
+                let s23 = kb.b.ins().iadd(q[2], q[3]);
+                let sv = kb.b.ins().iadd(s01, s23);
+                let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(sv, i)).collect();
+                let a01 = kb.b.ins().iadd(l[0], l[1]);
+                let a23 = kb.b.ins().iadd(l[2], l[3]);
+                let t = kb.b.ins().iadd(a01, a23);
+                add_bsum(kb, c, t);
+            }
         });
         kb.for_steps(e, kv, 1, &mut |kb, c| {
             let x = kb.ld(F32, ar, c);
             let x = kb.fmul(x, inv);
             let x = kb.b.ins().nearest(x);
             let x = kb.b.ins().fcvt_to_sint_sat(I32, x);
-            let x = kb.b.ins().iadd_imm_s(x, 128);
+            if w4.is_some() {
+                add_bsum(kb, c, x);
+            }
+            let x = kb.b.ins().iadd_imm_s(x, bias);
             let pu = kb.add(u, c);
             kb.b.ins().istore8(flags(), x, pu, 0);
         });
         kb.for_steps(lo, hi, 1, &mut |kb, j| {
             let off = kb.muli(j, rb);
             let prow = kb.add(b, off);
-            let col = |kb: &mut Kb, prow: Value| {
-                let d = w8a8_dot(kb, k, prow, u);
-                let d = kb.b.ins().fcvt_from_sint(F32, d);
-                let sw = kb.b.ins().load(F32, flags(), prow, 0);
-                let sc = kb.fmul(sw, sa);
-                kb.fmul(d, sc)
+            let col = |kb: &mut Kb, prow: Value| match w4 {
+                Some(group) => {
+                    let d = w4a8_dot(kb, group, k, prow, u, bsum);
+                    kb.fmul(d, sa)
+                }
+                None => {
+                    let d = w8a8_dot(kb, k, prow, u);
+                    let d = kb.b.ins().fcvt_from_sint(F32, d);
+                    let sw = kb.b.ins().load(F32, flags(), prow, 0);
+                    let sc = kb.fmul(sw, sa);
+                    kb.fmul(d, sc)
+                }
             };
             let x = col(kb, prow);
             let up = gated.then(|| {
@@ -758,8 +869,8 @@ pub(crate) fn packed_gemm(
     o: Value,
     epi: Epi,
 ) {
-    if layout == Layout::W8A8 {
-        return w8a8_gemm(kb, m, k, n, a, b, o, &epi);
+    if layout.quantizes_activations() {
+        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi);
     }
     let rb = row_bytes(layout, k) as i64;
     let kpad = k.div_ceil(32) * 32;

@@ -1612,6 +1612,15 @@ fn compiled_sparse_and_calibrated_layouts_match_the_interpreter() {
     llmc_ir::verify(&w8).unwrap();
     let e = layouts_match(&w8, &dense, &gb.w, "w8a8");
     assert!(e > 1e-4, "w8a8 graph evaluates like the dense one ({e:e})");
+    // W4A8 groups of 32 (K = 44, 40, 28: partial last blocks) and 64 (shared across blocks).
+    let mut w4 = gb.g.clone();
+    set(&mut w4, w1, Layout::W4A8 { group: 32 });
+    set(&mut w4, wg, Layout::W4A8 { group: 64 });
+    set(&mut w4, wu, Layout::W4A8 { group: 64 });
+    set(&mut w4, wl, Layout::W4A8 { group: 32 });
+    llmc_ir::verify(&w4).unwrap();
+    let e = layouts_match(&w4, &dense, &gb.w, "w4a8");
+    assert!(e > 1e-3, "w4a8 graph evaluates like the dense one ({e:e})");
 
     // Calibrated rows: codes that round-to-nearest would not give (every code moved by one
     // toward zero where possible, scales x1.1) for the int4 w1 and the int8 lm weight.
