@@ -135,7 +135,38 @@ fn quant_flags_are_checked() {
             .args(["--quant", "int4", "--calib", "/nonexistent/calib.txt"]),
         &["--calib", "/nonexistent/calib.txt"],
     );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--quant", "w4a8:g16"]),
+        &["w4a8", "32"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--quant", "w8a8", "--smooth-alpha", "1.5"]),
+        &["--smooth-alpha"],
+    );
     assert!(!out.exists());
+}
+
+/// W8A8 (SmoothQuant-calibrated) and W4A8 (GPTQ-calibrated): activations quantized per token
+/// at run time; perplexity stays close to f32.
+#[test]
+fn activation_quantized_layouts() {
+    let d = tmpdir("quant-a8");
+    let calib = seedlm().join("calib.txt");
+    let mk = |name: &str, extra: &[&str]| -> (std::path::PathBuf, serde_json::Value) {
+        let art = d.join(name);
+        let j = last_json(&ok(llmc().arg("compile").arg(seedlm()).arg("-o").arg(&art).arg("--json").args(extra)));
+        (art, j)
+    };
+    let (f32_art, _) = mk("f32.llmc", &[]);
+    let ppl = eval(&f32_art, &[])["perplexity"].as_f64().unwrap();
+    let (w8, j8) = mk("w8a8.llmc", &["--quant", "w8a8", "--calib", calib.to_str().unwrap()]);
+    assert_eq!(j8["quant"]["method"], "smoothquant", "{j8}");
+    let p8 = eval(&w8, &[])["perplexity"].as_f64().unwrap();
+    assert!(p8 != ppl && (p8 / ppl - 1.0).abs() < 0.01, "w8a8 {p8} vs f32 {ppl}");
+    let (w4, j4) = mk("w4a8.llmc", &["--quant", "w4a8", "--calib", calib.to_str().unwrap()]);
+    assert_eq!(j4["quant"]["layout"], "w4a8_g32", "{j4}");
+    let p4 = eval(&w4, &[])["perplexity"].as_f64().unwrap();
+    assert!(p4 > ppl && p4 < ppl * 1.03, "w4a8 {p4} vs f32 {ppl}");
 }
 
 /// GPTQ-calibrated int4 g32 beats round-to-nearest and stays within 2% of f32 perplexity;
