@@ -616,7 +616,7 @@ fn dpbusd(kb: &mut Kb, c: Value, u8s: Value, s8s: Value) -> Value {
 
 /// `Σ_k (q[k] − 8) · s_g · x[k]` (f32, before the activation scale) for one W4A8 row `prow`
 /// (symmetric int4 blocks, codes stored as `q + 8`) and the activation codes `x` (i8, padded
-/// with 0) with their per-32-block sums `bsum` (i32): per block, the nibbles are the unsigned
+/// with 0) with `bsum` holding `-8 ·` each 32-block's code sum (i32): per block, the nibbles are the unsigned
 /// operand of two `vpdpbusd`s accumulating onto `−8 · bsum[b]` (an exact i32), converted once
 /// and multiplied by the block's group scale.
 fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Value) -> Value {
@@ -633,10 +633,14 @@ fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Va
         let pc = kb.add(codes, pc);
         let v = kb.b.ins().load(I8X16, flags(), pc, 0);
         let lo = kb.b.ins().band(v, mask);
-        let hi = kb.b.ins().ushr_imm_s(v, 4);
+        // High nibbles: a 16-bit lane shift (bits crossing a byte boundary are masked off).
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let v16 = kb.b.ins().bitcast(I16X8, le, v);
+        let hi = kb.b.ins().ushr_imm_s(v16, 4);
+        let hi = kb.b.ins().bitcast(I8X16, le, hi);
         let hi = kb.b.ins().band(hi, mask);
-        let bs = kb.ld(I32, bsum, blk);
-        let c = kb.b.ins().imul_imm_s(bs, -8);
+        // The activation side stored `-8 · Σ codes` per block.
+        let c = kb.ld(I32, bsum, blk);
         let c = kb.b.ins().scalar_to_vector(I32X4, c);
         let e0 = kb.muli(blk, 32);
         let px = kb.add(x, e0);
@@ -783,6 +787,7 @@ fn a8_gemm(kb: &mut Kb, layout: Layout, m: Value, k: usize, n: usize, a: Value, 
         }
         // Adds `v` (i32) to the block sum of element `c`.
         let add_bsum = |kb: &mut Kb, c: Value, v: Value| {
+            let v = kb.b.ins().imul_imm_s(v, -8);
             let bi = kb.b.ins().ushr_imm_s(c, 5);
             let cur = kb.ld(I32, bsum, bi);
             let nv = kb.b.ins().iadd(cur, v);
