@@ -505,6 +505,44 @@ pub fn calibrate<'a>(
     Ok(c)
 }
 
+/// `‖X Dᵀ‖_F / ‖X Wᵀ‖_F` for calibration rows `x` (`T × k`): straight from the rows
+/// (`T·K` per weight row; `direct`, used when `T < K`) or through `H = XᵀX` (`K²` per row).
+pub fn output_error(x: &[f32], k: usize, w: &[f32], d: &[f32], direct: bool) -> f64 {
+    let quad: Box<dyn Fn(&[f32]) -> f64> = if direct {
+        Box::new(|v: &[f32]| -> f64 {
+            par_rows(v, k, &|_, r| {
+                x.chunks(k)
+                    .map(|xt| {
+                        let s: f64 = xt.iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        s * s
+                    })
+                    .sum::<f64>()
+            })
+            .iter()
+            .sum()
+        })
+    } else {
+        let h = hessian(x, k);
+        Box::new(move |v: &[f32]| -> f64 {
+            par_rows(v, k, &|_, r| {
+                let mut t = 0.0;
+                for i in 0..k {
+                    let hr = &h[i * k..(i + 1) * k];
+                    let mut s = 0.0;
+                    for j in 0..k {
+                        s += hr[j] * r[j] as f64;
+                    }
+                    t += s * r[i] as f64;
+                }
+                t
+            })
+            .iter()
+            .sum()
+        })
+    };
+    (quad(d) / quad(w).max(1e-300)).max(0.0).sqrt()
+}
+
 /// One row of the `--report` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatrixReport {
@@ -535,26 +573,7 @@ pub fn report(
         let sq = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
         let weight_error = (sq(&d) / sq(&w).max(1e-300)).sqrt();
         let output_error = match acts.and_then(|a| a.get(&name)) {
-            Some((kx, x)) if kx == k && !x.is_empty() => {
-                let h = hessian(x, k);
-                let quad = |v: &[f32]| -> f64 {
-                    par_rows(v, k, &|_, r| {
-                        let mut t = 0.0;
-                        for i in 0..k {
-                            let hr = &h[i * k..(i + 1) * k];
-                            let mut s = 0.0;
-                            for j in 0..k {
-                                s += hr[j] * r[j] as f64;
-                            }
-                            t += s * r[i] as f64;
-                        }
-                        t
-                    })
-                    .iter()
-                    .sum()
-                };
-                Some((quad(&d) / quad(&w).max(1e-300)).max(0.0).sqrt())
-            }
+            Some((kx, x)) if kx == k && !x.is_empty() => Some(output_error(x, k, &w, &d, x.len() / k < k)),
             _ => None,
         };
         out.push(MatrixReport {
@@ -658,6 +677,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn output_error_two_ways_agree() {
+        let (n, k, t) = (5, 12, 7);
+        let (x, w) = (lcg(t * k, 1), lcg(n * k, 2));
+        let wq = ir::quant::fake_quant(Layout::Int4 { group: 4, asym: false }, &w, k);
+        let d: Vec<f32> = w.iter().zip(&wq).map(|(a, b)| a - b).collect();
+        let (a, b) = (output_error(&x, k, &w, &d, true), output_error(&x, k, &w, &d, false));
+        assert!(a > 0.0 && (a - b).abs() < 1e-9 * a.max(1.0), "{a} vs {b}");
+        // By definition: ‖XDᵀ‖/‖XWᵀ‖ computed naively.
+        let prod = |m: &[f32]| -> f64 {
+            let mut e = 0.0;
+            for r in 0..t {
+                for o in 0..n {
+                    let s: f64 = (0..k).map(|j| x[r * k + j] as f64 * m[o * k + j] as f64).sum();
+                    e += s * s;
+                }
+            }
+            e
+        };
+        assert!((a - (prod(&d) / prod(&w)).sqrt()).abs() < 1e-9);
     }
 
     #[test]
