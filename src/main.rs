@@ -6,6 +6,7 @@
 mod embed;
 mod emit_lib;
 mod eval;
+mod quant;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -115,14 +116,8 @@ struct CompileArgs {
     /// Print the compile report as one JSON line.
     #[arg(long)]
     json: bool,
-    /// Quantize matmul weights after the pipeline (round-to-nearest): int8, or int4[:gN][:asym]
-    /// (group-wise along K, groups of N (default 32); symmetric unless asym).
-    #[arg(long, value_name = "FORMAT")]
-    quant: Option<String>,
-    /// With --quant: keep weights whose checkpoint name contains PATTERN (or matches it as a glob
-    /// with * and ?) in f32 (repeatable; e.g. lm_head).
-    #[arg(long = "keep-fp", value_name = "PATTERN", requires = "quant")]
-    keep_fp: Vec<String>,
+    #[command(flatten)]
+    q: quant::QuantArgs,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -387,6 +382,9 @@ impl llmc_ir::WeightSource for ProgressWeights<'_> {
         self.bar.inc(1);
         Ok(v)
     }
+    fn quantized(&self, name: &str, layout: llmc_ir::Layout) -> Option<Vec<llmc_ir::quant::QRow>> {
+        self.inner.quantized(name, layout)
+    }
 }
 
 /// What `compile` carries besides the graph: tokenizer.json, chat template, stop tokens.
@@ -496,12 +494,7 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
     };
     let stdout = std::io::stdout();
     let mut m = optimize(&a.model, &a.pipeline, &mut stdout.lock())?;
-    let mut quant = None;
-    if let Some(spec) = &a.quant {
-        let q = passes::Quantize { layout: passes::Quantize::parse_spec(spec)?, keep_fp: a.keep_fp.clone() };
-        let stats = passes::PassManager::from_passes(vec![Box::new(q)]).run(&mut m.graph, &mut stdout.lock())?;
-        quant = stats.first().map(|(_, st, _)| (st.get("quantized"), st.get("quantized-params")));
-    }
+    let quant_set = quant::set_layouts(&a.q, &mut m, &mut stdout.lock())?;
     // The token vocabulary: the `vocab_size` meta (an encoder's output is its hidden size), else
     // the logits' width.
     let vocab = match m.graph.outputs.first().map(|&o| m.graph.ty(o).shape.clone()).as_deref() {
@@ -541,7 +534,13 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
         }
     }
     let bar = progress(quiet, weights.len() as u64, "writing weights [{bar:30}] {pos}/{len} tensors {elapsed}");
-    let source = ProgressWeights { inner: &m.checkpoint, bar: &bar };
+    let plan = quant::calibrate(&a.q, &m, quant_set)?;
+    let report = if a.q.report { Some(quant::report(&m, &plan)?) } else { None };
+    let inner: &dyn llmc_ir::WeightSource = match &plan.source {
+        Some(s) => s,
+        None => &m.checkpoint,
+    };
+    let source = ProgressWeights { inner, bar: &bar };
     let t1 = Instant::now();
     let r = backend.compile(&m.graph, &source, &opts, &artifact_path)?;
     bar.finish_and_clear();
@@ -570,8 +569,14 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
             j["ptx_files"] = r.ptx_files.len().into();
         }
         j["bits_per_weight"] = (r.weight_bytes as f64 * 8.0 / params.max(1) as f64).into();
-        if let Some((tensors, qparams)) = quant {
-            j["quant"] = serde_json::json!({ "format": a.quant, "tensors": tensors, "params": qparams });
+        if let Some(layout) = plan.layout {
+            j["quant"] = serde_json::json!({
+                "format": a.q.quant, "sparsity": a.q.sparsity, "layout": layout.name(), "method": plan.method,
+                "tensors": plan.tensors, "params": plan.params,
+            });
+        }
+        if let Some(rows) = &report {
+            j["report"] = quant::report_json(rows);
         }
         if let Some(l) = &lib {
             j["artifact"] = artifact_path.display().to_string().into();
@@ -600,6 +605,10 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
                 l.library.display(), l.header.display(), a.output.display(), a.output.display()
             );
         }
+    }
+    if let (Some(rows), false) = (&report, a.json) {
+        quant::print_report(rows);
+        println!("artifact: {:.3} bits/weight over all {params} parameters", r.weight_bytes as f64 * 8.0 / params.max(1) as f64);
     }
     Ok(())
 }

@@ -109,15 +109,119 @@ fn quant_flags_are_checked() {
             .args(["--quant", "int4:g7"]),
         &["group"],
     );
-    // --keep-fp without --quant is a usage error (clap's exit code 2).
-    let o = llmc()
-        .arg("compile")
-        .arg(seedlm())
-        .arg("-o")
-        .arg(&out)
-        .args(["--keep-fp", "lm_head"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("--quant"), "{}", stderr(&o));
+    // --keep-fp without --quant or --sparsity is a usage error.
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--keep-fp", "lm_head"]),
+        &["--keep-fp", "--quant"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--sparsity", "3:4"]),
+        &["--sparsity", "3:4"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--sparsity", "2:4:wanda"]),
+        &["wanda", "--calib"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--sparsity", "2:4", "--quant", "int4"]),
+        &["--sparsity", "int8"],
+    );
+    fails_with(
+        llmc()
+            .arg("compile")
+            .arg(seedlm())
+            .arg("-o")
+            .arg(&out)
+            .args(["--quant", "int4", "--calib", "/nonexistent/calib.txt"]),
+        &["--calib", "/nonexistent/calib.txt"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--quant", "w4a8:g16"]),
+        &["w4a8", "32"],
+    );
+    fails_with(
+        llmc().arg("compile").arg(seedlm()).arg("-o").arg(&out).args(["--quant", "w8a8", "--smooth-alpha", "1.5"]),
+        &["--smooth-alpha"],
+    );
+    assert!(!out.exists());
+}
+
+/// W8A8 (SmoothQuant-calibrated) and W4A8 (GPTQ-calibrated): activations quantized per token
+/// at run time; perplexity stays close to f32.
+#[test]
+fn activation_quantized_layouts() {
+    let d = tmpdir("quant-a8");
+    let calib = seedlm().join("calib.txt");
+    let mk = |name: &str, extra: &[&str]| -> (std::path::PathBuf, serde_json::Value) {
+        let art = d.join(name);
+        let j = last_json(&ok(llmc().arg("compile").arg(seedlm()).arg("-o").arg(&art).arg("--json").args(extra)));
+        (art, j)
+    };
+    let (f32_art, _) = mk("f32.llmc", &[]);
+    let ppl = eval(&f32_art, &[])["perplexity"].as_f64().unwrap();
+    let (w8, j8) = mk("w8a8.llmc", &["--quant", "w8a8", "--calib", calib.to_str().unwrap()]);
+    assert_eq!(j8["quant"]["method"], "smoothquant", "{j8}");
+    let p8 = eval(&w8, &[])["perplexity"].as_f64().unwrap();
+    assert!(p8 != ppl && (p8 / ppl - 1.0).abs() < 0.01, "w8a8 {p8} vs f32 {ppl}");
+    let (w4, j4) = mk("w4a8.llmc", &["--quant", "w4a8", "--calib", calib.to_str().unwrap()]);
+    assert_eq!(j4["quant"]["layout"], "w4a8_g32", "{j4}");
+    let p4 = eval(&w4, &[])["perplexity"].as_f64().unwrap();
+    assert!(p4 > ppl && p4 < ppl * 1.03, "w4a8 {p4} vs f32 {ppl}");
+}
+
+/// GPTQ-calibrated int4 g32 beats round-to-nearest and stays within 2% of f32 perplexity;
+/// `--report` lists every quantized matrix with its weight and output error.
+#[test]
+fn calibrated_int4_beats_round_to_nearest() {
+    let d = tmpdir("quant-gptq");
+    let calib = seedlm().join("calib.txt");
+    let mk = |name: &str, extra: &[&str]| -> (std::path::PathBuf, serde_json::Value) {
+        let art = d.join(name);
+        let j = last_json(&ok(llmc().arg("compile").arg(seedlm()).arg("-o").arg(&art).arg("--json").args(extra)));
+        (art, j)
+    };
+    let (f32_art, _) = mk("f32.llmc", &[]);
+    let ppl = eval(&f32_art, &[])["perplexity"].as_f64().unwrap();
+    let (rtn, _) = mk("rtn.llmc", &["--quant", "int4"]);
+    let p_rtn = eval(&rtn, &[])["perplexity"].as_f64().unwrap();
+    let (gq, j) = mk("gptq.llmc", &["--quant", "int4", "--calib", calib.to_str().unwrap(), "--report"]);
+    assert_eq!(j["quant"]["method"], "gptq", "{j}");
+    let rows = j["report"].as_array().unwrap();
+    assert_eq!(rows.len(), 43, "{j}");
+    for r in rows {
+        let (we, oe) = (r["weight_error"].as_f64().unwrap(), r["output_error"].as_f64().unwrap());
+        assert!(we > 0.0 && we < 0.5 && oe > 0.0 && oe < 0.5, "{r}");
+        assert!((r["bits_per_weight"].as_f64().unwrap() - 5.0).abs() < 0.1, "{r}");
+    }
+    let p_gq = eval(&gq, &["--reference", f32_art.to_str().unwrap()])["perplexity"].as_f64().unwrap();
+    assert!(p_gq < p_rtn, "gptq {p_gq} vs rtn {p_rtn}");
+    assert!(p_gq <= ppl * 1.02, "gptq {p_gq} vs f32 {ppl}");
+}
+
+/// 2:4 sparsity: magnitude and Wanda artifacts run, Wanda (activation-aware) loses less, and
+/// 2:4 with int8 kept values is smaller than int8.
+#[test]
+fn sparse_24_magnitude_and_wanda() {
+    let d = tmpdir("quant-24");
+    let calib = seedlm().join("calib.txt");
+    let mk = |name: &str, extra: &[&str]| -> (std::path::PathBuf, serde_json::Value) {
+        let art = d.join(name);
+        let j = last_json(&ok(llmc().arg("compile").arg(seedlm()).arg("-o").arg(&art).arg("--json").args(extra)));
+        (art, j)
+    };
+    let (f32_art, _) = mk("f32.llmc", &[]);
+    let ppl = eval(&f32_art, &[])["perplexity"].as_f64().unwrap();
+    let (mag, jm) = mk("mag.llmc", &["--sparsity", "2:4"]);
+    assert_eq!(jm["quant"]["layout"], "sparse24", "{jm}");
+    let p_mag = eval(&mag, &[])["perplexity"].as_f64().unwrap();
+    let (wa, jw) = mk("wanda.llmc", &["--sparsity", "2:4:wanda", "--calib", calib.to_str().unwrap()]);
+    assert_eq!(jw["quant"]["method"], "wanda", "{jw}");
+    let p_wa = eval(&wa, &[])["perplexity"].as_f64().unwrap();
+    assert!(ppl < p_wa && p_wa < p_mag, "f32 {ppl}, wanda {p_wa}, magnitude {p_mag}");
+    let (_, j8) = mk("int8.llmc", &["--quant", "int8"]);
+    let (s8, js8) = mk("s8.llmc", &["--sparsity", "2:4", "--quant", "int8"]);
+    assert_eq!(js8["quant"]["layout"], "sparse24_int8", "{js8}");
+    assert!(js8["weight_bytes"].as_u64() < j8["weight_bytes"].as_u64(), "{js8} vs {j8}");
+    let p_s8 = eval(&s8, &[])["perplexity"].as_f64().unwrap();
+    assert!(p_s8 > ppl, "2:4+int8 {p_s8} vs f32 {ppl}");
 }

@@ -340,7 +340,7 @@ pub(crate) fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<
                 return Ok(v); // `fake_quant` would copy it unchanged
             }
             let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
-            ir::quant::fake_quant(*layout, &v, k)
+            ir::quant::dequant_weight(weights, name, *layout, &v, k)
         }
         Place::Const { values } => values.clone(),
         Place::WeightConcat { parts, axis, bytes, .. } => {
@@ -392,7 +392,8 @@ pub(crate) fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<
         Place::Weight { name, ty, layout, .. } => {
             let v = weights.load(name, ty)?;
             let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
-            crate::cpu::quant::pack(*layout, &v, k)
+            let rows = ir::quant::rows_of(weights, name, *layout, &v, k);
+            crate::cpu::quant::pack_rows(*layout, &v, &rows, k)
         }
         Place::WeightConcat { parts, axis: 0, .. } => {
             let mut out = Vec::new();

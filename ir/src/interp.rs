@@ -13,6 +13,12 @@ use crate::types::{Bindings, Layout, TensorType};
 /// Supplies weight data by checkpoint name, converted to f32, row-major, `ty`'s element count.
 pub trait WeightSource {
     fn load(&self, name: &str, ty: &TensorType) -> Result<Vec<f32>>;
+    /// Calibrated quantized rows of `name` under `layout` (GPTQ codes and scales), when this
+    /// source has them; `None` (the default) means round-to-nearest of [`WeightSource::load`]'s
+    /// values. Every consumer (interpreter, packer) goes through [`crate::quant::rows_of`].
+    fn quantized(&self, _name: &str, _layout: Layout) -> Option<Vec<crate::quant::QRow>> {
+        None
+    }
 }
 
 /// Weights from a map (tests, synthetic graphs).
@@ -55,6 +61,30 @@ fn bcast_strides(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     (0..out_shape.len())
         .map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { st[i - off] })
         .collect()
+}
+
+/// Whether product `n` reads a [`Layout::W8A8`] weight (or a row-wise concat of them) as its
+/// right-hand side, so its left-hand side is quantized per token.
+pub fn acts_quantized(g: &Graph, n: NodeId) -> bool {
+    if !matches!(g.op(n), Op::Matmul { .. } | Op::Linear { .. } | Op::GatedLinear { .. }) {
+        return false;
+    }
+    let Some(&w) = g.inputs(n).get(1) else { return false };
+    match g.op(w) {
+        Op::Weight { layout, .. } => layout.quantizes_activations(),
+        Op::Concat { axis: 0, .. } => {
+            // Parts of one layout (as the packer requires); mixed concats are stored as f32.
+            let ins = g.inputs(w);
+            let first = ins.first().and_then(|&i| match g.op(i) {
+                Op::Weight { layout, .. } => Some(*layout),
+                _ => None,
+            });
+            first.is_some_and(|l| {
+                l.quantizes_activations() && ins.iter().all(|&i| matches!(g.op(i), Op::Weight { layout, .. } if *layout == l))
+            })
+        }
+        _ => false,
+    }
 }
 
 /// Calls `f(out_index, [offsets into each input])` for every element of `out_shape` in row-major order.
@@ -132,6 +162,18 @@ impl<'w> Interpreter<'w> {
 
     fn eval(&mut self, g: &Graph, n: NodeId, ins: &[Rc<Tensor>], ids: &[i32], b: Bindings) -> Result<Tensor> {
         let ty = g.ty(n);
+        // A W8A8 right-hand side: the left-hand side is quantized per row to int8 first.
+        let act8;
+        let ins = if acts_quantized(g, n) {
+            let x = &ins[0];
+            let k = *x.shape.last().unwrap_or(&1);
+            let mut v = ins.to_vec();
+            v[0] = Rc::new(Tensor::new(x.shape.clone(), crate::quant::fake_quant_act(&x.data, k)));
+            act8 = v;
+            &act8[..]
+        } else {
+            ins
+        };
         let out_shape = ty.eval_shape(b);
         Ok(match g.op(n) {
             Op::Input { .. } => Tensor::new(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),
@@ -146,7 +188,7 @@ impl<'w> Interpreter<'w> {
                             return Err(IrError::Weight { name: name.clone(), msg: format!("source gave {} elements for {ty}", d.len()) });
                         }
                         let k = out_shape.last().copied().unwrap_or(1);
-                        let d = Rc::new(crate::quant::fake_quant(*layout, &d, k));
+                        let d = Rc::new(crate::quant::dequant_weight(self.weights, name, *layout, &d, k));
                         self.cache.insert(key, d.clone());
                         d
                     }

@@ -61,6 +61,19 @@ pub enum Layout {
     /// partial), one f32 scale per group; symmetric (`q` in -8..=7, `w = q * scale`) or `asym`
     /// (`q` in 0..=15 with a zero point per group, `w = (q - zero) * scale`).
     Int4 { group: usize, asym: bool },
+    /// 2:4 structured sparsity along `K` (`K` a multiple of 4): in each aligned group of 4
+    /// elements the two of largest magnitude are kept (ties: the lower index), the others are 0.
+    /// Stored as the kept values and their 2-bit indices; with `int8` the kept values are int8
+    /// codes with one f32 scale per row (`max|kept| / 127`), as [`Layout::Int8`].
+    Sparse24 { int8: bool },
+    /// W8A8: the weight as [`Layout::Int8`], and every product reading it as its right-hand side
+    /// quantizes its left-hand side per row (per token) to int8 first: `x = q * s` with
+    /// `s = max|x_row| / 127`, `q = round_ties_even(x * (127 / max|x_row|))` in -127..=127
+    /// ([`crate::quant::quantize_act`]); a zero row stays zero.
+    W8A8,
+    /// W4A8: the weight as symmetric [`Layout::Int4`] with groups of `group` (a multiple of 32),
+    /// the left-hand side of its products quantized per token as for [`Layout::W8A8`].
+    W4A8 { group: usize },
 }
 
 impl Layout {
@@ -70,12 +83,26 @@ impl Layout {
             Layout::Dense => "dense".into(),
             Layout::Int8 => "int8".into(),
             Layout::Int4 { group, asym } => format!("int4_g{group}{}", if asym { "_asym" } else { "" }),
+            Layout::Sparse24 { int8: false } => "sparse24".into(),
+            Layout::Sparse24 { int8: true } => "sparse24_int8".into(),
+            Layout::W8A8 => "w8a8".into(),
+            Layout::W4A8 { group } => format!("w4a8_g{group}"),
         }
     }
     pub fn from_name(s: &str) -> Option<Layout> {
         Some(match s {
             "dense" => Layout::Dense,
             "int8" => Layout::Int8,
+            "sparse24" => Layout::Sparse24 { int8: false },
+            "sparse24_int8" => Layout::Sparse24 { int8: true },
+            "w8a8" => Layout::W8A8,
+            _ if s.starts_with("w4a8_g") => {
+                let group: usize = s["w4a8_g".len()..].parse().ok()?;
+                if group == 0 || !group.is_multiple_of(32) {
+                    return None;
+                }
+                Layout::W4A8 { group }
+            }
             _ => {
                 let rest = s.strip_prefix("int4_g")?;
                 let (g, asym) = match rest.strip_suffix("_asym") {
@@ -90,16 +117,35 @@ impl Layout {
             }
         })
     }
+    /// The weight-side format: [`Layout::W8A8`] stores [`Layout::Int8`] codes, [`Layout::W4A8`]
+    /// symmetric [`Layout::Int4`] codes; others are their own.
+    pub fn weight_format(self) -> Layout {
+        match self {
+            Layout::W8A8 => Layout::Int8,
+            Layout::W4A8 { group } => Layout::Int4 { group, asym: false },
+            l => l,
+        }
+    }
+    /// Whether products reading a weight of this layout quantize their activations per token.
+    pub fn quantizes_activations(self) -> bool {
+        matches!(self, Layout::W8A8 | Layout::W4A8 { .. })
+    }
     /// Storage bits per weight element, scales and zero points included, for a row of `k` elements.
     pub fn bits_per_weight(self, k: usize) -> f64 {
+        if self.weight_format() != self {
+            return self.weight_format().bits_per_weight(k);
+        }
         let k = k.max(1) as f64;
         match self {
             Layout::Dense => 32.0,
-            Layout::Int8 => 8.0 + 32.0 / k,
+            Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => 8.0 + 32.0 / k,
             Layout::Int4 { group, asym } => {
                 let groups = (k / group as f64).ceil();
                 4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k
             }
+            // Per 4 elements: two kept values and two 2-bit indices.
+            Layout::Sparse24 { int8: false } => (2.0 * 32.0 + 4.0) / 4.0,
+            Layout::Sparse24 { int8: true } => (2.0 * 8.0 + 4.0) / 4.0 + 32.0 / k,
         }
     }
 }

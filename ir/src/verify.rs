@@ -68,6 +68,11 @@ pub fn verify(g: &Graph) -> Result<()> {
             Op::Weight { layout, .. } if *layout != Layout::Dense && node.ty.rank() != 2 => {
                 return err(name, format!("layout {layout} needs a 2-D weight, got {}", node.ty));
             }
+            Op::Weight { layout: layout @ Layout::Sparse24 { .. }, .. }
+                if node.ty.shape[1].as_const().is_none_or(|k| k % 4 != 0) =>
+            {
+                return err(name, format!("layout {layout} needs K to be a multiple of 4, got {}", node.ty));
+            }
             _ => {}
         }
     }

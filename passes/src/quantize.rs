@@ -8,8 +8,9 @@
 //! interpreter and every backend agree on the quantized graph. Not in the default pipeline:
 //! `llmc compile --quant int8|int4[:gN][:asym]` runs it after the pipeline.
 //!
-//! Plain round-to-nearest only; calibrated methods (AWQ, GPTQ), activation quantization (W8A8)
-//! and sparsity are not implemented.
+//! The pass sets layouts only (round-to-nearest semantics, 2:4 by magnitude); calibrated
+//! methods (GPTQ, Wanda) change the weights' values through `calibrate::Calibrated`, not the graph.
+//! A 2:4 layout skips weights whose `K` is not a multiple of 4 (counted as kept).
 
 use llmc_ir as ir;
 
@@ -33,12 +34,27 @@ impl Default for Quantize {
 impl Quantize {
     /// Parses `--quant`: `int8`, `int4`, `int4:g64`, `int4:g128:asym`, `int4:asym` (group 32 by default).
     pub fn parse_spec(spec: &str) -> Result<ir::Layout> {
-        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8 or int4[:gN][:asym])"));
+        let bad = |why: &str| PassError::Quant(format!("--quant `{spec}`: {why} (want int8, int4[:gN][:asym], w8a8 or w4a8[:gN])"));
         let mut parts = spec.split(':');
         match parts.next() {
             Some("int8") => match parts.next() {
                 None => Ok(ir::Layout::Int8),
                 Some(p) => Err(bad(&format!("int8 takes no option `{p}`"))),
+            },
+            Some("w4a8") => {
+                let mut group = 32;
+                for p in parts {
+                    match p.strip_prefix('g').and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) if n > 0 && n % 32 == 0 => group = n,
+                        Some(_) => return Err(bad("the w4a8 group size must be a positive multiple of 32")),
+                        None => return Err(bad(&format!("unknown option `{p}`"))),
+                    }
+                }
+                Ok(ir::Layout::W4A8 { group })
+            }
+            Some("w8a8") => match parts.next() {
+                None => Ok(ir::Layout::W8A8),
+                Some(p) => Err(bad(&format!("w8a8 takes no option `{p}`"))),
             },
             Some("int4") => {
                 let (mut group, mut asym) = (32, false);
@@ -60,6 +76,41 @@ impl Quantize {
             }
             _ => Err(bad("unknown format")),
         }
+    }
+
+    /// Parses `--sparsity`: `2:4`, `2:4:magnitude` or `2:4:wanda`; returns whether Wanda.
+    pub fn parse_sparsity(spec: &str) -> Result<bool> {
+        let bad = |why: &str| PassError::Quant(format!("--sparsity `{spec}`: {why} (want 2:4, 2:4:magnitude or 2:4:wanda)"));
+        let mut parts = spec.split(':');
+        match (parts.next(), parts.next()) {
+            (Some("2"), Some("4")) => {}
+            (Some(n), Some(m)) if n.parse::<u32>().is_ok() && m.parse::<u32>().is_ok() => {
+                return Err(bad(&format!("only 2:4 structured sparsity is supported, not {n}:{m}")))
+            }
+            _ => return Err(bad("not an N:M pattern")),
+        }
+        let wanda = match parts.next() {
+            None | Some("magnitude") => false,
+            Some("wanda") => true,
+            Some(m) => return Err(bad(&format!("unknown pruning method `{m}`"))),
+        };
+        match parts.next() {
+            None => Ok(wanda),
+            Some(p) => Err(bad(&format!("unexpected `{p}`"))),
+        }
+    }
+
+    /// The layout of `--quant` and `--sparsity` together: 2:4 alone (f32 kept values), 2:4 with
+    /// int8, or the `--quant` format alone.
+    pub fn combine(quant: Option<ir::Layout>, sparse: bool) -> Result<Option<ir::Layout>> {
+        Ok(match (quant, sparse) {
+            (q, false) => q,
+            (None, true) => Some(ir::Layout::Sparse24 { int8: false }),
+            (Some(ir::Layout::Int8), true) => Some(ir::Layout::Sparse24 { int8: true }),
+            (Some(l), true) => {
+                return Err(PassError::Quant(format!("--sparsity 2:4 combines with --quant int8 only, not {l}")))
+            }
+        })
     }
 
     fn keep(&self, name: &str) -> bool {
@@ -123,6 +174,11 @@ impl Pass for Quantize {
                 continue;
             };
             if *layout != ir::Layout::Dense || g.ty(n).rank() != 2 || !rhs_only(g, n) {
+                continue;
+            }
+            let k = g.ty(n).shape[1].as_const();
+            if matches!(self.layout, ir::Layout::Sparse24 { .. }) && k.is_none_or(|k| k % 4 != 0) {
+                kept += 1;
                 continue;
             }
             if self.keep(name) {
@@ -213,11 +269,25 @@ mod tests {
     #[test]
     fn spec_parsing() {
         assert_eq!(Quantize::parse_spec("int8").unwrap(), ir::Layout::Int8);
+        assert_eq!(Quantize::parse_spec("w8a8").unwrap(), ir::Layout::W8A8);
+        assert_eq!(Quantize::parse_spec("w4a8:g64").unwrap(), ir::Layout::W4A8 { group: 64 });
+        assert!(Quantize::parse_spec("w4a8:g16").is_err());
         assert_eq!(Quantize::parse_spec("int4").unwrap(), ir::Layout::Int4 { group: 32, asym: false });
         assert_eq!(Quantize::parse_spec("int4:g128:asym").unwrap(), ir::Layout::Int4 { group: 128, asym: true });
         for bad in ["int2", "int4:g0", "int4:g3", "int4:x", "int8:g32", ""] {
             assert!(Quantize::parse_spec(bad).is_err(), "{bad}");
         }
+        assert!(!Quantize::parse_sparsity("2:4").unwrap());
+        assert!(!Quantize::parse_sparsity("2:4:magnitude").unwrap());
+        assert!(Quantize::parse_sparsity("2:4:wanda").unwrap());
+        for bad in ["3:4", "2:8", "2:4:x", "2", "", "2:4:wanda:1"] {
+            assert!(Quantize::parse_sparsity(bad).is_err(), "{bad}");
+        }
+        let e = Quantize::parse_sparsity("3:4").unwrap_err().to_string();
+        assert!(e.contains("3:4"), "{e}");
+        assert_eq!(Quantize::combine(Some(ir::Layout::Int8), true).unwrap(), Some(ir::Layout::Sparse24 { int8: true }));
+        assert_eq!(Quantize::combine(None, true).unwrap(), Some(ir::Layout::Sparse24 { int8: false }));
+        assert!(Quantize::combine(Some(ir::Layout::Int4 { group: 32, asym: false }), true).is_err());
         assert!(glob(b"model.*.mlp.*", b"model.layers.0.mlp.up_proj.weight"));
         assert!(!glob(b"lm_?ead", b"lm_head.weight"));
     }

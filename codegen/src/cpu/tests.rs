@@ -1687,3 +1687,132 @@ fn panel_weights_only_for_row_wise_products() {
     assert_eq!(panel::panel_groups(&gb.g, a), None);
     let _ = y;
 }
+
+/// Compiles `g` from `w` and checks the artifact against the interpreter on the same graph and
+/// weight source (logits within 1e-3 over a prompt and decode steps, three parts per kernel);
+/// returns the largest difference between the interpreter's quantized and `dense` logits.
+fn layouts_match(g: &Graph, dense: &Graph, w: &dyn llmc_ir::WeightSource, tag: &str) -> f64 {
+    let dir = std::env::temp_dir().join(format!("llmc-codegen-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("q.llmc");
+    let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
+    crate::compile_cpu(g, w, &opts, &path).unwrap();
+    let model = llmc_runtime::Model::load(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    let mut sess = llmc_runtime::Session::with_threads(model, 3).unwrap();
+    let mut it = Interpreter::new(w);
+    let mut it_dense = Interpreter::new(w);
+    let mut rng = Rng::new(6);
+    let mut quant_err = 0.0f64;
+    for len in [7, 1, 1, 3] {
+        let ids: Vec<i32> = (0..len).map(|_| rng.below(VOCAB) as i32).collect();
+        let want = it.run(g, &ids).unwrap().remove(0);
+        let exact = it_dense.run(dense, &ids).unwrap().remove(0);
+        let uids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let got = sess.forward(&uids, true).unwrap();
+        assert_eq!(got.len(), want.data.len());
+        for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+            assert!((g - w).abs() <= 1e-3, "{tag}: step of {len}: logit {i}: got {g}, quantized interpreter {w}");
+        }
+        for (&a, &b) in want.data.iter().zip(&exact.data) {
+            quant_err = quant_err.max((a - b).abs() as f64);
+        }
+    }
+    quant_err
+}
+
+/// 2:4 sparse layouts (f32 and int8 kept values; an odd number of groups of 4, so a half-filled
+/// index byte), a row-wise concat of sparse weights, `linear` with activation, `gated_linear`,
+/// `matmul`; and calibrated rows supplied by the weight source (as GPTQ supplies them) used by
+/// both the packer and the interpreter.
+#[test]
+fn compiled_sparse_and_calibrated_layouts_match_the_interpreter() {
+    use llmc_ir::quant::QRow;
+    use llmc_ir::Layout;
+    let (h, k2, ff) = (44, 40, 28); // 11, 10 and 7 groups of 4
+    let mut gb = Gb::new(92);
+    let x = gb.seq(h, -1.0, 1.0);
+    let w1 = gb.weight(&[k2, h], -0.4, 0.4);
+    let y = gb.op(Op::Linear { transpose_b: true, bias: false, act: Some(UnaryOp::Tanh), residual: false }, &[x, w1]);
+    let wg = gb.weight(&[ff, k2], -0.4, 0.4);
+    let wu = gb.weight(&[ff, k2], -0.4, 0.4);
+    let wgu = gb.op(Op::Concat { axis: 0, n: 2 }, &[wg, wu]);
+    let gl = gb.op(Op::GatedLinear { act: UnaryOp::Silu }, &[y, wgu]);
+    let wl = gb.weight(&[VOCAB, ff], -0.5, 0.5);
+    let logits = gb.op(Op::Matmul { transpose_b: true }, &[gl, wl]);
+    gb.g.outputs = vec![logits];
+    gb.g.meta.insert("max_context".into(), "32".into());
+    let set = |g: &mut Graph, n: NodeId, l: Layout| {
+        if let Op::Weight { layout, .. } = &mut g.g[n].op {
+            *layout = l;
+        }
+    };
+    let dense = gb.g.clone();
+    let mut sparse = gb.g.clone();
+    set(&mut sparse, w1, Layout::Sparse24 { int8: false });
+    set(&mut sparse, wg, Layout::Sparse24 { int8: true });
+    set(&mut sparse, wu, Layout::Sparse24 { int8: true });
+    set(&mut sparse, wl, Layout::Sparse24 { int8: true });
+    llmc_ir::verify(&sparse).unwrap();
+    let e = layouts_match(&sparse, &dense, &gb.w, "sparse");
+    assert!(e > 1e-3, "2:4 graph evaluates like the dense one ({e:e})");
+
+    // W8A8: activations quantized per token inside the kernels (K = 44: a partial 16-byte
+    // step and an f32 tail of the activation quantizer; K = 40, 28: odd step counts).
+    let mut w8 = gb.g.clone();
+    for n in [w1, wg, wu, wl] {
+        set(&mut w8, n, Layout::W8A8);
+    }
+    llmc_ir::verify(&w8).unwrap();
+    let e = layouts_match(&w8, &dense, &gb.w, "w8a8");
+    assert!(e > 1e-4, "w8a8 graph evaluates like the dense one ({e:e})");
+    // W4A8 groups of 32 (K = 44, 40, 28: partial last blocks) and 64 (shared across blocks).
+    let mut w4 = gb.g.clone();
+    set(&mut w4, w1, Layout::W4A8 { group: 32 });
+    set(&mut w4, wg, Layout::W4A8 { group: 64 });
+    set(&mut w4, wu, Layout::W4A8 { group: 64 });
+    set(&mut w4, wl, Layout::W4A8 { group: 32 });
+    llmc_ir::verify(&w4).unwrap();
+    let e = layouts_match(&w4, &dense, &gb.w, "w4a8");
+    assert!(e > 1e-3, "w4a8 graph evaluates like the dense one ({e:e})");
+
+    // Calibrated rows: codes that round-to-nearest would not give (every code moved by one
+    // toward zero where possible, scales x1.1) for the int4 w1 and the int8 lm weight.
+    struct Src<'a> {
+        inner: &'a HashMap<String, Vec<f32>>,
+        rows: HashMap<String, (Layout, Vec<QRow>)>,
+    }
+    impl llmc_ir::WeightSource for Src<'_> {
+        fn load(&self, name: &str, ty: &llmc_ir::TensorType) -> llmc_ir::Result<Vec<f32>> {
+            self.inner.load(name, ty)
+        }
+        fn quantized(&self, name: &str, layout: Layout) -> Option<Vec<QRow>> {
+            self.rows.get(name).filter(|(l, _)| *l == layout).map(|(_, r)| r.clone())
+        }
+    }
+    let mut calib = gb.g.clone();
+    let l4 = Layout::Int4 { group: 32, asym: false };
+    set(&mut calib, w1, l4);
+    set(&mut calib, wl, Layout::Int8);
+    let mut rows = HashMap::new();
+    for (n, l, k) in [(w1, l4, h), (wl, Layout::Int8, ff)] {
+        let Op::Weight { name, .. } = gb.g.op(n) else { unreachable!() };
+        let data = &gb.w[name];
+        let r: Vec<QRow> = data
+            .chunks(k)
+            .map(|row| {
+                let mut q = llmc_ir::quant::quantize_row(l, row);
+                q.q.iter_mut().for_each(|c| *c -= c.signum());
+                q.scales.iter_mut().for_each(|s| *s *= 1.1);
+                q
+            })
+            .collect();
+        rows.insert(name.clone(), (l, r));
+    }
+    let src = Src { inner: &gb.w, rows };
+    layouts_match(&calib, &dense, &src, "calibrated");
+    // The supplied rows are what the interpreter computes with (not round-to-nearest).
+    let rtn = Interpreter::new(&gb.w).run(&calib, &[1, 2]).unwrap().remove(0);
+    let cal = Interpreter::new(&src).run(&calib, &[1, 2]).unwrap().remove(0);
+    assert!(rtn.data.iter().zip(&cal.data).any(|(a, b)| (a - b).abs() > 1e-3));
+}
