@@ -535,6 +535,7 @@ pub fn run_artifact(a: &runtime::Artifact, mlir: &[String], chunks: &[&[u32]]) -
             BufferDecl::Data { offset, bytes, .. } => (0, *offset as usize, *bytes as usize),
             BufferDecl::Arena { offset, bytes } => (1, *offset as usize, *bytes as usize),
             BufferDecl::State { index } => (2, *index as usize, h.states[*index as usize].bytes as usize),
+            BufferDecl::Microkernels { .. } => panic!("a CUDA artifact has no CPU microkernel table"),
         }
     };
     let (_, in_off, _) = region(h.input);
