@@ -105,11 +105,11 @@ def ensure_checkpoint(ckpt: Path) -> None:
         sys.exit(f"error: cannot generate the benchmark checkpoint {ckpt}: {e}")
 
 
-def compile_llmc(llmc: Path, ckpt: Path, artifact: Path) -> dict:
+def compile_llmc(llmc: Path, ckpt: Path, artifact: Path, extra: list[str] | None = None) -> dict:
     if not llmc.is_file():
         sys.exit(f"error: llmc binary {llmc} not found (build it with `cargo build --release`)")
     try:
-        out = run([llmc, "compile", ckpt, "-o", artifact, "--json", "-q"], what="llmc compile")
+        out = run([llmc, "compile", ckpt, "-o", artifact, "--json", "-q", *(extra or [])], what="llmc compile")
     except Unavailable as e:
         sys.exit(f"error: {e}")
     return json.loads(out.strip().splitlines()[-1])
@@ -294,6 +294,9 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/tmp/llmc-compare", help="artifact, llama.cpp build, GGUFs")
     ap.add_argument("--llama-cpp-src", default=None, help="existing llama.cpp source tree (skips the sdist download)")
     ap.add_argument("--gguf-types", default=",".join(GGUF_TYPES), help="comma list of f32,q8_0,q4_0")
+    ap.add_argument("--llmc-quant", default="int8,int4,w8a8,w4a8",
+                    help="comma list of `llmc compile --quant` formats also benchmarked (round-to-nearest; "
+                         "calibration changes quality, not speed); empty for none")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--max-load", type=float, default=None,
@@ -320,6 +323,15 @@ def main() -> None:
 
     engines: dict[str, dict] = {"llmc f32": {"prefill": [], "decode": []}}
     unavailable: dict[str, str] = {}
+    quant_artifacts: dict[str, Path] = {}
+    for q in [x.strip() for x in a.llmc_quant.split(",") if x.strip()]:
+        qa = work / f"{ckpt.resolve().name}.{q.replace(':', '_')}.llmc"
+        try:
+            run([llmc, "compile", ckpt, "-o", qa, "--quant", q, "-q"], what=f"llmc compile --quant {q}")
+            quant_artifacts[f"llmc {q}"] = qa
+            engines[f"llmc {q}"] = {"prefill": [], "decode": []}
+        except Unavailable as e:
+            unavailable[f"llmc {q}"] = str(e)
     if a.skip_torch:
         unavailable["torch eager f32"] = "skipped (--skip-torch)"
     else:
@@ -354,6 +366,8 @@ def main() -> None:
         per_round_load.append(loadavg())
         log(f"round {rnd + 1}/{a.rounds} (load {per_round_load[-1]})")
         jobs = [("llmc f32", lambda: bench_llmc(llmc, artifact, a))]
+        for name, qa in quant_artifacts.items():
+            jobs.append((name, lambda qa=qa: bench_llmc(llmc, qa, a)))
         if "torch eager f32" in engines:
             jobs.append(("torch eager f32", lambda: bench_torch(a)))
         for t, p in ggufs.items():
@@ -391,6 +405,14 @@ def main() -> None:
         lf = summary["llama.cpp f32"]
         acceptance["f32 decode >= 1.05x llama.cpp f32"] = (lf["llmc_over_this_decode"] or 0) >= 1.05
         acceptance["f32 prefill >= 1.0x llama.cpp f32"] = (lf["llmc_over_this_prefill"] or 0) >= 1.0
+    # Quantized decode against llama.cpp's formats of the same weight width (8 and 4 bits).
+    quant_vs = {}
+    for mine, theirs in [("int8", "q8_0"), ("w8a8", "q8_0"), ("int4", "q4_0"), ("w4a8", "q4_0")]:
+        m, t = summary.get(f"llmc {mine}"), summary.get(f"llama.cpp {theirs}")
+        if m and t:
+            r = ratio(m["decode_tokens_per_s"], t["decode_tokens_per_s"])
+            quant_vs[f"llmc {mine} decode / llama.cpp {theirs} decode"] = r
+            acceptance[f"{mine} decode >= 1.0x llama.cpp {theirs}"] = (r or 0) >= 1.0
 
     # ---------------------------------------------------------------- table
     lines = []
@@ -432,15 +454,20 @@ def main() -> None:
         for k, v in acceptance.items():
             lines.append(f"- {k}: {'PASS' if v else 'FAIL'}")
         lines.append("")
-    lines.append("llmc/llama.cpp q8_0 and q4_0 rows compare llmc's **f32** artifact with quantized llama.cpp "
-                 "(context only; llmc int8/int4 artifacts are not measured here).")
+    if quant_vs:
+        lines.append("Quantized decode, llmc ÷ llama.cpp at the same weight width:")
+        for k, v in quant_vs.items():
+            lines.append(f"- {k}: {fmt(v, 2)}×")
+        lines.append("")
+    lines.append("The ratio columns compare every row with llmc's **f32** artifact. llmc's quantized artifacts are "
+                 "round-to-nearest (`--quant`): int8/int4 are weight-only, w8a8/w4a8 also quantize activations per token.")
     table = "\n".join(lines)
     print(table)
 
     result = {"started_utc": started.isoformat(), "checkpoint": str(ckpt), "threads": a.threads,
               "prompt_len": a.prompt_len, "gen": a.gen, "rounds": a.rounds, "reps": a.reps,
               "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_before": load_before,
-              "load_after": load_after, "load_per_round": per_round_load, "llmc_compile": comp,
+              "load_after": load_after, "load_per_round": per_round_load, "llmc_compile": comp, "quant_vs_llama_cpp": quant_vs,
               "llama_cpp": lc_info, "contended": contended, "peak_load_1min": peak_load, "engines": summary, "unavailable": unavailable, "acceptance": acceptance}
     if not a.no_write:
         out = Path(a.out_dir)
