@@ -58,9 +58,19 @@ pub(crate) fn meta_usize(g: &Graph, key: &str) -> Option<usize> {
     g.meta.get(key).and_then(|v| v.parse().ok())
 }
 
-/// Compiles `g` for the host CPU and writes the artifact to `out`.
-pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
-    let t0 = Instant::now();
+/// What every backend needs to know about a graph's interface, checked: the KV-cache rows
+/// (`max_context`), the tokens per step (`max_chunk`), the one token-id input and the one
+/// `f32[S, vocab]` output.
+pub(crate) struct GraphIo {
+    pub max_context: usize,
+    pub max_chunk: usize,
+    pub input: ir::NodeId,
+    pub output: ir::NodeId,
+    pub vocab: usize,
+}
+
+/// Verifies `g` and reads its [`GraphIo`].
+pub(crate) fn graph_io(g: &Graph, opts: &CompileOptions) -> Result<GraphIo> {
     ir::verify(g)?;
     let unsupported = CodegenError::Target;
     let max_context = g
@@ -82,6 +92,13 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         [ir::Dim::S, ir::Dim::N(v)] => v,
         _ => return Err(unsupported(format!("graph must return logits f32[S, vocab], returns {out_ty}"))),
     };
+    Ok(GraphIo { max_context, max_chunk, input, output, vocab })
+}
+
+/// Compiles `g` for the host CPU and writes the artifact to `out`.
+pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
+    let t0 = Instant::now();
+    let GraphIo { max_context, max_chunk, input, output, vocab } = graph_io(g, opts)?;
 
     let panels = !opts.no_microkernels;
     let mp = plan(g, max_chunk, max_context, panels)?;

@@ -13,7 +13,7 @@ use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Head
 use super::kernels::{kernel, GpuKernel};
 use super::lower::{Lowerer, ARCHS};
 use super::text::Elem;
-use crate::emit::{data_bytes, data_name, f32_bytes, meta_usize, place_packed, place_values, retain_used_indexed, CompileOptions, CompileReport};
+use crate::emit::{data_bytes, data_name, f32_bytes, graph_io, place_packed, place_values, retain_used_indexed, CompileOptions, CompileReport, GraphIo};
 use crate::error::{CodegenError, Result};
 use crate::plan::{plan, Place};
 
@@ -87,28 +87,8 @@ fn file_stem(name: &str) -> String {
 /// Compiles `g` to PTX and writes a CUDA artifact to `out`.
 pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
     let t0 = Instant::now();
-    ir::verify(g)?;
+    let GraphIo { max_context, max_chunk, input, output, vocab } = graph_io(g, opts)?;
     let dtype = gpu_dtype(opts.gpu_dtype.as_deref())?;
-    let unsupported = CodegenError::Target;
-    let max_context = g
-        .states
-        .first()
-        .and_then(|s| s.ty.shape[0].as_const())
-        .or_else(|| meta_usize(g, "max_context"))
-        .ok_or_else(|| unsupported("graph declares no KV state and no `max_context` meta".into()))?;
-    let max_chunk = opts.max_chunk.unwrap_or(512).min(max_context).max(1);
-    let inputs: Vec<_> = g.g.node_indices().filter(|&n| matches!(g.op(n), Op::Input { .. })).collect();
-    let [input] = inputs[..] else {
-        return Err(unsupported(format!("graph must have exactly one token-id input, has {}", inputs.len())));
-    };
-    let [output] = g.outputs[..] else {
-        return Err(unsupported(format!("graph must return exactly one value (logits), returns {}", g.outputs.len())));
-    };
-    let out_ty = g.ty(output);
-    let vocab = match out_ty.shape[..] {
-        [ir::Dim::S, ir::Dim::N(v)] => v,
-        _ => return Err(unsupported(format!("graph must return logits f32[S, vocab], returns {out_ty}"))),
-    };
     if let Some(dir) = &opts.ptx_dir {
         std::fs::create_dir_all(dir).map_err(|e| CodegenError::Target(format!("--emit ptx {}: {e}", dir.display())))?;
     }
