@@ -16,11 +16,6 @@ const TOL: f32 = 2e-3;
 /// A reference top-1 margin below this is a near tie: ids after it are not compared.
 const NEAR_TIE: f32 = 5e-3;
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 /// Compares ids up to and including the first step whose reference margin is a near tie.
 fn assert_greedy_eq(case: &str, got: &[u32], want: &[u32], margins: &[f32]) {
     let n = margins.iter().position(|&m| m < NEAR_TIE).map(|i| i + 1).unwrap_or(want.len());
@@ -42,17 +37,7 @@ fn golden_case(case: &str) {
 
     // Through the CLI: prompt logits and the greedy continuation.
     let logits_path = tmp.join("logits.npy");
-    let out = ok(llmc()
-        .arg("run")
-        .arg(&art)
-        .arg("--input-ids")
-        .arg(join_ids(&prompt))
-        .arg("--max-new-tokens")
-        .arg(want_new.len().to_string())
-        .arg("--ignore-eos")
-        .arg("--logits-out")
-        .arg(&logits_path)
-        .arg("--json"));
+    let out = run_greedy_with_logits(&art, &prompt, want_new.len(), &logits_path);
     let j = last_json(&out);
     let (gshape, got_logits) = npy::read_f32(&logits_path).unwrap();
     assert_eq!(gshape, shape, "{case}: logits shape");

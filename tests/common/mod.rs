@@ -76,3 +76,26 @@ pub fn last_json(out: &str) -> serde_json::Value {
     let line = out.lines().last().expect("some output");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
+
+/// The largest elementwise difference of two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// `llmc run ART --input-ids PROMPT --max-new-tokens N --ignore-eos --logits-out LOGITS --json`:
+/// greedy generation from token ids, every prompt position's logits written to `logits`; returns
+/// stdout.
+pub fn run_greedy_with_logits(art: &Path, prompt: &[u32], new_tokens: usize, logits: &Path) -> String {
+    ok(llmc()
+        .arg("run")
+        .arg(art)
+        .arg("--input-ids")
+        .arg(join_ids(prompt))
+        .arg("--max-new-tokens")
+        .arg(new_tokens.to_string())
+        .arg("--ignore-eos")
+        .arg("--logits-out")
+        .arg(logits)
+        .arg("--json"))
+}
