@@ -317,18 +317,14 @@ fn emulated_artifacts_match_transformers() {
 fn emulated_quantized_artifacts_match_the_cpu_target() {
     let dir = fixture("llama_gqa_llama3");
     let prompt = ids_of(&read_json(&dir.join("greedy.json"))["prompt_ids"]);
-    // Per-token activation quantization (w8a8, w4a8) rounds each activation to one of 255
-    // levels: where the CPU's and the GPU's earlier layers differ in the last bits (summation
-    // order) an activation can land on the other side of a rounding boundary, a jump of one
-    // level; the others decode the same bytes and differ only by summation order.
-    for (quant, flags, tol) in [
-        ("int8", &["--quant", "int8"][..], 1e-4),
-        ("int4", &["--quant", "int4"][..], 1e-4),
-        ("int4:g32:asym", &["--quant", "int4:g32:asym"][..], 1e-4),
-        ("sparse24", &["--sparsity", "2:4"][..], 1e-4),
-        ("sparse24-int8", &["--sparsity", "2:4", "--quant", "int8"][..], 1e-4),
-        ("w8a8", &["--quant", "w8a8"][..], 1e-3),
-        ("w4a8", &["--quant", "w4a8"][..], 1e-3),
+    for (quant, flags) in [
+        ("int8", &["--quant", "int8"][..]),
+        ("int4", &["--quant", "int4"][..]),
+        ("int4:g32:asym", &["--quant", "int4:g32:asym"][..]),
+        ("sparse24", &["--sparsity", "2:4"][..]),
+        ("sparse24-int8", &["--sparsity", "2:4", "--quant", "int8"][..]),
+        ("w8a8", &["--quant", "w8a8"][..]),
+        ("w4a8", &["--quant", "w4a8"][..]),
     ] {
         let tmp = tmpdir(&format!("cuda-emulated-quant-{}", quant.replace(':', "-")));
         let cpu = tmp.join("cpu.llmc");
@@ -346,10 +342,16 @@ fn emulated_quantized_artifacts_match_the_cpu_target() {
         names.sort();
         let mlir: Vec<String> = names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
         assert!(mlir.iter().any(|m| m.contains("gated_linear")), "{quant}: a gated_linear kernel");
+        // w8a8/w4a8: the products quantize their activations per token (the rounding of
+        // `ir::quant::quantize_act`), and the other layouts' products do not.
+        let rounds = mlir.iter().any(|m| m.contains("cvt.rni"));
+        assert_eq!(rounds, quant.starts_with('w'), "{quant}: activation quantization in the kernels");
         let out = llmc_codegen::cuda::emulate::run_artifact(&a, &mlir, &[&prompt]);
         let err = max_abs_diff(&out[0], &want);
         eprintln!("{quant} (emulated CUDA vs CPU target): prompt logits max abs difference {err:.2e}");
-        // Both targets decode the same packed bytes exactly; only summation order differs.
-        assert!(err <= tol, "{quant}: emulated CUDA logits differ from the CPU target's by {err} > {tol}");
+        // Both targets decode the same packed bytes exactly; only summation order differs. (With
+        // w8a8/w4a8 a last-bit difference could move an activation across a rounding boundary,
+        // one int8 level; these fixtures' activations do not land on one: measured <= 4e-6.)
+        assert!(err <= 1e-4, "{quant}: emulated CUDA logits differ from the CPU target's by {err}");
     }
 }

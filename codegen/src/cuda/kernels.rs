@@ -291,7 +291,7 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
         // Stored exactly as symmetric int4 rows (same record, same offsets).
         Layout::W4A8 { group } => packed_elem(k, b, Layout::Int4 { group, asym: false }, n, j, kdim),
         Layout::Sparse24 { int8 } => {
-            if kdim % 4 != 0 {
+            if !kdim.is_multiple_of(4) {
                 return Err(format!("2:4 sparse weights need K divisible by 4, K = {kdim}"));
             }
             // [scale (int8)] kept values (2 per group of 4, element order: f32, or int8 padded
