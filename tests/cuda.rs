@@ -1,7 +1,8 @@
 //! The CUDA target (built with `--features cuda`).
 //!
 //! Without a GPU: every golden fixture and seedlm, as checkpoint weights and with `--quant int8`
-//! and `--quant int4`, compiles with `--target cuda --emit ptx DIR`, and `ptxas` assembles every
+//! and `--quant int4` (seedlm, llama_gqa_llama3 and gpt2 also with `--quant w8a8`, `--quant
+//! w4a8`, `--sparsity 2:4` and `--sparsity 2:4 --quant int8`), compiles with `--target cuda --emit ptx DIR`, and `ptxas` assembles every
 //! emitted kernel for `sm_80` and `sm_90` (ptxas from `$LLMC_PTXAS`, `ptxas` on `PATH`, or the
 //! `nvidia-cuda-nvcc-cu12` wheel in Python's site-packages; when `CI` is set and none is found
 //! the test fails instead of skipping). A CUDA artifact run where no GPU can run it fails with a
@@ -102,13 +103,26 @@ fn compile_ptx(model: &Path, dir: &Path, extra: &[&str]) -> Vec<PathBuf> {
     files
 }
 
+/// Cases also compiled with the 2:4 and activation-quantized layouts ([`NEW_LAYOUT_VARIANTS`]).
+const NEW_LAYOUT_CASES: &[&str] = &["seedlm", "llama_gqa_llama3", "gpt2"];
+const NEW_LAYOUT_VARIANTS: &[(&str, &[&str])] = &[
+    ("w8a8", &["--quant", "w8a8"]),
+    ("w4a8", &["--quant", "w4a8"]),
+    ("sparse24", &["--sparsity", "2:4"]),
+    ("sparse24-int8", &["--sparsity", "2:4", "--quant", "int8"]),
+];
+
 #[test]
 fn every_kernel_of_every_model_assembles_with_ptxas() {
     let Some(ptxas) = ptxas_or_skip() else { return };
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     let mut failures = Vec::new();
     for (case, model) in ptx_cases() {
-        for (variant, extra) in [("f16", &[][..]), ("int8", &["--quant", "int8"][..]), ("int4", &["--quant", "int4"][..])] {
+        let mut variants: Vec<(&str, &[&str])> = vec![("f16", &[]), ("int8", &["--quant", "int8"]), ("int4", &["--quant", "int4"])];
+        if NEW_LAYOUT_CASES.contains(&case.as_str()) {
+            variants.extend(NEW_LAYOUT_VARIANTS.iter().copied());
+        }
+        for (variant, extra) in variants {
             let dir = tmpdir(&format!("cuda-ptx-{case}-{variant}"));
             let files = compile_ptx(&model, &dir, extra);
             assert!(!files.is_empty(), "{case} {variant}: no kernels");
@@ -141,7 +155,7 @@ fn every_kernel_of_every_model_assembles_with_ptxas() {
     eprintln!("ptxas accepted: {counts:?}");
     assert!(failures.is_empty(), "ptxas rejected {} kernel(s):\n{}", failures.len(), failures.join("\n"));
     assert_eq!(counts.get("sm_80"), counts.get("sm_90"), "every kernel in both architectures");
-    assert!(counts.get("sm_80").copied().unwrap_or(0) >= ptx_cases().len() * 3, "{counts:?}");
+    assert!(counts.get("sm_80").copied().unwrap_or(0) >= ptx_cases().len() * 3 + NEW_LAYOUT_CASES.len() * NEW_LAYOUT_VARIANTS.len(), "{counts:?}");
 }
 
 /// ptxas rejects broken PTX (so the test above can fail).
@@ -296,33 +310,48 @@ fn emulated_artifacts_match_transformers() {
     }
 }
 
-/// Packed int8/int4 weights (including the optimizer's merged gate/up concat, packed row-wise)
-/// in an emulated CUDA artifact give the CPU artifact's logits for the same quantized graph.
+/// Packed int8/int4/2:4/W8A8/W4A8 weights (including the optimizer's merged gate/up concat,
+/// packed row-wise) in an emulated CUDA artifact give the CPU artifact's logits for the same
+/// quantized graph.
 #[test]
 fn emulated_quantized_artifacts_match_the_cpu_target() {
     let dir = fixture("llama_gqa_llama3");
     let prompt = ids_of(&read_json(&dir.join("greedy.json"))["prompt_ids"]);
-    for quant in ["int8", "int4", "int4:g32:asym"] {
+    for (quant, flags) in [
+        ("int8", &["--quant", "int8"][..]),
+        ("int4", &["--quant", "int4"][..]),
+        ("int4:g32:asym", &["--quant", "int4:g32:asym"][..]),
+        ("sparse24", &["--sparsity", "2:4"][..]),
+        ("sparse24-int8", &["--sparsity", "2:4", "--quant", "int8"][..]),
+        ("w8a8", &["--quant", "w8a8"][..]),
+        ("w4a8", &["--quant", "w4a8"][..]),
+    ] {
         let tmp = tmpdir(&format!("cuda-emulated-quant-{}", quant.replace(':', "-")));
         let cpu = tmp.join("cpu.llmc");
-        compile(&dir, &cpu, &["--quant", quant]);
+        compile(&dir, &cpu, flags);
         let logits = tmp.join("cpu.npy");
         ok(llmc().arg("run").arg(&cpu).arg("--input-ids").arg(join_ids(&prompt)).args(["--max-new-tokens", "1", "--logits-out"]).arg(&logits));
         let (_, want) = npy::read_f32(&logits).unwrap();
         let art = tmp.join("gpu.llmc");
         let ptx = tmp.join("ptx");
         // f32 for the weights that stay unpacked (embeddings, norms), so only packing differs.
-        ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--gpu-dtype", "f32", "--quant", quant, "-o"]).arg(&art).arg("--emit").arg("ptx").arg(&ptx));
+        ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--gpu-dtype", "f32"]).args(flags).arg("-o").arg(&art).arg("--emit").arg("ptx").arg(&ptx));
         let a = llmc_runtime::Artifact::open(&art).unwrap();
         assert!(a.header.buffers.iter().any(|b| matches!(b, llmc_runtime::BufferDecl::Data { name, .. } if name.starts_with("concat"))), "{quant}: a packed weight concat");
         let mut names: Vec<PathBuf> = std::fs::read_dir(&ptx).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "mlir")).collect();
         names.sort();
         let mlir: Vec<String> = names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
         assert!(mlir.iter().any(|m| m.contains("gated_linear")), "{quant}: a gated_linear kernel");
+        // w8a8/w4a8: the products quantize their activations per token (the rounding of
+        // `ir::quant::quantize_act`), and the other layouts' products do not.
+        let rounds = mlir.iter().any(|m| m.contains("cvt.rni"));
+        assert_eq!(rounds, quant.starts_with('w'), "{quant}: activation quantization in the kernels");
         let out = llmc_codegen::cuda::emulate::run_artifact(&a, &mlir, &[&prompt]);
         let err = max_abs_diff(&out[0], &want);
         eprintln!("{quant} (emulated CUDA vs CPU target): prompt logits max abs difference {err:.2e}");
-        // Both targets decode the same packed bytes exactly; only summation order differs.
+        // Both targets decode the same packed bytes exactly; only summation order differs. (With
+        // w8a8/w4a8 a last-bit difference could move an activation across a rounding boundary,
+        // one int8 level; these fixtures' activations do not land on one: measured <= 4e-6.)
         assert!(err <= 1e-4, "{quant}: emulated CUDA logits differ from the CPU target's by {err}");
     }
 }

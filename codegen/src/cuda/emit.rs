@@ -46,7 +46,7 @@ fn layout_of(p: &Place) -> Option<Layout> {
 fn place_elem(p: &Place, value_dtype: DType, dtype: Elem) -> Result<Elem> {
     Ok(match p {
         Place::Weight { packed: true, .. } | Place::WeightConcat { packed: true, .. } => match layout_of(p) {
-            Some(l @ (Layout::Int8 | Layout::Int4 { .. })) => Elem::Packed(l),
+            Some(l @ (Layout::Int8 | Layout::Int4 { .. } | Layout::W8A8 | Layout::W4A8 { .. } | Layout::Sparse24 { .. })) => Elem::Packed(l),
             other => {
                 return Err(CodegenError::Unsupported {
                     node: data_name(p),
@@ -116,6 +116,9 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
         let ins = g.inputs(n);
         let in_elems: Vec<Elem> = ins.iter().map(|x| elems[mp.buffer_of[x]]).collect();
         let mut key = format!("{:?}|{}", g.op(n), g.ty(n));
+        if ir::interp::acts_quantized(g, n) {
+            key.push_str("|acts int8"); // a different kernel from the same product on f32 lhs
+        }
         for (&x, e) in ins.iter().zip(&in_elems) {
             key.push_str(&format!("|{} {}", g.ty(x), e.name()));
             if let (Op::Rope { .. }, Op::Const { values }) = (g.op(n), g.op(x)) {

@@ -319,6 +319,8 @@ fn op(c: &mut Ctx, env: &mut Env, line: &str, mask: &[bool; W]) {
                 let x = g(after.split("\" ").nth(2).unwrap_or_else(|| after.rsplit("\" ").next().unwrap()).split(" : ").next().unwrap()).f();
                 if after.contains("ex2.approx") {
                     V::F(x.exp2())
+                } else if after.contains("cvt.rni") {
+                    V::F(x.round_ties_even())
                 } else {
                     V::F(x.sqrt())
                 }
@@ -361,7 +363,11 @@ fn op(c: &mut Ctx, env: &mut Env, line: &str, mask: &[bool; W]) {
                         n => panic!("f32 op {n}"),
                     })
                 } else if ty == "i1" {
-                    V::B(g(&a[0]).b() && g(&a[1]).b())
+                    match name {
+                        "arith.andi" => V::B(g(&a[0]).b() && g(&a[1]).b()),
+                        "arith.ori" => V::B(g(&a[0]).b() || g(&a[1]).b()),
+                        n => panic!("i1 op {n}"),
+                    }
                 } else {
                     let (x, y) = (g(&a[0]).i(), g(&a[1]).i());
                     V::I(match name {

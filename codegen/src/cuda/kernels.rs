@@ -7,7 +7,7 @@
 //! - row ops (rms_norm, layer_norm, reduce, softmax): one warp per row, lanes stride the row,
 //!   sums and maxima through `gpu.shuffle xor`;
 //! - products (matmul, linear with its bias/activation/residual epilogue, gated_linear, and the
-//!   packed int8/int4 forms): one warp per output element, lanes stride `K` (consecutive lanes
+//!   packed int8/int4/W8A8/W4A8/2:4 forms): one warp per output element, lanes stride `K` (consecutive lanes
 //!   read consecutive weights of a row: a coalesced GEMV for decode), f32 accumulation;
 //! - attention: one warp per (query, head), flash-style: keys streamed with an online softmax,
 //!   each lane holding `ceil(D/32)` channels of the accumulator; no `S x T` buffer; GQA by
@@ -279,8 +279,113 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
             let d = k.fsub(&qf, &z);
             Ok(k.fmul(&d, &s))
         }
+        Layout::W8A8 => {
+            // scale, the row's i32 code sum (unused here), then the int8 codes
+            let s = k.load_f32_at_byte(b, &base);
+            let at = k.addc(&base, quant::codes_at(layout, kdim) as i64);
+            let at = k.add(&at, j);
+            let q = k.load_i8(b, &at);
+            let qf = k.i64_to_f32(&q);
+            Ok(k.fmul(&qf, &s))
+        }
+        // Stored exactly as symmetric int4 rows (same record, same offsets).
+        Layout::W4A8 { group } => packed_elem(k, b, Layout::Int4 { group, asym: false }, n, j, kdim),
+        Layout::Sparse24 { int8 } => {
+            if !kdim.is_multiple_of(4) {
+                return Err(format!("2:4 sparse weights need K divisible by 4, K = {kdim}"));
+            }
+            // [scale (int8)] kept values (2 per group of 4, element order: f32, or int8 padded
+            // to 4 bytes), then one index byte per two groups: `a | b << 2` (a < b) of group
+            // `2i` in the low nibble, of group `2i + 1` in the high nibble.
+            let codes = quant::codes_at(layout, kdim) as i64;
+            let idx_at = if int8 { (kdim / 2).div_ceil(4) * 4 } else { 4 * (kdim / 2) } as i64;
+            let c4 = k.ci(4);
+            let c2 = k.ci(2);
+            let c16 = k.ci(16);
+            let gi = k.div(j, &c4);
+            let l = k.rem(j, &c4);
+            let half = k.div(&gi, &c2);
+            let at = k.addc(&base, codes + idx_at);
+            let at = k.add(&at, &half);
+            let byte = k.load_u8(b, &at);
+            let lo = k.rem(&byte, &c16);
+            let hi = k.div(&byte, &c16);
+            let odd = k.rem(&gi, &c2);
+            let zero = k.ci(0);
+            let is_lo = k.cmp("eq", &odd, &zero);
+            let nib = k.select(&is_lo, &lo, &hi, "i64");
+            let a = k.rem(&nib, &c4);
+            let bb = k.div(&nib, &c4);
+            let is_a = k.cmp("eq", &l, &a);
+            let is_b = k.cmp("eq", &l, &bb);
+            let one = k.ci(1);
+            let slot = k.select(&is_a, &zero, &one, "i64");
+            let vi = k.mul(&gi, &c2);
+            let vi = k.add(&vi, &slot);
+            let v = if int8 {
+                let s = k.load_f32_at_byte(b, &base);
+                let at = k.addc(&base, codes);
+                let at = k.add(&at, &vi);
+                let q = k.load_i8(b, &at);
+                let qf = k.i64_to_f32(&q);
+                k.fmul(&qf, &s)
+            } else {
+                let off = k.mulc(&vi, 4);
+                let at = k.addc(&base, codes);
+                let at = k.add(&at, &off);
+                k.load_f32_at_byte(b, &at)
+            };
+            let kept = k.or(&is_a, &is_b);
+            let zf = k.cf(0.0);
+            Ok(k.select(&kept, &v, &zf, "f32"))
+        }
         other => Err(format!("the CUDA backend cannot read weight layout `{other}`")),
     }
+}
+
+/// Per-token activation quantization of one row (`ir::quant::quantize_act`): the row's
+/// `amax = max|x|` (NaNs ignored, as `f32::max` does) reduced over the warp, then
+/// `(inv, scale, ok)` = `(127 / amax, amax / 127, 0 < amax < inf)`. All 32 lanes must take part.
+struct ActQuant {
+    inv: String,
+    scale: String,
+    ok: String,
+}
+
+fn act_quant(k: &mut Kt, lane: &str, a: &str, ae: Elem, abase: &str, len: &str) -> ActQuant {
+    let st = k.ci(32);
+    let z = k.cf(0.0);
+    let m = k.for_(lane, len, &st, &[(z, "f32")], |k, j, acc| {
+        let ai = k.add(abase, j);
+        let x = k.loadf(a, &ai, ae);
+        let ax = k.abs(&x);
+        let gt = k.fcmp("ogt", &ax, &acc[0]);
+        vec![k.select(&gt, &ax, &acc[0], "f32")]
+    });
+    let amax = k.warp_max(&m[0]);
+    let c127 = k.cf(127.0);
+    let inv = k.fdiv(&c127, &amax);
+    let scale = k.fdiv(&amax, &c127);
+    let zero = k.cf(0.0);
+    let inf = k.cf(f32::INFINITY);
+    let pos = k.fcmp("ogt", &amax, &zero);
+    let fin = k.fcmp("olt", &amax, &inf);
+    let ok = k.and(&pos, &fin);
+    ActQuant { inv, scale, ok }
+}
+
+/// `x` quantized to int8 and back under `q`: `round_ties_even(x * inv) * scale` (the clamp to
+/// ±127 cannot bind: `|x * inv| <= 127 (1 + 2^-24)^2`), 0 when the row's scale is 0 or `x` is
+/// NaN (whose code is 0).
+fn fake_quant_x(k: &mut Kt, x: &str, q: &ActQuant) -> String {
+    let t = k.fmul(x, &q.inv);
+    let r = k.roundeven(&t);
+    let lim = k.cf(128.0);
+    let inr = k.fcmp("olt", &r, &lim); // false for NaN
+    let ok = k.and(&q.ok, &inr);
+    let y = k.fmul(&r, &q.scale);
+    let zero = k.cf(0.0);
+    k.select(&ok, &y, &zero, "f32")
 }
 
 /// Generates the kernel for node `n`. `elems[i]` is the storage of operand `i`; the output is
@@ -312,6 +417,9 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
             return Err(err(format!("operand {i} is a packed weight, which this op cannot read")));
         }
     }
+    // A product whose rhs is a W8A8/W4A8 weight (or a row-wise concat of them) reads its lhs
+    // quantized per token to int8, exactly as the interpreter does (the scalar paths only).
+    let actq = llmc_ir::interp::acts_quantized(g, n);
     let mut k = Kt::new(&name, 0);
     let mut failure: Option<String> = None;
     let l: Launch = match &node.op {
@@ -654,13 +762,18 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let arow = k.mul(mi, &kv);
                 let abase = k.add(&ao, &arow);
                 let kconst = kd.as_const().unwrap_or(0);
-                let s = if tb && vec8(elems[1], kconst) && vec8(elems[0], kconst) {
+                let aq = actq.then(|| act_quant(k, lane, "%b0", elems[0], &abase, &kv));
+                let s = if !actq && tb && vec8(elems[1], kconst) && vec8(elems[0], kconst) {
                     let brow = k.mul(ni, &kv);
                     let bbase = k.add(&bo, &brow);
                     warp_dot8(k, lane, kconst, "%b0", elems[0], &[abase.clone()], "%b1", elems[1], &[bbase]).remove(0)
                 } else { warp_sum_over(k, lane, &kv, |k, j, acc| {
                     let ai = k.add(&abase, j);
                     let x = k.loadf("%b0", &ai, elems[0]);
+                    let x = match &aq {
+                        Some(q) => fake_quant_x(k, &x, q),
+                        None => x,
+                    };
                     let bi = if tb {
                         let r = k.mul(ni, &kv);
                         let r = k.add(&r, j);
@@ -715,7 +828,7 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                     k.storef(&ob, item, &y);
                 };
                 let zero = k.ci(0);
-                if tb && vec8(elems[1], kc) && vec8(elems[0], kc) {
+                if !actq && tb && vec8(elems[1], kc) && vec8(elems[0], kc) {
                     let rbv = k.ci(LINEAR_ROWS);
                     let phase = k.rem(&row, &rbv);
                     let lead = k.cmp("eq", &phase, &zero);
@@ -746,9 +859,14 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                     });
                 } else {
                     let abase = k.mul(&row, &kv);
+                    let aq = actq.then(|| act_quant(k, lane, "%b0", elems[0], &abase, &kv));
                     let s = warp_sum_over(k, lane, &kv, |k, j, acc| {
                         let ai = k.add(&abase, j);
                         let x = k.loadf("%b0", &ai, elems[0]);
+                        let x = match &aq {
+                            Some(q) => fake_quant_x(k, &x, q),
+                            None => x,
+                        };
                         let w = rhs(k, "%b1", elems[1], &col, j, kc, nc, tb).unwrap_or_else(|e| {
                             failure = Some(e);
                             x.clone()
@@ -778,7 +896,7 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                     let y = k.fmul(&a, u);
                     k.storef(&ob, item, &y);
                 };
-                if vec8(elems[1], kc) && vec8(elems[0], kc) {
+                if !actq && vec8(elems[1], kc) && vec8(elems[0], kc) {
                     // LINEAR_ROWS rows per warp, as in `linear`
                     let rbv = k.ci(LINEAR_ROWS);
                     let phase = k.rem(&row, &rbv);
@@ -811,11 +929,16 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                     });
                 } else {
                     let abase = k.mul(&row, &kv);
+                    let aq = actq.then(|| act_quant(k, lane, "%b0", elems[0], &abase, &kv));
                     let st = k.ci(32);
                     let z = k.cf(0.0);
                     let acc = k.for_(lane, &kv, &st, &[(z.clone(), "f32"), (z, "f32")], |k, j, acc| {
                         let ai = k.add(&abase, j);
                         let x = k.loadf("%b0", &ai, elems[0]);
+                        let x = match &aq {
+                            Some(q) => fake_quant_x(k, &x, q),
+                            None => x,
+                        };
                         let mut get = |k: &mut Kt, c: &str| {
                             rhs(k, "%b1", elems[1], c, j, kc, n2, true).unwrap_or_else(|e| {
                                 failure = Some(e);

@@ -112,7 +112,7 @@ fn product_kernels_lower_dense_and_packed() {
     let bias = weight(&mut g, "bias", vec![N(48)]);
     let res = input(&mut g, vec![S, N(48)]);
     let lin = Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Gelu), residual: true };
-    let n = g.add(lin, &[x, w, bias, res], None).unwrap();
+    let n = g.add(lin.clone(), &[x, w, bias, res], None).unwrap();
     for e in [Elem::F32, Elem::F16, Elem::BF16, Elem::Packed(Layout::Int8), Elem::Packed(Layout::Int4 { group: 32, asym: true }), Elem::Packed(Layout::Int4 { group: 64, asym: false })] {
         lowers(&l, &g, n, &[Elem::F32, e, Elem::F16, Elem::F32]);
     }
@@ -125,6 +125,27 @@ fn product_kernels_lower_dense_and_packed() {
     lowers(&l, &g, gl, &[Elem::F32, Elem::Packed(Layout::Int4 { group: 32, asym: false })]);
     let mm = g.add(Op::Matmul { transpose_b: true }, &[x, w], None).unwrap();
     lowers(&l, &g, mm, &[Elem::F32, Elem::Packed(Layout::Int8)]);
+    // The 2:4 and activation-quantized layouts: packed and (W8A8/W4A8) as dequantized f32,
+    // which takes the scalar path with the per-row activation quantization.
+    for layout in [Layout::Sparse24 { int8: false }, Layout::Sparse24 { int8: true }, Layout::W8A8, Layout::W4A8 { group: 32 }] {
+        let wq = g.add(Op::Weight { name: format!("wq_{layout}"), stored: DType::F32, layout }, &[], Some(TensorType::f32(vec![N(48), N(64)]))).unwrap();
+        let guq = g.add(Op::Weight { name: format!("guq_{layout}"), stored: DType::F32, layout }, &[], Some(TensorType::f32(vec![N(96), N(64)]))).unwrap();
+        let lq = g.add(lin.clone(), &[x, wq, bias, res], None).unwrap();
+        let glq = g.add(Op::GatedLinear { act: UnaryOp::Silu }, &[x, guq], None).unwrap();
+        let mq = g.add(Op::Matmul { transpose_b: true }, &[x, wq], None).unwrap();
+        let mut es = vec![Elem::Packed(layout)];
+        if layout.quantizes_activations() {
+            es.extend([Elem::F32, Elem::F16]);
+        }
+        for e in es {
+            let ptx = lowers(&l, &g, lq, &[Elem::F32, e, Elem::F16, Elem::F32]);
+            if layout.quantizes_activations() {
+                assert!(ptx[0].contains("cvt.rni.f32.f32"), "{layout}: no activation rounding in\n{}", ptx[0]);
+            }
+            lowers(&l, &g, glq, &[Elem::F32, e]);
+            lowers(&l, &g, mq, &[Elem::F32, e]);
+        }
+    }
     // A packed operand anywhere else is an error, not a panic.
     let u = g.add(Op::Unary(UnaryOp::Exp), &[x], None).unwrap();
     let e = kernel(&g, u, &[Elem::Packed(Layout::Int8)], 16, 8).err().expect("packed operand of exp refused");
@@ -201,13 +222,15 @@ mod numerics {
         w: HashMap<String, Vec<f32>>,
         layouts: HashMap<String, Layout>,
         seed: u64,
+        /// Quantized weights stored packed (else as their dequantized f32 values).
+        packed: bool,
     }
 
     impl Case {
         fn new() -> Case {
             let mut g = Graph::new("t");
             g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(DType::I32, vec![S]))).unwrap();
-            Case { g, w: HashMap::new(), layouts: HashMap::new(), seed: 1 }
+            Case { g, w: HashMap::new(), layouts: HashMap::new(), seed: 1, packed: true }
         }
         fn ids(&self) -> NodeId {
             self.g.g.node_indices().find(|&n| matches!(self.g.op(n), Op::Input { .. })).unwrap()
@@ -256,7 +279,7 @@ mod numerics {
             let elems: Vec<Elem> = ins
                 .iter()
                 .map(|&x| match self.g.op(x) {
-                    Op::Weight { layout: l @ (Layout::Int8 | Layout::Int4 { .. }), .. } => Elem::Packed(*l),
+                    Op::Weight { layout, .. } if self.packed && *layout != Layout::Dense => Elem::Packed(*layout),
                     Op::Weight { .. } => welem,
                     _ if self.g.ty(x).dtype == DType::I32 => Elem::I32,
                     _ => Elem::F32,
@@ -398,6 +421,78 @@ mod numerics {
         let wo = c.weight("wo", vec![5, 13], Layout::Dense);
         let mo = c.g.add(Op::Matmul { transpose_b: true }, &[xo, wo], None).unwrap();
         assert!(c.check(mo, &[IDS], Elem::F32) < 1e-5);
+    }
+
+    /// The products of one weight layout (linear with its epilogue, gated_linear, matmul) at
+    /// reduction length `kd` match the interpreter; returns the largest error seen.
+    fn products_of(c: &mut Case, name: &str, layout: Layout, kd: usize) -> f32 {
+        let x = c.act(&format!("x_{name}"), vec![kd]);
+        let res = c.act(&format!("res_{name}"), vec![24]);
+        let bias = c.weight(&format!("bias_{name}"), vec![24], Layout::Dense);
+        let w = c.weight(&format!("w_{name}"), vec![24, kd], layout);
+        let op = Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Silu), residual: true };
+        let n = c.g.add(op, &[x, w, bias, res], None).unwrap();
+        let mut worst = 0f32;
+        let e = c.check(n, &[IDS], Elem::F32);
+        assert!(e < 1e-4, "linear {name} K={kd}: {e}");
+        worst = worst.max(e);
+        let gu = c.weight(&format!("gu_{name}"), vec![48, kd], layout);
+        let gl = c.g.add(Op::GatedLinear { act: UnaryOp::GeluTanh }, &[x, gu], None).unwrap();
+        let e = c.check(gl, &[IDS], Elem::F32);
+        assert!(e < 1e-4, "gated_linear {name} K={kd}: {e}");
+        worst = worst.max(e);
+        let mm = c.g.add(Op::Matmul { transpose_b: true }, &[x, w], None).unwrap();
+        let e = c.check(mm, &[IDS], Elem::F32);
+        assert!(e < 1e-4, "matmul {name} K={kd}: {e}");
+        worst.max(e)
+    }
+
+    #[test]
+    fn sparse_and_activation_quantized_products_match_the_interpreter() {
+        for packed in [true, false] {
+            let mut c = Case::new();
+            c.packed = packed;
+            for (name, layout, kd) in [
+                ("s24", Layout::Sparse24 { int8: false }, 64),
+                ("s24_odd", Layout::Sparse24 { int8: false }, 44), // 11 groups of 4
+                ("s24i8", Layout::Sparse24 { int8: true }, 64),
+                ("s24i8_odd", Layout::Sparse24 { int8: true }, 36), // 9 groups of 4
+                ("w8a8", Layout::W8A8, 64),                         // vec8 path when not packed
+                ("w8a8_odd", Layout::W8A8, 44),
+                ("w4a8", Layout::W4A8 { group: 32 }, 64),
+                ("w4a8_partial", Layout::W4A8 { group: 32 }, 44), // a partial last group
+                ("w4a8_g64", Layout::W4A8 { group: 64 }, 40),     // one partial group
+            ] {
+                let e = products_of(&mut c, &format!("{name}_{packed}"), layout, kd);
+                eprintln!("{name} packed={packed}: max abs err {e:e}");
+            }
+        }
+    }
+
+    /// The activation quantization is really there: a W8A8 product differs from the same
+    /// product over an int8 weight by more than the tolerance, and an all-zero row gives 0.
+    #[test]
+    fn activation_quantization_is_applied_and_zero_rows_are_zero() {
+        let mut c = Case::new();
+        let x = c.act("x", vec![40]);
+        let w8 = c.weight("w8", vec![16, 40], Layout::W8A8);
+        let data = c.w["w8"].clone();
+        let wi = c.weight("wi", vec![16, 40], Layout::Int8);
+        c.w.insert("wi".into(), data);
+        let a = c.g.add(Op::Matmul { transpose_b: true }, &[x, w8], None).unwrap();
+        let b = c.g.add(Op::Matmul { transpose_b: true }, &[x, wi], None).unwrap();
+        c.g.outputs = vec![a, b];
+        let out = Interpreter::new(&c.w).run(&c.g, IDS).unwrap();
+        let d = out[0].data.iter().zip(&out[1].data).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+        assert!(d > 1e-3, "W8A8 and int8 products agree to {d}: the test would not see a missing activation quantization");
+        assert!(c.check(a, &[IDS], Elem::F32) < 1e-4);
+        // A zero activation row (amax = 0): codes and scale 0, so the product is exactly 0.
+        let z = c.g.add(Op::Binary(BinaryOp::Mul), &[x, x], None).unwrap();
+        let zero = c.weight("zero", vec![1], Layout::Dense);
+        c.w.insert("zero".into(), vec![0.0]);
+        let xz = c.g.add(Op::Binary(BinaryOp::Mul), &[z, zero], None).unwrap();
+        let az = c.g.add(Op::Matmul { transpose_b: true }, &[xz, w8], None).unwrap();
+        assert_eq!(c.check(az, &[IDS], Elem::F32), 0.0);
     }
 
     #[test]

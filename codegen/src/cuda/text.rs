@@ -147,6 +147,9 @@ impl Kt {
     pub fn and(&mut self, a: &str, b: &str) -> String {
         self.bin("arith.andi", a, b, "i1")
     }
+    pub fn or(&mut self, a: &str, b: &str) -> String {
+        self.bin("arith.ori", a, b, "i1")
+    }
     pub fn select(&mut self, c: &str, a: &str, b: &str, ty: &str) -> String {
         self.op(&format!("arith.select {c}, {a}, {b} : {ty}"))
     }
@@ -383,6 +386,11 @@ impl Kt {
         let y = self.fmul(x, &l);
         // `llvm.intr.exp2` would become a libdevice call under convert-gpu-to-nvvm.
         self.op(&format!("llvm.inline_asm \"ex2.approx.ftz.f32 $0, $1;\", \"=f,f\" {y} : (f32) -> f32"))
+    }
+    /// `x` rounded to the nearest integer, ties to even (`cvt.rni`; `math.roundeven` would
+    /// need libdevice).
+    pub fn roundeven(&mut self, x: &str) -> String {
+        self.op(&format!("llvm.inline_asm \"cvt.rni.f32.f32 $0, $1;\", \"=f,f\" {x} : (f32) -> f32"))
     }
     pub fn sqrt(&mut self, x: &str) -> String {
         self.op(&format!("llvm.inline_asm \"sqrt.rn.f32 $0, $1;\", \"=f,f\" {x} : (f32) -> f32"))
