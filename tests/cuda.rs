@@ -202,11 +202,6 @@ fn gpu_tests() -> bool {
     false
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 /// Prompt logits and greedy ids from a CUDA artifact against the transformers fixture.
 fn gpu_golden(case: &str, dtype: &str, tol: f32) {
     let dir = fixture(case);
@@ -218,17 +213,7 @@ fn gpu_golden(case: &str, dtype: &str, tol: f32) {
     let want_new = ids_of(&greedy["new_ids"]);
     let (shape, want_logits) = npy::read_f32(&dir.join("logits.npy")).unwrap();
     let logits_path = tmp.join("logits.npy");
-    let out = ok(llmc()
-        .arg("run")
-        .arg(&art)
-        .arg("--input-ids")
-        .arg(join_ids(&prompt))
-        .arg("--max-new-tokens")
-        .arg(want_new.len().to_string())
-        .arg("--ignore-eos")
-        .arg("--logits-out")
-        .arg(&logits_path)
-        .arg("--json"));
+    let out = run_greedy_with_logits(&art, &prompt, want_new.len(), &logits_path);
     let (gshape, got) = npy::read_f32(&logits_path).unwrap();
     assert_eq!(gshape, shape, "{case}: logits shape");
     let err = max_abs_diff(&got, &want_logits);
