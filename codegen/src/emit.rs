@@ -69,6 +69,11 @@ pub(crate) struct GraphIo {
     pub vocab: usize,
 }
 
+/// The artifact's KV-cache states: one f32 tensor per graph state.
+pub(crate) fn state_entries(g: &Graph) -> Vec<StateEntry> {
+    g.states.iter().map(|s| StateEntry { name: s.name.clone(), bytes: (s.ty.static_numel().unwrap_or(0) * 4) as u64 }).collect()
+}
+
 /// Verifies `g` and reads its [`GraphIo`].
 pub(crate) fn graph_io(g: &Graph, opts: &CompileOptions) -> Result<GraphIo> {
     ir::verify(g)?;
@@ -198,11 +203,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             Place::Microkernels => BufferDecl::Microkernels { abi: runtime::ukernel::ABI_VERSION },
         })
         .collect();
-    let states: Vec<StateEntry> = g
-        .states
-        .iter()
-        .map(|s| StateEntry { name: s.name.clone(), bytes: (s.ty.static_numel().unwrap_or(0) * 4) as u64 })
-        .collect();
+    let states = state_entries(g);
     let mut header = Header {
         target: TARGET_X86_64.into(),
         cpu_features: features,

@@ -269,6 +269,14 @@ fn sparse_each(kb: &mut Kb, int8: bool, k: usize, prow: Value, f: &mut dyn FnMut
     }
 }
 
+/// The 16 int8 codes at `pc` as four `f32x4` (elements 0..4, 4..8, 8..12, 12..16), unscaled.
+fn int8x16_to_f32(kb: &mut Kb, pc: Value) -> [Value; 4] {
+    let v = kb.b.ins().load(I8X16, flags(), pc, 0);
+    let (lo, hi) = (kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v));
+    [kb.b.ins().swiden_low(lo), kb.b.ins().swiden_high(lo), kb.b.ins().swiden_low(hi), kb.b.ins().swiden_high(hi)]
+        .map(|w| kb.b.ins().fcvt_from_sint(V4, w))
+}
+
 /// Dequantizes packed row `prow` (`k` elements) into the f32 buffer `dst`.
 fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
     let codes = kb.addi(prow, codes_at(layout, k) as i64);
@@ -280,16 +288,10 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
             let kv = kb.ic(k as i64);
             let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
                 let pc = kb.add(codes, c);
-                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
-                let h = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
-                for (hi, &hv) in h.iter().enumerate() {
-                    let w = [kb.b.ins().swiden_low(hv), kb.b.ins().swiden_high(hv)];
-                    for (wi, &wv) in w.iter().enumerate() {
-                        let f = kb.b.ins().fcvt_from_sint(V4, wv);
-                        let f = kb.fmul(f, sv);
-                        let idx = kb.addi(c, (8 * hi + 4 * wi) as i64);
-                        kb.st(f, dst, idx);
-                    }
+                for (i, f) in int8x16_to_f32(kb, pc).into_iter().enumerate() {
+                    let f = kb.fmul(f, sv);
+                    let idx = kb.addi(c, 4 * i as i64);
+                    kb.st(f, dst, idx);
                 }
             });
             kb.for_steps(e, kv, 1, &mut |kb, c| {
@@ -381,18 +383,12 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
             let kv = kb.ic(k as i64);
             let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
                 let pc = kb.add(codes, c);
-                let v = kb.b.ins().load(I8X16, flags(), pc, 0);
-                let h = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
-                for (hi, &hv) in h.iter().enumerate() {
-                    let w = [kb.b.ins().swiden_low(hv), kb.b.ins().swiden_high(hv)];
-                    for (wi, &wv) in w.iter().enumerate() {
-                        let q = kb.b.ins().fcvt_from_sint(V4, wv);
-                        let idx = kb.addi(c, (8 * hi + 4 * wi) as i64);
-                        let av = kb.ld_ro(V4, a, idx);
-                        let x = kb.get(acc[2 * hi + wi]);
-                        let y = kb.fma(q, av, x);
-                        kb.set(acc[2 * hi + wi], y);
-                    }
+                for (i, q) in int8x16_to_f32(kb, pc).into_iter().enumerate() {
+                    let idx = kb.addi(c, 4 * i as i64);
+                    let av = kb.ld_ro(V4, a, idx);
+                    let x = kb.get(acc[i]);
+                    let y = kb.fma(q, av, x);
+                    kb.set(acc[i], y);
                 }
             });
             let tail = kb.var(F32, zs);

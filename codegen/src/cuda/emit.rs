@@ -8,12 +8,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use ir::{DType, Graph, Layout, Op, WeightSource};
-use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Header, KernelEntry, StateEntry, Step, TARGET_CUDA};
+use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Header, KernelEntry, Step, TARGET_CUDA};
 
 use super::kernels::{kernel, GpuKernel};
 use super::lower::{Lowerer, ARCHS};
 use super::text::Elem;
-use crate::emit::{data_bytes, data_name, f32_bytes, graph_io, place_packed, place_values, retain_used_indexed, CompileOptions, CompileReport, GraphIo};
+use crate::emit::{data_bytes, data_name, f32_bytes, graph_io, state_entries, place_packed, place_values, retain_used_indexed, CompileOptions, CompileReport, GraphIo};
 use crate::error::{CodegenError, Result};
 use crate::plan::{plan, Place};
 
@@ -224,11 +224,7 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
             Place::Panels { .. } | Place::Microkernels => BufferDecl::Arena { offset: 0, bytes: 0 },
         })
         .collect();
-    let states: Vec<StateEntry> = g
-        .states
-        .iter()
-        .map(|s| StateEntry { name: s.name.clone(), bytes: (s.ty.static_numel().unwrap_or(0) * 4) as u64 })
-        .collect();
+    let states = state_entries(g);
     let mut meta = g.meta.clone();
     meta.insert("gpu_dtype".into(), dtype.name());
     let mut header = Header {
