@@ -187,6 +187,9 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
     let mut input_buf = mp.buffer_of[&input] as u32;
     let mut output_buf = mp.buffer_of[&output] as u32;
     let places = retain_used(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
+    // Start reading the weights from disk in the order they are written below (advice; stopped
+    // when `_prefetch` is dropped, on every return path).
+    let _prefetch = weights.prefetch(&weight_names(&places));
     let codegen_seconds = t0.elapsed().as_secs_f64();
 
     // Header with placeholder offsets as wide as any real one, to bound its size.
@@ -291,6 +294,21 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         write_seconds: t1.elapsed().as_secs_f64(),
         ptx_files: Vec::new(),
     })
+}
+
+/// The checkpoint names of the weights `places` load, in the order they are loaded.
+pub(crate) fn weight_names(places: &[Place]) -> Vec<&str> {
+    fn walk<'a>(p: &'a Place, out: &mut Vec<&'a str>) {
+        match p {
+            Place::Weight { name, .. } => out.push(name),
+            Place::WeightConcat { parts, .. } => parts.iter().for_each(|(q, _)| walk(q, out)),
+            Place::Panels { inner, .. } => walk(inner, out),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    places.iter().for_each(|p| walk(p, &mut out));
+    out
 }
 
 /// Drops the data buffers (weights, constants, compile-time concats) that no step and no `roots`

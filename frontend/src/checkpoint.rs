@@ -13,9 +13,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use half::{bf16, f16};
-use llmc_ir::{DType, IrError, TensorType, WeightSource};
+use llmc_ir::{DType, IrError, Prefetch, TensorType, WeightSource};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
@@ -45,6 +47,8 @@ pub struct TensorInfo {
 struct Shard {
     path: PathBuf,
     data: ShardData,
+    /// The open file behind a mapped shard (for [`WeightSource::prefetch`]'s read-ahead).
+    file: Option<File>,
 }
 
 /// A shard's bytes: a read-only file mapping, or a buffer given to [`Checkpoint::from_bytes`].
@@ -90,6 +94,9 @@ struct Entry {
 pub struct Checkpoint {
     shards: Vec<Shard>,
     index: BTreeMap<String, Entry>,
+    /// Bytes of tensor data read so far (including the tensors being read): how far a prefetch
+    /// may run ahead is measured from it.
+    loaded: Arc<AtomicU64>,
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> FrontendError {
@@ -191,18 +198,18 @@ impl Checkpoint {
 
     /// Maps each file and indexes its tensors; a name held by two shards is an error.
     fn open_files(files: &[PathBuf]) -> Result<Checkpoint> {
-        let mut ckpt = Checkpoint { shards: Vec::with_capacity(files.len()), index: BTreeMap::new() };
+        let mut ckpt = Checkpoint { shards: Vec::with_capacity(files.len()), index: BTreeMap::new(), loaded: Arc::default() };
         for path in files {
             let file = File::open(path).map_err(|e| io_err(path, e))?;
             // SAFETY: the mapping is read-only; a checkpoint file modified while open is outside
             // what llmc supports (as for every reader of memory-mapped weights).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-            // Tensors are read front to back, each once: ask for large read-ahead, and start
-            // reading the file now, so that disk reads overlap the compiler's work on earlier
-            // tensors instead of stalling on each page fault. Advice only: failure changes nothing.
+            // Each tensor is read front to back, once: ask for large read-ahead on page faults.
+            // (No MADV_WILLNEED on the whole map: Linux caps it at one read-ahead window, a few
+            // MiB at the file's start; [`WeightSource::prefetch`] reads ahead in the order the
+            // tensors are used instead.) Advice only: failure changes nothing.
             let _ = map.advise(memmap2::Advice::Sequential);
-            let _ = map.advise(memmap2::Advice::WillNeed);
-            ckpt.add_shard(path, ShardData::Map(map))?;
+            ckpt.add_shard(path, ShardData::Map(map), Some(file))?;
         }
         Ok(ckpt)
     }
@@ -210,13 +217,13 @@ impl Checkpoint {
     /// A one-shard checkpoint from a safetensors file already in memory, checked exactly as
     /// [`open`](Self::open) checks a file; `path` only names it in errors.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Checkpoint> {
-        let mut ckpt = Checkpoint { shards: Vec::new(), index: BTreeMap::new() };
-        ckpt.add_shard(path, ShardData::Bytes(bytes))?;
+        let mut ckpt = Checkpoint { shards: Vec::new(), index: BTreeMap::new(), loaded: Arc::default() };
+        ckpt.add_shard(path, ShardData::Bytes(bytes), None)?;
         Ok(ckpt)
     }
 
     /// Parses a shard's header, indexes its tensors and keeps the shard.
-    fn add_shard(&mut self, path: &Path, data: ShardData) -> Result<()> {
+    fn add_shard(&mut self, path: &Path, data: ShardData, file: Option<File>) -> Result<()> {
         let bytes = data.bytes();
         let st_err = |msg: String| FrontendError::Safetensors { path: path.to_path_buf(), msg };
         let (n, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| st_err(explain(bytes, e.to_string())))?;
@@ -239,7 +246,7 @@ impl Checkpoint {
                 });
             }
         }
-        self.shards.push(Shard { path: path.to_path_buf(), data });
+        self.shards.push(Shard { path: path.to_path_buf(), data, file });
         Ok(())
     }
 
@@ -303,17 +310,126 @@ impl Checkpoint {
         let bytes = shard
             .and_then(|s| s.data.bytes().get(e.start..e.end))
             .ok_or_else(|| FrontendError::Tensor { name: name.to_string(), msg: "byte range outside its shard".into() })?;
-        let values = match e.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        let size = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             d => return Err(FrontendError::UnsupportedDtype { name: name.to_string(), dtype: d.to_string() }),
         };
+        // Counted before reading: a prefetch may run ahead of the end of the tensor being read.
+        self.loaded.fetch_add((e.end - e.start) as u64, Ordering::Relaxed);
+        let values = to_f32(bytes, e.dtype, size);
         if let Some(s) = shard {
             s.data.release(e.start..e.end);
         }
         Ok(values)
     }
+}
+
+/// How far (bytes of tensor data) a prefetch runs ahead of the reads.
+const PREFETCH_AHEAD: u64 = 64 << 20;
+/// Bytes per read-ahead request: at most the 2 MiB Linux reads per step, and within the cap
+/// (`max(read_ahead_kb, max_sectors_kb)`) it puts on one request on common devices.
+const PREFETCH_STEP: u64 = 1 << 20;
+
+/// The background reading of [`Checkpoint`]'s [`WeightSource::prefetch`]: a thread that asks the
+/// kernel to read the tensors' byte ranges into the page cache (`readahead(2)`: no copy, nothing
+/// mapped), in the order the tensors will be used, staying at most [`PREFETCH_AHEAD`] bytes ahead
+/// of the reads. It ends when every range was requested, on the first refused request, or when
+/// dropped.
+struct Prefetcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            // The thread never panics (no indexing, no unwrap); a join error changes nothing.
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn prefetch_ranges(files: Vec<File>, ranges: Vec<(usize, u64, u64)>, loaded: Arc<AtomicU64>) -> Prefetch {
+    use std::os::fd::AsRawFd;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let base = loaded.load(Ordering::Relaxed);
+    let run = move || {
+        let mut issued = 0u64;
+        for (f, start, end) in ranges {
+            let Some(file) = files.get(f) else { return };
+            let mut off = start;
+            while off < end {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                let read = loaded.load(Ordering::Relaxed).saturating_sub(base);
+                if issued > read + PREFETCH_AHEAD {
+                    std::thread::park_timeout(std::time::Duration::from_millis(1));
+                    continue;
+                }
+                let len = PREFETCH_STEP.min(end - off);
+                // SAFETY: a plain system call on an open descriptor; it only schedules reads of
+                // the file into the page cache.
+                let r = unsafe { libc::readahead(file.as_raw_fd(), off as libc::off64_t, len as usize) };
+                if r != 0 {
+                    return; // not supported here (or the file changed): prefetch is advice only
+                }
+                off += len;
+                issued += len;
+            }
+        }
+    };
+    match std::thread::Builder::new().name("llmc-prefetch".into()).spawn(run) {
+        Ok(t) => Prefetch::new(Prefetcher { stop, thread: Some(t) }),
+        Err(_) => Prefetch::none(),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn prefetch_ranges(_: Vec<File>, _: Vec<(usize, u64, u64)>, _: Arc<AtomicU64>) -> Prefetch {
+    Prefetch::none()
+}
+
+/// Size from which [`to_f32`] splits a tensor over threads.
+const CONVERT_PARALLEL_BYTES: usize = 4 << 20;
+
+/// `bytes` (elements of `size` bytes, `dtype` F32, F16 or BF16) as f32; large tensors are
+/// converted on all cores (each thread also takes the page faults of its part of the mapping).
+fn to_f32(bytes: &[u8], dtype: Dtype, size: usize) -> Vec<f32> {
+    fn convert(dst: &mut [f32], src: &[u8], dtype: Dtype) {
+        match dtype {
+            Dtype::F32 => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::F16 => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, c)| *d = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            _ => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, c)| *d = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        }
+    }
+    let mut v = vec![0.0f32; bytes.len() / size];
+    let threads = if bytes.len() >= CONVERT_PARALLEL_BYTES { std::thread::available_parallelism().map_or(1, |t| t.get().min(8)) } else { 1 };
+    if threads <= 1 {
+        convert(&mut v, bytes, dtype);
+        return v;
+    }
+    // Thread `t` takes blocks t, t + threads, ...: together the threads move through the tensor
+    // front to back, which keeps the kernel's read-ahead on a file not yet in memory sequential.
+    const BLOCK: usize = 256 << 10; // elements
+    let mut work: Vec<Vec<(&mut [f32], &[u8])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, part) in v.chunks_mut(BLOCK).zip(bytes.chunks(BLOCK * size)).enumerate() {
+        work[i % threads].push(part);
+    }
+    std::thread::scope(|sc| {
+        let mut work = work.into_iter();
+        let first = work.next();
+        for parts in work {
+            sc.spawn(move || parts.into_iter().for_each(|(d, s)| convert(d, s, dtype)));
+        }
+        first.into_iter().flatten().for_each(|(d, s)| convert(d, s, dtype));
+    });
+    v
 }
 
 /// Refuses a JSON file larger than [`MAX_JSON_FILE`] before reading it.
@@ -376,7 +492,12 @@ fn explain(bytes: &[u8], msg: String) -> String {
 
 /// The index and value of the first NaN or infinity in `v`, if any.
 pub fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
-    v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+    // A branch-free test per block (vectorized), the exact position only in a block that fails.
+    const BLOCK: usize = 1024;
+    let bad = |x: &f32| (x.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32;
+    let b = v.chunks(BLOCK).position(|c| c.iter().map(bad).fold(0, |a, b| a | b) != 0)?;
+    let i = b * BLOCK + v[b * BLOCK..].iter().position(|x| !x.is_finite())?;
+    Some((i, v[i]))
 }
 
 /// The row-major multi-index of flat index `i` in `shape`.
@@ -408,5 +529,37 @@ impl WeightSource for Checkpoint {
             return Err(werr(format!("element {at:?} (flat index {i}) is {x}: the checkpoint holds non-finite weights")));
         }
         Ok(v)
+    }
+
+    /// Reads the tensors' bytes into the page cache on a background thread, in `names`' order,
+    /// a bounded distance ahead of [`load`](WeightSource::load); unknown names and names given
+    /// twice are skipped. Checkpoints from memory and systems other than Linux prefetch nothing.
+    fn prefetch(&self, names: &[&str]) -> Prefetch {
+        let mut seen = BTreeSet::new();
+        let mut files: Vec<File> = Vec::new();
+        let mut fd_of: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut ranges = Vec::new();
+        for &name in names {
+            let Some(e) = self.index.get(name) else { continue };
+            if !seen.insert(name) || e.start == e.end {
+                continue;
+            }
+            let f = match fd_of.get(&e.shard) {
+                Some(&f) => f,
+                None => {
+                    let Some(dup) = self.shards.get(e.shard).and_then(|s| s.file.as_ref()).and_then(|f| f.try_clone().ok()) else {
+                        continue;
+                    };
+                    files.push(dup);
+                    fd_of.insert(e.shard, files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            ranges.push((f, e.start as u64, e.end as u64));
+        }
+        if ranges.is_empty() {
+            return Prefetch::none();
+        }
+        prefetch_ranges(files, ranges, self.loaded.clone())
     }
 }

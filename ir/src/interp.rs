@@ -19,6 +19,32 @@ pub trait WeightSource {
     fn quantized(&self, _name: &str, _layout: Layout) -> Option<Vec<crate::quant::QRow>> {
         None
     }
+    /// Advice that the weights `names` are about to be [`load`](WeightSource::load)ed, in this
+    /// order, each about once (the compiler calls it before streaming the weights out). A source
+    /// backed by files may start reading them from disk ahead of the loads, so that disk reads
+    /// overlap the caller's work instead of stalling each load. Advice only: it changes no result,
+    /// and the returned guard stops any background reading when dropped. Default: nothing.
+    fn prefetch(&self, _names: &[&str]) -> Prefetch {
+        Prefetch::none()
+    }
+}
+
+/// What [`WeightSource::prefetch`] started: dropping it stops the background reading (and waits
+/// for it to stop).
+#[must_use = "dropping the guard stops the prefetch"]
+pub struct Prefetch {
+    _guard: Option<Box<dyn Send>>,
+}
+
+impl Prefetch {
+    /// No background reading.
+    pub fn none() -> Prefetch {
+        Prefetch { _guard: None }
+    }
+    /// Background reading stopped by `guard`'s `Drop`.
+    pub fn new(guard: impl Send + 'static) -> Prefetch {
+        Prefetch { _guard: Some(Box::new(guard)) }
+    }
 }
 
 /// Weights from a map (tests, synthetic graphs).

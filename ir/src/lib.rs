@@ -17,7 +17,7 @@ pub mod verify;
 
 pub use error::{IrError, Result};
 pub use graph::{Graph, Node, NodeId, StateDecl};
-pub use interp::{Interpreter, Tensor, WeightSource};
+pub use interp::{Interpreter, Prefetch, Tensor, WeightSource};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use parse::parse;
 pub use print::print;

@@ -362,6 +362,11 @@ impl ir::WeightSource for Calibrated<'_> {
             _ => self.inner.quantized(name, layout),
         }
     }
+    fn prefetch(&self, names: &[&str]) -> ir::Prefetch {
+        // Replaced weights are never read from the inner source.
+        let read: Vec<&str> = names.iter().copied().filter(|n| !self.values.contains_key(*n)).collect();
+        self.inner.prefetch(&read)
+    }
 }
 
 /// How `--calib` is used.

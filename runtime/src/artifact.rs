@@ -413,7 +413,7 @@ impl ArtifactWriter {
         file.write_all(code).map_err(io)?;
         file.set_len(data_offset).map_err(io)?;
         file.seek(SeekFrom::Start(data_offset)).map_err(io)?;
-        let stage = DirectStage::new(&tmp, data_offset);
+        let stage = DirectStage::new(&tmp, &file, data_offset);
         Ok(ArtifactWriter {
             file,
             stage,
@@ -483,31 +483,157 @@ impl ArtifactWriter {
 
 /// Writes the data section in large blocks that bypass the page cache (`O_DIRECT` on Linux): a
 /// compile writes hundreds of MiB once, and copying them into the page cache costs more than the
-/// disk write itself. Bytes collect in a 4096-aligned buffer; full blocks go out through a second,
-/// `O_DIRECT` descriptor of the same file, the last partial block through the ordinary one. Where
-/// `O_DIRECT` is unavailable (tmpfs, other systems) or refused, everything goes through the
-/// ordinary descriptor.
+/// disk write itself. Bytes collect in a 4096-aligned buffer; each full buffer goes to an I/O
+/// thread that writes it through a second, `O_DIRECT` descriptor of the same file while the next
+/// one fills (a few buffers in turn), so the caller's copying and checksumming overlap the disk
+/// writes. The last partial block goes through the ordinary descriptor. Where `O_DIRECT` is
+/// unavailable (tmpfs, other systems) or refused, everything goes through the ordinary descriptor.
 struct DirectStage {
-    direct: Option<std::fs::File>,
-    buf: *mut u8,
+    /// The I/O thread, or `None` for the buffered path.
+    io: Option<StageIo>,
+    /// The buffer filling now (null on the buffered path).
+    buf: StageBuf,
     len: usize,
     /// File offset of `buf[0]`.
     at: u64,
 }
 
-// SAFETY: `buf` is owned memory, only touched through `&mut self`.
-unsafe impl Send for DirectStage {}
-
 const STAGE_BYTES: usize = 8 << 20;
 const STAGE_ALIGN: usize = 4096;
+/// Buffers in turn: one filling, the others written (or waiting to be).
+const STAGE_BUFFERS: usize = 3;
+
+/// A `STAGE_BYTES`, `STAGE_ALIGN`-aligned buffer (null when allocation failed).
+struct StageBuf(*mut u8);
+
+// SAFETY: `StageBuf` owns its memory; it is only touched by whoever holds the `StageBuf`.
+unsafe impl Send for StageBuf {}
+
+impl StageBuf {
+    fn layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(STAGE_BYTES, STAGE_ALIGN).expect("constant layout")
+    }
+    fn new() -> StageBuf {
+        // SAFETY: non-zero size. A null result (out of memory) is checked by the callers.
+        StageBuf(unsafe { std::alloc::alloc(Self::layout()) })
+    }
+    fn null() -> StageBuf {
+        StageBuf(std::ptr::null_mut())
+    }
+}
+
+impl Drop for StageBuf {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.0, Self::layout()) };
+        }
+    }
+}
+
+/// The I/O thread of a [`DirectStage`]: takes (buffer, byte count, file offset), writes the
+/// bytes, and hands the buffer back with the outcome.
+struct StageIo {
+    /// `None` once closed (the thread then ends).
+    tx: Option<std::sync::mpsc::Sender<(StageBuf, usize, u64)>>,
+    back: std::sync::mpsc::Receiver<(StageBuf, std::io::Result<()>)>,
+    /// Empty buffers ready to fill.
+    free: Vec<StageBuf>,
+    /// Buffers handed to the thread and not yet back.
+    in_flight: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StageIo {
+    /// Starts the thread writing through `direct`, or through `plain` (the ordinary descriptor)
+    /// from the first write `direct` refuses on.
+    fn start(direct: std::fs::File, plain: std::fs::File) -> Option<StageIo> {
+        use std::os::unix::fs::FileExt;
+        let mut free = Vec::with_capacity(STAGE_BUFFERS - 1);
+        for _ in 1..STAGE_BUFFERS {
+            let b = StageBuf::new();
+            if b.0.is_null() {
+                return None;
+            }
+            free.push(b);
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<(StageBuf, usize, u64)>();
+        let (back_tx, back) = std::sync::mpsc::channel();
+        let run = move || {
+            let mut direct = Some(direct);
+            for (buf, len, at) in rx {
+                // SAFETY: the sender initialized the first `len <= STAGE_BYTES` bytes of `buf`.
+                let data = unsafe { std::slice::from_raw_parts(buf.0, len) };
+                let direct_ok = direct.as_ref().is_some_and(|d| d.write_all_at(data, at).is_ok());
+                let r = if direct_ok {
+                    Ok(())
+                } else {
+                    direct = None;
+                    plain.write_all_at(data, at)
+                };
+                if back_tx.send((buf, r)).is_err() {
+                    return;
+                }
+            }
+        };
+        let thread = std::thread::Builder::new().name("llmc-artifact-io".into()).spawn(run).ok()?;
+        Some(StageIo { tx: Some(tx), back, free, in_flight: 0, thread: Some(thread) })
+    }
+
+    /// Hands `len` bytes of `buf` (to go at file offset `at`) to the thread; returns an empty
+    /// buffer, waiting for one to come back if none is free.
+    fn submit(&mut self, buf: StageBuf, len: usize, at: u64) -> std::io::Result<StageBuf> {
+        let gone = || std::io::Error::other("the artifact I/O thread stopped");
+        self.tx.as_ref().ok_or_else(gone)?.send((buf, len, at)).map_err(|_| gone())?;
+        self.in_flight += 1;
+        match self.free.pop() {
+            Some(b) => Ok(b),
+            None => self.wait_one(),
+        }
+    }
+
+    /// Waits for one buffer handed to the thread; returns it, or the error writing it.
+    fn wait_one(&mut self) -> std::io::Result<StageBuf> {
+        let Ok((buf, r)) = self.back.recv() else {
+            self.in_flight = 0; // the thread is gone, and every buffer it held with it
+            return Err(std::io::Error::other("the artifact I/O thread stopped"));
+        };
+        self.in_flight -= 1;
+        r.map(|()| buf)
+    }
+
+    /// Waits until every buffer handed over is written; the first error if one failed.
+    fn drain(&mut self) -> std::io::Result<()> {
+        let mut first = Ok(());
+        while self.in_flight > 0 {
+            match self.wait_one() {
+                Ok(b) => self.free.push(b),
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
+    }
+}
+
+impl Drop for StageIo {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after the writes it holds.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 impl DirectStage {
-    fn new(path: &Path, at: u64) -> DirectStage {
-        let layout = std::alloc::Layout::from_size_align(STAGE_BYTES, STAGE_ALIGN).expect("constant layout");
-        let direct = Self::open_direct(path);
-        // SAFETY: non-zero size. A null result (out of memory) leaves the buffered path.
-        let buf = if direct.is_some() { unsafe { std::alloc::alloc(layout) } } else { std::ptr::null_mut() };
-        DirectStage { direct: if buf.is_null() { None } else { direct }, buf, len: 0, at }
+    fn new(path: &Path, file: &std::fs::File, at: u64) -> DirectStage {
+        let io = Self::open_direct(path).and_then(|d| StageIo::start(d, file.try_clone().ok()?));
+        let buf = if io.is_some() { StageBuf::new() } else { StageBuf::null() };
+        DirectStage { io: if buf.0.is_null() { None } else { io }, buf, len: 0, at }
     }
 
     #[cfg(target_os = "linux")]
@@ -526,72 +652,55 @@ impl DirectStage {
 
     fn write(&mut self, file: &std::fs::File, mut bytes: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        if self.direct.is_none() {
+        let Some(io) = &mut self.io else {
             file.write_all_at(bytes, self.at)?;
             self.at += bytes.len() as u64;
             return Ok(());
+        };
+        if self.buf.0.is_null() {
+            return Err(std::io::Error::other("the artifact writer failed before"));
         }
         while !bytes.is_empty() {
             let n = bytes.len().min(STAGE_BYTES - self.len);
             // SAFETY: `buf` holds STAGE_BYTES bytes and `len + n <= STAGE_BYTES`.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.add(self.len), n) };
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.0.add(self.len), n) };
             self.len += n;
             bytes = &bytes[n..];
             if self.len == STAGE_BYTES {
-                self.flush_blocks(file)?;
+                // A full buffer is whole blocks (STAGE_BYTES is a multiple of STAGE_ALIGN).
+                let full = std::mem::replace(&mut self.buf, StageBuf::null());
+                self.buf = io.submit(full, STAGE_BYTES, self.at)?;
+                self.at += STAGE_BYTES as u64;
+                self.len = 0;
             }
         }
         Ok(())
     }
 
-    /// Writes the whole blocks of the buffer (directly, or through `file` if the system refuses)
-    /// and keeps the partial last block at the buffer's start.
-    fn flush_blocks(&mut self, file: &std::fs::File) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let whole = self.len / STAGE_ALIGN * STAGE_ALIGN;
-        if whole == 0 {
-            return Ok(());
-        }
-        // SAFETY: the first `len` bytes of `buf` are initialized.
-        let data = unsafe { std::slice::from_raw_parts(self.buf, whole) };
-        let direct_ok = match &self.direct {
-            Some(d) => d.write_all_at(data, self.at).is_ok(),
-            None => false,
-        };
-        if !direct_ok {
-            self.direct = None;
-            file.write_all_at(data, self.at)?;
-        }
-        self.at += whole as u64;
-        // SAFETY: both ranges lie within the buffer; `copy` allows overlap.
-        unsafe { std::ptr::copy(self.buf.add(whole), self.buf, self.len - whole) };
-        self.len -= whole;
-        Ok(())
-    }
-
-    /// Writes everything still buffered.
+    /// Writes everything still buffered and waits for the I/O thread's writes.
     fn finish(&mut self, file: &std::fs::File) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        if self.buf.is_null() {
-            return Ok(());
+        let Some(io) = &mut self.io else { return Ok(()) };
+        if self.buf.0.is_null() {
+            return Err(std::io::Error::other("the artifact writer failed before"));
         }
-        self.flush_blocks(file)?;
-        // SAFETY: the first `len` bytes of `buf` are initialized.
-        let rest = unsafe { std::slice::from_raw_parts(self.buf, self.len) };
+        io.drain()?;
+        // The partial last buffer: whole blocks directly (through the thread), the rest through
+        // the ordinary descriptor.
+        let whole = self.len / STAGE_ALIGN * STAGE_ALIGN;
+        if whole > 0 {
+            let buf = std::mem::replace(&mut self.buf, StageBuf::null());
+            io.tx.as_ref().ok_or_else(|| std::io::Error::other("the artifact I/O thread stopped"))?.send((buf, whole, self.at)).map_err(|_| std::io::Error::other("the artifact I/O thread stopped"))?;
+            io.in_flight += 1;
+            self.buf = io.wait_one()?;
+            self.at += whole as u64;
+        }
+        // SAFETY: bytes `whole..len` of `buf` are initialized (the thread does not modify them).
+        let rest = unsafe { std::slice::from_raw_parts(self.buf.0.add(whole), self.len - whole) };
         file.write_all_at(rest, self.at)?;
-        self.at += self.len as u64;
+        self.at += rest.len() as u64;
         self.len = 0;
         Ok(())
-    }
-}
-
-impl Drop for DirectStage {
-    fn drop(&mut self) {
-        if !self.buf.is_null() {
-            let layout = std::alloc::Layout::from_size_align(STAGE_BYTES, STAGE_ALIGN).expect("constant layout");
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { std::alloc::dealloc(self.buf, layout) };
-        }
     }
 }
 

@@ -113,23 +113,50 @@ pub fn pack_panels(w: &[f32], rows: usize, k: usize, groups: usize) -> Vec<f32> 
 
 /// [`pack_panels`] of the `[rows, k]` matrix whose row `r` is `row(r)` (`k` values): packs a
 /// concatenation of weights without building it first.
-pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
+pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
     let n = rows / groups.max(1);
     let glen = panel_group_len(n, k);
     let mut out = vec![0.0f32; glen * groups];
-    for g in 0..groups {
-        let dst = &mut out[g * glen..(g + 1) * glen];
-        for r in 0..n {
-            let src = row(g * n + r);
-            let (p, j) = (r / PANEL, r % PANEL);
-            let panel = &mut dst[p * PANEL * k..(p + 1) * PANEL * k];
-            for (kk, &v) in src.iter().enumerate().take(k) {
-                panel[kk * PANEL + j] = v;
+    let per_group = n.div_ceil(PANEL);
+    if out.is_empty() || per_group == 0 {
+        return out;
+    }
+    // Panel `q` (in group `q / per_group`) holds rows PANEL * (q % per_group).. of its group.
+    let fill = |q0: usize, panels: &mut [f32]| {
+        for (dq, panel) in panels.chunks_mut(PANEL * k).enumerate() {
+            let (g, p) = ((q0 + dq) / per_group, (q0 + dq) % per_group);
+            for j in 0..PANEL.min(n - p * PANEL) {
+                let src = row(g * n + p * PANEL + j);
+                for (kk, &v) in src.iter().enumerate().take(k) {
+                    panel[kk * PANEL + j] = v;
+                }
             }
         }
+    };
+    // Large weights (a compile packs hundreds of MiB) are split by panels over the cores.
+    let threads = if out.len() * 4 >= PACK_PARALLEL_BYTES { std::thread::available_parallelism().map_or(1, |t| t.get().min(8)) } else { 1 };
+    let panels = glen * groups / (PANEL * k);
+    let per_thread = panels.div_ceil(threads);
+    if threads <= 1 || per_thread == 0 {
+        fill(0, &mut out);
+        return out;
     }
+    std::thread::scope(|sc| {
+        let mut chunks = out.chunks_mut(per_thread * PANEL * k).enumerate();
+        let first = chunks.next();
+        for (i, c) in chunks {
+            let fill = &fill;
+            sc.spawn(move || fill(i * per_thread, c));
+        }
+        if let Some((_, c)) = first {
+            fill(0, c);
+        }
+    });
     out
 }
+
+/// Packed size from which [`pack_panels_with`] splits the work over threads.
+const PACK_PARALLEL_BYTES: usize = 4 << 20;
 
 struct Scratch(UnsafeCell<Vec<f32>>);
 
@@ -410,6 +437,30 @@ mod portable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The panel layout element by element, for packs large enough to be split over threads.
+    #[test]
+    fn large_pack_is_the_panel_layout() {
+        for (rows, k, groups) in [(2 * 1000 + 2, 777, 2), (3000, 512, 1), (3 * 35, 20000, 3)] {
+            let w: Vec<f32> = (0..rows * k).map(|i| i as f32).collect();
+            let packed = pack_panels(&w, rows, k, groups);
+            let n = rows / groups;
+            let glen = panel_group_len(n, k);
+            assert_eq!(packed.len(), glen * groups);
+            assert!(packed.len() * 4 >= PACK_PARALLEL_BYTES);
+            for g in 0..groups {
+                for p in 0..n.div_ceil(PANEL) {
+                    for kk in 0..k {
+                        for j in 0..PANEL {
+                            let r = p * PANEL + j;
+                            let want = if r < n { w[(g * n + r) * k + kk] } else { 0.0 };
+                            assert_eq!(packed[g * glen + p * PANEL * k + kk * PANEL + j], want, "rows {rows} k {k} groups {groups}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -252,6 +252,8 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
     let reserve = runtime::artifact::header_size_bound(&header);
 
     let t1 = Instant::now();
+    // Read the weights from disk ahead of the loads below, in their order (advice).
+    let _prefetch = weights.prefetch(&crate::emit::weight_names(&places));
     let mut w = ArtifactWriter::create(out, reserve, &code)?;
     let mut weight_bytes = 0;
     for (i, (p, &e)) in places.iter().zip(&kept_elems).enumerate() {
