@@ -107,6 +107,9 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
 
     let panels = !opts.no_microkernels;
     let mp = plan(g, max_chunk, max_context, panels)?;
+    // Start reading the weights from disk, in the order they are written below, while the
+    // kernels compile (advice; stopped when `_prefetch` is dropped, on every return path).
+    let _prefetch = weights.prefetch(&weight_names(&mp.places));
     let (isa, features) = host_isa()?;
     let kctx = KernelCtx { max_context, panel_weights: panels };
 
@@ -187,9 +190,6 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
     let mut input_buf = mp.buffer_of[&input] as u32;
     let mut output_buf = mp.buffer_of[&output] as u32;
     let places = retain_used(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
-    // Start reading the weights from disk in the order they are written below (advice; stopped
-    // when `_prefetch` is dropped, on every return path).
-    let _prefetch = weights.prefetch(&weight_names(&places));
     let codegen_seconds = t0.elapsed().as_secs_f64();
 
     // Header with placeholder offsets as wide as any real one, to bound its size.
