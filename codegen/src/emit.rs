@@ -392,35 +392,56 @@ pub(crate) fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<
             }
             out
         }
-        Place::Panels { inner, rows, k, groups, .. } => match &**inner {
-            // A row-wise concat (merged gate/up or Q/K/V): pack straight from its parts.
-            Place::WeightConcat { parts, axis: 0, .. } => {
-                let datas = parts.iter().map(|(q, _)| place_values(q, weights)).collect::<Result<Vec<_>>>()?;
-                let mut starts = Vec::with_capacity(datas.len());
-                let mut r0 = 0;
-                for d in &datas {
-                    starts.push(r0);
-                    r0 += d.len() / (*k).max(1);
-                }
-                if r0 != *rows {
-                    return Err(CodegenError::Target(format!("bug: {} has {r0} rows, planned {rows}", data_name(p))));
-                }
-                runtime::ukernel::pack_panels_with(*rows, *k, *groups, |r| {
-                    let i = starts.partition_point(|&s| s <= r) - 1;
-                    let o = (r - starts[i]) * k;
-                    &datas[i][o..o + k]
-                })
-            }
-            _ => {
-                let v = place_values(inner, weights)?;
-                runtime::ukernel::pack_panels(&v, *rows, *k, *groups)
-            }
-        },
+        Place::Panels { rows, k, groups, .. } => {
+            let rows_of = PanelRows::load(p, weights)?;
+            runtime::ukernel::pack_panels_with(*rows, *k, *groups, |r| rows_of.row(r))
+        }
         Place::Arena { .. } | Place::State { .. } | Place::Microkernels => {
             return Err(CodegenError::Target(format!("bug: {p:?} has no compile-time value")))
         }
     })
 }
+
+/// The row-major `[rows, k]` source of a `Place::Panels`: its weight, or the parts of a row-wise
+/// concat (merged gate/up or Q/K/V, packed straight from its parts), with each part's first row.
+struct PanelRows {
+    datas: Vec<Vec<f32>>,
+    starts: Vec<usize>,
+    k: usize,
+}
+
+impl PanelRows {
+    fn load(p: &Place, weights: &dyn WeightSource) -> Result<PanelRows> {
+        let Place::Panels { inner, rows, k, .. } = p else {
+            return Err(CodegenError::Target(format!("bug: {} is not a panel buffer", data_name(p))));
+        };
+        let datas = match &**inner {
+            Place::WeightConcat { parts, axis: 0, .. } => parts.iter().map(|(q, _)| place_values(q, weights)).collect::<Result<Vec<_>>>()?,
+            _ => vec![place_values(inner, weights)?],
+        };
+        let mut starts = Vec::with_capacity(datas.len());
+        let mut r0 = 0;
+        for d in &datas {
+            starts.push(r0);
+            r0 += d.len() / (*k).max(1);
+        }
+        if r0 != *rows {
+            return Err(CodegenError::Target(format!("bug: {} has {r0} rows, planned {rows}", data_name(p))));
+        }
+        Ok(PanelRows { datas, starts, k: *k })
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        let i = self.starts.partition_point(|&s| s <= r) - 1;
+        let o = (r - self.starts[i]) * self.k;
+        &self.datas[i][o..o + self.k]
+    }
+}
+
+/// Panel buffers at least this large are packed and handed to the writer in pieces of about
+/// this size, so that writing overlaps packing (the last weight, the LM head, would otherwise
+/// be written only after all of it is packed).
+const PANEL_PIECE_BYTES: u64 = 8 << 20;
 
 /// The packed bytes of a weight, or of a row-wise concat of weights (their rows in order).
 pub(crate) fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<u8>> {
@@ -484,6 +505,32 @@ fn push_place(w: &mut Sink, p: &Place, weights: &dyn WeightSource) -> Result<u64
             return Err(CodegenError::Target(format!("bug: {} packed to {} bytes, planned {}", data_name(p), bytes.len(), data_bytes(p))));
         }
         return w.push(Payload::Bytes(bytes));
+    }
+    if let Place::Panels { rows, k, groups, bytes, .. } = p {
+        let count = runtime::ukernel::panel_count(*rows, *k, *groups);
+        let panel_bytes = (runtime::ukernel::PANEL * k * 4) as u64;
+        // Pieces of whole panels are multiples of 64 bytes (PANEL * 4): laid end to end they
+        // are exactly the whole buffer, at the writer's alignment.
+        if *bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(runtime::artifact::DATA_ALIGN) {
+            let rows_of = PanelRows::load(p, weights)?;
+            let per = (PANEL_PIECE_BYTES / panel_bytes).max(1) as usize;
+            let mut start = None;
+            let mut end = 0;
+            for q in (0..count).step_by(per) {
+                let piece = runtime::ukernel::pack_panels_part(*rows, *k, *groups, |r| rows_of.row(r), q..(q + per).min(count));
+                let len = piece.len() as u64 * 4;
+                let off = w.push(Payload::F32(piece))?;
+                if start.is_some() && off != end {
+                    return Err(CodegenError::Target(format!("bug: panel piece written at {off}, expected {end}")));
+                }
+                start.get_or_insert(off);
+                end = off + len;
+            }
+            if end - start.unwrap_or(0) != *bytes {
+                return Err(CodegenError::Target(format!("bug: {} written as {} bytes, planned {bytes}", data_name(p), end - start.unwrap_or(0))));
+            }
+            return Ok(start.unwrap_or(0));
+        }
     }
     if let Place::WeightConcat { parts, axis, .. } = p {
         let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());

@@ -114,9 +114,29 @@ pub fn pack_panels(w: &[f32], rows: usize, k: usize, groups: usize) -> Vec<f32> 
 /// [`pack_panels`] of the `[rows, k]` matrix whose row `r` is `row(r)` (`k` values): packs a
 /// concatenation of weights without building it first.
 pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
+    pack_panels_part(rows, k, groups, row, 0..panel_count(rows, k, groups))
+}
+
+/// Panels in [`pack_panels_with`]'s result (each `PANEL * k` floats, group after group).
+pub fn panel_count(rows: usize, k: usize, groups: usize) -> usize {
+    if k == 0 {
+        return 0;
+    }
+    (rows / groups.max(1)).div_ceil(PANEL) * groups
+}
+
+/// Panels `range` (of [`panel_count`]) of [`pack_panels_with`]'s result: a contiguous part of
+/// it, so that a large weight can be packed and written piece by piece.
+pub fn pack_panels_part<'a>(
+    rows: usize,
+    k: usize,
+    groups: usize,
+    row: impl Fn(usize) -> &'a [f32] + Sync,
+    range: std::ops::Range<usize>,
+) -> Vec<f32> {
     let n = rows / groups.max(1);
-    let glen = panel_group_len(n, k);
-    let mut out = vec![0.0f32; glen * groups];
+    let range = range.start.min(range.end)..range.end.min(panel_count(rows, k, groups));
+    let mut out = vec![0.0f32; range.len() * PANEL * k];
     let per_group = n.div_ceil(PANEL);
     if out.is_empty() || per_group == 0 {
         return out;
@@ -135,10 +155,9 @@ pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(u
     };
     // Large weights (a compile packs hundreds of MiB) are split by panels over the cores.
     let threads = if out.len() * 4 >= PACK_PARALLEL_BYTES { std::thread::available_parallelism().map_or(1, |t| t.get().min(8)) } else { 1 };
-    let panels = glen * groups / (PANEL * k);
-    let per_thread = panels.div_ceil(threads);
+    let per_thread = range.len().div_ceil(threads);
     if threads <= 1 || per_thread == 0 {
-        fill(0, &mut out);
+        fill(range.start, &mut out);
         return out;
     }
     std::thread::scope(|sc| {
@@ -146,10 +165,10 @@ pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(u
         let first = chunks.next();
         for (i, c) in chunks {
             let fill = &fill;
-            sc.spawn(move || fill(i * per_thread, c));
+            sc.spawn(move || fill(range.start + i * per_thread, c));
         }
         if let Some((_, c)) = first {
-            fill(0, c);
+            fill(range.start, c);
         }
     });
     out
@@ -448,6 +467,12 @@ mod tests {
             let glen = panel_group_len(n, k);
             assert_eq!(packed.len(), glen * groups);
             assert!(packed.len() * 4 >= PACK_PARALLEL_BYTES);
+            let count = panel_count(rows, k, groups);
+            let mut parts = Vec::new();
+            for q in (0..count).step_by(7) {
+                parts.extend(pack_panels_part(rows, k, groups, |r| &w[r * k..(r + 1) * k], q..(q + 7).min(count)));
+            }
+            assert_eq!(parts, packed, "parts of rows {rows} k {k} groups {groups}");
             for g in 0..groups {
                 for p in 0..n.div_ceil(PANEL) {
                     for kk in 0..k {
