@@ -225,7 +225,8 @@ mod avx512 {
     }
 
     /// The 32 codes of the int4 block at `p` as f32 (elements 0..16, 16..32).
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     unsafe fn int4_block(p: *const u8) -> (__m512, __m512) {
         let v = _mm_loadu_si128(p as *const __m128i);
         let m = _mm_set1_epi8(0x0f);
@@ -235,7 +236,8 @@ mod avx512 {
     }
 
     /// `x[e0 ..]`, lanes at or past `k` zero (never read).
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     unsafe fn x16(x: *const f32, e0: usize, k: usize) -> __m512 {
         if e0 + 16 <= k {
             _mm512_loadu_ps(x.add(e0))
@@ -250,38 +252,61 @@ mod avx512 {
     unsafe fn dot_int4(row: *const u8, x: *const f32, k: usize, group: usize, asym: bool, xg: *const f32) -> f32 {
         let ng = k.div_ceil(group);
         let codes = row.add(QFormat::Int4 { group, asym }.codes_at(k));
-        let zero = |g: usize| if asym { f32_at(row, ng + g) } else { 8.0 };
-        let mut acc = [_mm512_setzero_ps(); 2];
-        let mut corr = 0.0f32;
+        let sc = row as *const f32;
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         if group.is_multiple_of(32) {
+            // Block by block (its group's scale applied per block), four independent
+            // accumulators: no loop-carried chain longer than one FMA per four blocks.
             let per = group / 32;
-            let nb = k.div_ceil(32);
-            for g in 0..ng {
-                let mut part = _mm512_setzero_ps();
-                for b in g * per..((g + 1) * per).min(nb) {
-                    let (wl, wh) = int4_block(codes.add(16 * b));
-                    part = _mm512_fmadd_ps(wl, x16(x, 32 * b, k), part);
-                    part = _mm512_fmadd_ps(wh, x16(x, 32 * b + 16, k), part);
-                }
-                let s = f32_at(row, g);
-                acc[g & 1] = _mm512_fmadd_ps(part, _mm512_set1_ps(s), acc[g & 1]);
-                corr += s * zero(g) * *xg.add(g);
+            let block = |b: usize, xl: __m512, xh: __m512| {
+                let (wl, wh) = int4_block(codes.add(16 * b));
+                let p = _mm512_fmadd_ps(wh, xh, _mm512_mul_ps(wl, xl));
+                (p, _mm512_set1_ps(*sc.add(b / per)))
+            };
+            let full = k / 32;
+            let (mut acc2, mut acc3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut b = 0;
+            while b + 4 <= full {
+                let ld = |b: usize| (_mm512_loadu_ps(x.add(32 * b)), _mm512_loadu_ps(x.add(32 * b + 16)));
+                let ((x0, y0), (x1, y1), (x2, y2), (x3, y3)) = (ld(b), ld(b + 1), ld(b + 2), ld(b + 3));
+                let (p, s) = block(b, x0, y0);
+                acc0 = _mm512_fmadd_ps(p, s, acc0);
+                let (p, s) = block(b + 1, x1, y1);
+                acc1 = _mm512_fmadd_ps(p, s, acc1);
+                let (p, s) = block(b + 2, x2, y2);
+                acc2 = _mm512_fmadd_ps(p, s, acc2);
+                let (p, s) = block(b + 3, x3, y3);
+                acc3 = _mm512_fmadd_ps(p, s, acc3);
+                b += 4;
             }
+            while b < k.div_ceil(32) {
+                let (p, s) = block(b, x16(x, 32 * b, k), x16(x, 32 * b + 16, k));
+                acc0 = _mm512_fmadd_ps(p, s, acc0);
+                b += 1;
+            }
+            acc0 = _mm512_add_ps(acc0, acc2);
+            acc1 = _mm512_add_ps(acc1, acc3);
         } else {
             // Groups of 16 (times an odd number): a scale per 16-element half.
             let nh = k.div_ceil(16);
             for h in 0..nh {
                 let (wl, wh) = int4_block(codes.add(16 * (h / 2)));
                 let w = if h % 2 == 0 { wl } else { wh };
-                let g = 16 * h / group;
-                let s = f32_at(row, g);
-                acc[h & 1] = _mm512_fmadd_ps(_mm512_mul_ps(w, x16(x, 16 * h, k)), _mm512_set1_ps(s), acc[h & 1]);
-            }
-            for g in 0..ng {
-                corr += f32_at(row, g) * zero(g) * *xg.add(g);
+                let s = _mm512_set1_ps(*sc.add(16 * h / group));
+                acc0 = _mm512_fmadd_ps(_mm512_mul_ps(w, x16(x, 16 * h, k)), s, acc0);
             }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - corr
+        // Σ_g scale_g · zero_g · xg[g], 16 groups per step.
+        let mut corr = _mm512_setzero_ps();
+        let mut g = 0;
+        while g < ng {
+            let m = lanes(ng - g);
+            let s = _mm512_maskz_loadu_ps(m, sc.add(g));
+            let z = if asym { _mm512_maskz_loadu_ps(m, sc.add(ng + g)) } else { _mm512_set1_ps(8.0) };
+            corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xg.add(g)), corr);
+            g += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0, acc1), corr))
     }
 
     /// `Σ` over a 2:4 row's kept values `v_t · x[e_t]` (times the scale for int8): 16 kept values
@@ -295,8 +320,8 @@ mod avx512 {
         let shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
         let three = _mm512_set1_epi32(3);
-        let mut acc = [_mm512_setzero_ps(); 2];
-        for t in 0..ng / 8 {
+        // Step `t`: the product of its 16 kept values with their activations.
+        let step = |t: usize| {
             let bits = _mm512_set1_epi32((idx.add(4 * t) as *const i32).read_unaligned());
             // ((bits >> 2l) & 3) | base: the element (of these 32) that kept value `l` sits at.
             let sel = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srlv_epi32(bits, shifts), three, base);
@@ -306,7 +331,20 @@ mod avx512 {
             } else {
                 _mm512_loadu_ps((codes as *const f32).add(16 * t))
             };
-            acc[t & 1] = _mm512_fmadd_ps(w, xv, acc[t & 1]);
+            (w, xv)
+        };
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut t = 0;
+        while t + 2 <= ng / 8 {
+            let (w, xv) = step(t);
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
+            let (w, xv) = step(t + 1);
+            acc1 = _mm512_fmadd_ps(w, xv, acc1);
+            t += 2;
+        }
+        if t < ng / 8 {
+            let (w, xv) = step(t);
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
         }
         let mut tail = 0.0f32;
         for gi in (ng / 8) * 8..ng {
@@ -316,7 +354,7 @@ mod avx512 {
                 tail += v * *x.add(4 * gi + l as usize);
             }
         }
-        let s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail;
+        let s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + tail;
         if int8 { s * f32_at(row, 0) } else { s }
     }
 
@@ -401,8 +439,7 @@ mod avx512 {
     unsafe fn dot_w4a8(row: *const u8, nb: usize, codes_at: usize, re: &Relaid) -> f32 {
         let codes = row.add(codes_at);
         let m = _mm512_set1_epi8(0x0f);
-        let mut acc = [_mm512_setzero_ps(); 2];
-        for t in 0..nb.div_ceil(4) {
+        let step = |t: usize| {
             let v = if 4 * t + 4 <= nb {
                 _mm512_loadu_si512(codes.add(64 * t) as *const __m512i)
             } else {
@@ -418,9 +455,23 @@ mod avx512 {
                 _mm512_load_si512(re.sidx.add(64 * t) as *const __m512i),
                 _mm512_maskz_loadu_ps(st.1, (row as *const f32).add(st.0)),
             );
-            acc[t & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[t & 1]);
+            (_mm512_cvtepi32_ps(d), s)
+        };
+        let ns = nb.div_ceil(4);
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut t = 0;
+        while t + 2 <= ns {
+            let (d, s) = step(t);
+            acc0 = _mm512_fmadd_ps(d, s, acc0);
+            let (d, s) = step(t + 1);
+            acc1 = _mm512_fmadd_ps(d, s, acc1);
+            t += 2;
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        if t < ns {
+            let (d, s) = step(t);
+            acc0 = _mm512_fmadd_ps(d, s, acc0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
 
     /// W4A8 activations in step order: for step `t` (blocks `4t .. 4t + 4`), 64 bytes of the
@@ -749,5 +800,47 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// Throughput report, not a check: `cargo test --release -p llmc-runtime qkernel_throughput -- --ignored --nocapture`.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn qkernel_throughput() {
+    let cpu = || -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) * 1e-9
+    };
+    let (n, k) = (4096usize, 768usize);
+    for fmt in [
+        QFormat::Int8,
+        QFormat::Int4 { group: 32, asym: false },
+        QFormat::Int4 { group: 128, asym: false },
+        QFormat::Sparse24 { int8: true },
+        QFormat::W8A8,
+        QFormat::W4A8 { group: 32 },
+        QFormat::W4A8 { group: 128 },
+    ] {
+        let f = if fmt.a8() { select_qgemv_a8() } else { select_qgemv() };
+        if f == 0 {
+            continue;
+        }
+        // SAFETY: the table's entry has this signature.
+        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let rb = fmt.row_bytes(k);
+        let w: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8 & if fmt.a8() { 0x7f } else { 0xff }).collect();
+        let x: Vec<f32> = (0..k.div_ceil(32) * 32).map(|i| (i as f32 * 0.1).sin()).collect();
+        let aux = vec![0i32; k.div_ceil(32)];
+        let mut out = vec![0.0f32; 64];
+        let reps = 200;
+        let c = cpu();
+        for _ in 0..reps {
+            for c0 in (0..n).step_by(64) {
+                unsafe { f(fmt.encode(), x.as_ptr() as *const u8, aux.as_ptr(), w.as_ptr().add(c0 * rb), rb as i64, k as i64, 64, out.as_mut_ptr()) };
+            }
+        }
+        let dt = (cpu() - c) / reps as f64;
+        eprintln!("{fmt:?} {n}x{k}: {:.1} G weights/s, {:.1} GB/s per CPU second", (n * k) as f64 / dt / 1e9, (n * rb) as f64 / dt / 1e9);
     }
 }
