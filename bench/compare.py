@@ -294,9 +294,10 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/tmp/llmc-compare", help="artifact, llama.cpp build, GGUFs")
     ap.add_argument("--llama-cpp-src", default=None, help="existing llama.cpp source tree (skips the sdist download)")
     ap.add_argument("--gguf-types", default=",".join(GGUF_TYPES), help="comma list of f32,q8_0,q4_0")
-    ap.add_argument("--llmc-quant", default="int8,int4,w8a8,w4a8",
+    ap.add_argument("--llmc-quant", default="int8,int4,w8a8,w4a8,2:4+int8",
                     help="comma list of `llmc compile --quant` formats also benchmarked (round-to-nearest; "
-                         "calibration changes quality, not speed); empty for none")
+                         "calibration changes quality, not speed), `2:4+int8` for `--sparsity 2:4 --quant int8`; "
+                         "empty for none")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--max-load", type=float, default=None,
@@ -325,9 +326,12 @@ def main() -> None:
     unavailable: dict[str, str] = {}
     quant_artifacts: dict[str, Path] = {}
     for q in [x.strip() for x in a.llmc_quant.split(",") if x.strip()]:
-        qa = work / f"{ckpt.resolve().name}.{q.replace(':', '_')}.llmc"
+        qa = work / f"{ckpt.resolve().name}.{q.replace(':', '_').replace('+', '_')}.llmc"
+        flags = ["--quant", q]
+        if q.startswith("2:4+"):
+            flags = ["--sparsity", "2:4", "--quant", q[len("2:4+"):]]
         try:
-            run([llmc, "compile", ckpt, "-o", qa, "--quant", q, "-q"], what=f"llmc compile --quant {q}")
+            run([llmc, "compile", ckpt, "-o", qa, *flags, "-q"], what=f"llmc compile {' '.join(flags)}")
             quant_artifacts[f"llmc {q}"] = qa
             engines[f"llmc {q}"] = {"prefill": [], "decode": []}
         except Unavailable as e:
@@ -414,6 +418,17 @@ def main() -> None:
             quant_vs[f"llmc {mine} decode / llama.cpp {theirs} decode"] = r
             acceptance[f"{mine} decode >= 1.0x llama.cpp {theirs}"] = (r or 0) >= 1.0
 
+    # Issue 9: quantized decode against llmc's own f32 artifact, and 2:4 + int8 against int8.
+    vs_f32 = {}
+    f32d = summary.get("llmc f32", {}).get("decode_tokens_per_s")
+    for q, goal in [("int8", 1.8), ("w8a8", 1.8), ("int4", 3.0), ("w4a8", 3.0)]:
+        m = summary.get(f"llmc {q}")
+        if m and f32d:
+            vs_f32[f"llmc {q} decode / llmc f32 decode (goal >= {goal}x)"] = ratio(m["decode_tokens_per_s"], f32d)
+    s24, i8 = summary.get("llmc 2:4+int8"), summary.get("llmc int8")
+    if s24 and i8:
+        vs_f32["llmc 2:4+int8 decode / llmc int8 decode (goal > 1x)"] = ratio(s24["decode_tokens_per_s"], i8["decode_tokens_per_s"])
+
     # ---------------------------------------------------------------- table
     lines = []
     lines.append(f"# llmc vs PyTorch eager vs llama.cpp — {started.strftime('%Y-%m-%d %H:%M UTC')}")
@@ -459,6 +474,11 @@ def main() -> None:
         for k, v in quant_vs.items():
             lines.append(f"- {k}: {fmt(v, 2)}×")
         lines.append("")
+    if vs_f32:
+        lines.append("Quantized decode against llmc's own artifacts (issue 9):")
+        for k, v in vs_f32.items():
+            lines.append(f"- {k}: {fmt(v, 2)}×")
+        lines.append("")
     lines.append("The ratio columns compare every row with llmc's **f32** artifact. llmc's quantized artifacts are "
                  "round-to-nearest (`--quant`): int8/int4 are weight-only, w8a8/w4a8 also quantize activations per token.")
     table = "\n".join(lines)
@@ -467,7 +487,7 @@ def main() -> None:
     result = {"started_utc": started.isoformat(), "checkpoint": str(ckpt), "threads": a.threads,
               "prompt_len": a.prompt_len, "gen": a.gen, "rounds": a.rounds, "reps": a.reps,
               "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_before": load_before,
-              "load_after": load_after, "load_per_round": per_round_load, "llmc_compile": comp, "quant_vs_llama_cpp": quant_vs,
+              "load_after": load_after, "load_per_round": per_round_load, "llmc_compile": comp, "quant_vs_llama_cpp": quant_vs, "quant_vs_llmc": vs_f32,
               "llama_cpp": lc_info, "contended": contended, "peak_load_1min": peak_load, "engines": summary, "unavailable": unavailable, "acceptance": acceptance}
     if not a.no_write:
         out = Path(a.out_dir)

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod model;
 pub mod npy;
 pub mod pool;
+pub mod qkernel;
 pub mod sample;
 pub mod speculative;
 pub mod tokenizer;

@@ -24,12 +24,17 @@ pub const PANEL: usize = 16;
 
 /// Version of the table's layout and entry signatures; an artifact names the version it was
 /// compiled for, and loading fails on a mismatch.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Table slot of the panel GEMM, a [`GemmPanelsFn`].
 pub const GEMM_PANELS: usize = 0;
+/// Table slot of the weight-only quantized GEMV, a [`crate::qkernel::QGemvFn`]; null (0) when
+/// this CPU has no implementation (generated code then runs the product itself).
+pub const QGEMV: usize = 1;
+/// Table slot of the W8A8 / W4A8 GEMV, a [`crate::qkernel::QGemvFn`]; null as [`QGEMV`].
+pub const QGEMV_A8: usize = 2;
 /// Entries in the table.
-pub const SLOTS: usize = 1;
+pub const SLOTS: usize = 3;
 
 /// `t = gemm_panels(a, lda, bp, k, m, c0, ncols, up)`: the product of rows `0..m` of `a`
 /// (`f32`, row stride `lda` elements, `k` columns) with columns `c0 .. c0 + ncols` of a panel
@@ -51,7 +56,7 @@ pub type GemmPanelsFn = unsafe extern "sysv64" fn(
 /// The function table, filled for this CPU on first use.
 pub fn table() -> &'static [usize; SLOTS] {
     static TABLE: OnceLock<[usize; SLOTS]> = OnceLock::new();
-    TABLE.get_or_init(|| [select_gemm_panels() as usize])
+    TABLE.get_or_init(|| [select_gemm_panels() as usize, crate::qkernel::select_qgemv(), crate::qkernel::select_qgemv_a8()])
 }
 
 /// Which implementation [`table`] uses (for reports): `"avx512f"`, `"avx2+fma"` or `"portable"`.
@@ -542,7 +547,11 @@ mod tests {
 
     #[test]
     fn table_is_filled() {
-        assert!(table().iter().all(|&f| f != 0));
+        assert_ne!(table()[GEMM_PANELS], 0);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            assert_ne!(table()[QGEMV], 0);
+        }
         assert!(["avx512f", "avx2+fma", "portable"].contains(&implementation()));
     }
 

@@ -165,6 +165,12 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         }
         _ => None,
     };
+    let packed = match &node.op {
+        Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. } => {
+            quant::packed_layout(g, ins[1])
+        }
+        _ => None,
+    };
     {
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
         let entry = b.create_block();
@@ -173,15 +179,9 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         let ps = b.block_params(entry).to_vec();
         let mut kb =
             Kb { b, has_fma: isa.has_native_fma(), bufs: ps[0], s: ps[1], p: ps[2], part: ps[3], nparts: ps[4] };
-        let packed = match &node.op {
-            Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. } => {
-                quant::packed_layout(g, ins[1])
-            }
-            _ => None,
-        };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
-            _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default()),
+            _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default(), ctx.panel_weights),
             _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1))?,
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
             Op::Attention { scale, window, causal } => attention::attention(&mut kb, g, n, *scale, *window, *causal)?,
@@ -225,5 +225,6 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         });
     }
     let code = compiled.code_buffer().to_vec();
-    Ok(Some(KernelCode { name, code, tables, ukernels: panels.is_some() }))
+    let ukernels = panels.is_some() || (packed.is_some() && ctx.panel_weights);
+    Ok(Some(KernelCode { name, code, tables, ukernels }))
 }

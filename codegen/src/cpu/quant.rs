@@ -18,9 +18,12 @@
 //! bytes per weight instead of 4. Int4 layouts with a group that is not a multiple of 16 are not
 //! packed (stored as dequantized f32 and run by the f32 kernels).
 
-use cranelift_codegen::ir::types::{F32, I16X8, I32, I32X4, I64, I8, I8X16};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
-use llmc_ir::{quant, Graph, Layout, NodeId, Op, UnaryOp};
+use cranelift_codegen::ir::types::{F32, I8, I8X16, I16X8, I32, I32X4, I64};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::isa::CallConv;
+use llmc_ir::{Graph, Layout, NodeId, Op, UnaryOp, quant};
+use llmc_runtime::qkernel::QFormat;
+use llmc_runtime::ukernel;
 
 use super::builder::{Kb, V4};
 use super::math;
@@ -35,55 +38,34 @@ pub fn packable(layout: Layout) -> bool {
     }
 }
 
-fn groups(layout: Layout, k: usize) -> usize {
-    match int4_of(layout) {
-        Layout::Int4 { group, .. } => k.div_ceil(group),
-        _ => 1,
-    }
-}
-
-/// W4A8 rows are stored exactly as symmetric int4 rows.
-fn int4_of(layout: Layout) -> Layout {
+/// The runtime's name for a packable layout's row format (the one definition of the bytes;
+/// see [`llmc_runtime::qkernel`]).
+pub(crate) fn qformat(layout: Layout) -> QFormat {
     match layout {
-        Layout::W4A8 { .. } => layout.weight_format(),
-        l => l,
+        Layout::Int8 | Layout::Dense => QFormat::Int8,
+        Layout::Int4 { group, asym } => QFormat::Int4 { group, asym },
+        Layout::Sparse24 { int8 } => QFormat::Sparse24 { int8 },
+        Layout::W8A8 => QFormat::W8A8,
+        Layout::W4A8 { group } => QFormat::W4A8 { group },
     }
 }
 
-fn code_bytes(layout: Layout, k: usize) -> usize {
-    match int4_of(layout) {
-        Layout::Int4 { .. } => k.div_ceil(32) * 16,
-        Layout::W8A8 => k.div_ceil(16) * 16,
-        Layout::Sparse24 { int8 } => sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
-        _ => k.div_ceil(4) * 4,
-    }
+fn groups(layout: Layout, k: usize) -> usize {
+    qformat(layout).groups(k)
 }
 
-/// Byte offset, from the codes, of a 2:4 row's index bytes: after the `K / 2` kept values
-/// (f32, or int8 padded to 4 bytes).
 fn sparse_idx_at(int8: bool, k: usize) -> usize {
-    if int8 {
-        (k / 2).div_ceil(4) * 4
-    } else {
-        4 * (k / 2)
-    }
+    QFormat::sparse_idx_at(int8, k)
 }
 
 /// Byte offset of the codes in a row record.
 pub(crate) fn codes_at(layout: Layout, k: usize) -> usize {
-    if let Layout::Sparse24 { int8 } = layout {
-        return 4 * int8 as usize;
-    }
-    if layout == Layout::W8A8 {
-        return 8; // scale, then the row's code sum (i32)
-    }
-    let asym = matches!(layout, Layout::Int4 { asym: true, .. });
-    4 * groups(layout, k) * (1 + asym as usize)
+    qformat(layout).codes_at(k)
 }
 
 /// Bytes of one packed row of `k` elements.
 pub fn row_bytes(layout: Layout, k: usize) -> usize {
-    codes_at(layout, k) + code_bytes(layout, k)
+    qformat(layout).row_bytes(k)
 }
 
 /// The packed bytes of a row-major `[n, k]` weight (`data` has `n * k` values), round to nearest.
@@ -716,19 +698,30 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
 /// operand; W4A8: signed, with per-32-block code sums), then every output column is an integer
 /// dot product scaled by the weight's scale(s) times the row's activation scale.
 #[allow(clippy::too_many_arguments)]
-fn a8_gemm(kb: &mut Kb, layout: Layout, m: Value, k: usize, n: usize, a: Value, b: Value, o: Value, epi: &Epi) {
+fn a8_gemm(
+    kb: &mut Kb,
+    layout: Layout,
+    m: Value,
+    k: usize,
+    n: usize,
+    a: Value,
+    b: Value,
+    o: Value,
+    epi: &Epi,
+    qk: Option<Value>,
+) {
     use cranelift_codegen::ir::condcodes::FloatCC;
     let w4 = match layout {
         Layout::W4A8 { group } => Some(group),
         _ => None,
     };
-    let rb = row_bytes(layout, k) as i64;
     let kpad = k.div_ceil(32) * 32;
     let gated = matches!(epi, Epi::Gated { .. });
     let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, kpad.max(32) as u32, 6));
     let u = kb.b.ins().stack_addr(I64, slot, 0);
     let nblk = k.div_ceil(32);
-    let bslot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * nblk).max(16) as u32, 6));
+    let bslot =
+        kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * nblk).max(16) as u32, 6));
     let bsum = kb.b.ins().stack_addr(I64, bslot, 0);
     // Padding lanes hold code 0 (stored +128 for W8A8): they meet zero weight codes.
     let c128 = kb.b.ins().iconst(I8, if w4.is_some() { 0 } else { -128i64 });
@@ -827,32 +820,81 @@ fn a8_gemm(kb: &mut Kb, layout: Layout, m: Value, k: usize, n: usize, a: Value, 
             let pu = kb.add(u, c);
             kb.b.ins().istore8(flags(), x, pu, 0);
         });
-        kb.for_steps(lo, hi, 1, &mut |kb, j| {
-            let off = kb.muli(j, rb);
-            let prow = kb.add(b, off);
-            let col = |kb: &mut Kb, prow: Value| match w4 {
-                Some(group) => {
-                    let d = w4a8_dot(kb, group, k, prow, u, bsum);
-                    kb.fmul(d, sa)
-                }
-                None => {
-                    let d = w8a8_dot(kb, k, prow, u);
-                    let d = kb.b.ins().fcvt_from_sint(F32, d);
-                    let sw = kb.b.ins().load(F32, flags(), prow, 0);
-                    let sc = kb.fmul(sw, sa);
-                    kb.fmul(d, sc)
-                }
-            };
-            let x = col(kb, prow);
-            let up = gated.then(|| {
-                let pu = kb.addi(prow, rb * n as i64);
-                col(kb, pu)
-            });
-            let oi = kb.muli(r, n as i64);
-            let oi = kb.add(oi, j);
-            let y = epilogue(kb, epi, x, up, j, oi);
-            kb.st(y, o, oi);
+        let oi0 = kb.muli(r, n as i64);
+        let generated = &mut |kb: &mut Kb| {
+            a8_columns(kb, w4, k, n, b, u, bsum, sa, lo, hi, gated, &mut |kb, j, x, up| {
+                let oi = kb.add(oi0, j);
+                let y = epilogue(kb, epi, x, up, j, oi);
+                kb.st(y, o, oi);
+            })
+        };
+        let Some(f) = qk else {
+            generated(kb);
+            return;
+        };
+        let have = kb.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, f, 0);
+        kb.if_else(
+            have,
+            &mut |kb| {
+                chunks(kb, lo, hi, &mut |kb, c, cnt| {
+                    qgemv_chunk(kb, f, layout, k, n, u, bsum, b, c, cnt, gated, &mut |kb, j, x, up| {
+                        let x = kb.fmul(x, sa);
+                        let up = up.map(|u| kb.fmul(u, sa));
+                        let oi = kb.add(oi0, j);
+                        let y = epilogue(kb, epi, x, up, j, oi);
+                        kb.st(y, o, oi);
+                    })
+                })
+            },
+            generated,
+        );
+    });
+}
+
+/// The generated W8A8 / W4A8 column loop over `[lo, hi)` for one quantized activation row `u`
+/// (block sums `bsum`, scale `sa`): `emit(j, x, up)` receives each finished product.
+#[allow(clippy::too_many_arguments)]
+fn a8_columns(
+    kb: &mut Kb,
+    w4: Option<usize>,
+    k: usize,
+    n: usize,
+    b: Value,
+    u: Value,
+    bsum: Value,
+    sa: Value,
+    lo: Value,
+    hi: Value,
+    gated: bool,
+    emit: &mut dyn FnMut(&mut Kb, Value, Value, Option<Value>),
+) {
+    let layout = match w4 {
+        Some(group) => Layout::W4A8 { group },
+        None => Layout::W8A8,
+    };
+    let rb = row_bytes(layout, k) as i64;
+    kb.for_steps(lo, hi, 1, &mut |kb, j| {
+        let off = kb.muli(j, rb);
+        let prow = kb.add(b, off);
+        let col = |kb: &mut Kb, prow: Value| match w4 {
+            Some(group) => {
+                let d = w4a8_dot(kb, group, k, prow, u, bsum);
+                kb.fmul(d, sa)
+            }
+            None => {
+                let d = w8a8_dot(kb, k, prow, u);
+                let d = kb.b.ins().fcvt_from_sint(F32, d);
+                let sw = kb.b.ins().load(F32, flags(), prow, 0);
+                let sc = kb.fmul(sw, sa);
+                kb.fmul(d, sc)
+            }
+        };
+        let x = col(kb, prow);
+        let up = gated.then(|| {
+            let pu = kb.addi(prow, rb * n as i64);
+            col(kb, pu)
         });
+        emit(kb, j, x, up);
     });
 }
 
@@ -869,10 +911,119 @@ pub(crate) fn packed_gemm(
     b: Value,
     o: Value,
     epi: Epi,
+    qk: Option<Value>,
 ) {
     if layout.quantizes_activations() {
-        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi);
+        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk);
     }
+    let nv = kb.ic(n as i64);
+    let (lo, hi) = kb.part_range(nv);
+    let Some(f) = qk else {
+        return generated_gemm(kb, layout, m, k, n, a, b, o, &epi, lo, hi);
+    };
+    let gated = matches!(epi, Epi::Gated { .. });
+    let have = kb.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, f, 0);
+    kb.if_else(
+        have,
+        &mut |kb| {
+            // Column chunks outermost: a chunk's packed rows stay in cache across the rows of `a`.
+            let zero = kb.ic(0);
+            chunks(kb, lo, hi, &mut |kb, c, cnt| {
+                kb.for_steps(zero, m, 1, &mut |kb, r| {
+                    let ar = kb.muli(r, 4 * k as i64);
+                    let ar = kb.add(a, ar);
+                    let oi0 = kb.muli(r, n as i64);
+                    qgemv_chunk(kb, f, layout, k, n, ar, zero, b, c, cnt, gated, &mut |kb, j, x, up| {
+                        let oi = kb.add(oi0, j);
+                        let y = epilogue(kb, &epi, x, up, j, oi);
+                        kb.st(y, o, oi);
+                    });
+                });
+            });
+        },
+        &mut |kb| generated_gemm(kb, layout, m, k, n, a, b, o, &epi, lo, hi),
+    );
+}
+
+/// Output columns per microkernel call.
+const QCH: i64 = 64;
+
+/// `body(c, cnt)` over `[lo, hi)` in chunks of at most [`QCH`] columns.
+fn chunks(kb: &mut Kb, lo: Value, hi: Value, body: &mut dyn FnMut(&mut Kb, Value, Value)) {
+    let len = kb.sub(hi, lo);
+    let nch = kb.div_ceil(len, QCH);
+    let z = kb.ic(0);
+    let full = kb.ic(QCH);
+    kb.for_steps(z, nch, 1, &mut |kb, i| {
+        let c = kb.muli(i, QCH);
+        let c = kb.add(lo, c);
+        let left = kb.sub(hi, c);
+        let cnt = kb.min(left, full);
+        body(kb, c, cnt);
+    });
+}
+
+/// Columns `c .. c + cnt` of one activation row `x` (`aux` the W4A8 block sums) through the
+/// runtime's quantized GEMV `f` ([`llmc_runtime::qkernel::QGemvFn`]), the gated partner rows
+/// `N + j` too: `emit(j, x, up)` receives each product.
+#[allow(clippy::too_many_arguments)]
+fn qgemv_chunk(
+    kb: &mut Kb,
+    f: Value,
+    layout: Layout,
+    k: usize,
+    n: usize,
+    x: Value,
+    aux: Value,
+    b: Value,
+    c: Value,
+    cnt: Value,
+    gated: bool,
+    emit: &mut dyn FnMut(&mut Kb, Value, Value, Option<Value>),
+) {
+    let rb = row_bytes(layout, k) as i64;
+    let mut sig = Signature::new(CallConv::SystemV);
+    for _ in 0..8 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    let sig = kb.b.import_signature(sig);
+    let fmt = kb.ic(qformat(layout).encode());
+    let rbv = kb.ic(rb);
+    let kv = kb.ic(k as i64);
+    let mut outs = Vec::new();
+    for g in 0..1 + gated as usize {
+        let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 4 * QCH as u32, 6));
+        let out = kb.b.ins().stack_addr(I64, slot, 0);
+        let row0 = kb.addi(c, (g * n) as i64);
+        let off = kb.muli(row0, rb);
+        let pb = kb.add(b, off);
+        kb.b.ins().call_indirect(sig, f, &[fmt, x, aux, pb, rbv, kv, cnt, out]);
+        outs.push(out);
+    }
+    let z = kb.ic(0);
+    kb.for_steps(z, cnt, 1, &mut |kb, i| {
+        let v = kb.ld(F32, outs[0], i);
+        let up = outs.get(1).map(|&p| kb.ld(F32, p, i));
+        let j = kb.add(c, i);
+        emit(kb, j, v, up);
+    });
+}
+
+/// The generated (128-bit) weight-only product over output columns `[lo, hi)`.
+#[allow(clippy::too_many_arguments)]
+fn generated_gemm(
+    kb: &mut Kb,
+    layout: Layout,
+    m: Value,
+    k: usize,
+    n: usize,
+    a: Value,
+    b: Value,
+    o: Value,
+    epi: &Epi,
+    lo: Value,
+    hi: Value,
+) {
     let rb = row_bytes(layout, k) as i64;
     let kpad = k.div_ceil(32) * 32;
     let gated = matches!(epi, Epi::Gated { .. });
@@ -882,8 +1033,6 @@ pub(crate) fn packed_gemm(
             kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * kpad).max(16) as u32, 6));
         bufs.push(kb.b.ins().stack_addr(I64, slot, 0));
     }
-    let nv = kb.ic(n as i64);
-    let (lo, hi) = kb.part_range(nv);
     let kbytes = 4 * k as i64;
     let one = kb.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::Equal, m, 1);
     // Decode (M = 1): fused dequantize-and-dot, each packed byte read once from memory.
@@ -930,7 +1079,10 @@ pub(crate) fn packed_gemm(
 }
 
 /// The packed kernel for node `n` (a product whose right-hand side is stored as `layout`).
-pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout) {
+/// The packed kernel for node `n` (a product whose right-hand side is stored as `layout`). With
+/// `ukernels` the kernel receives the microkernel table after its output buffer and calls the
+/// runtime's quantized GEMV where this CPU has one.
+pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout, ukernels: bool) {
     let ins = g.inputs(n);
     let at = g.ty(ins[0]).clone();
     let bt = g.ty(ins[1]).clone();
@@ -938,29 +1090,31 @@ pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout) 
     let m = kb.dims(&at.shape[..at.rank() - 1]);
     let a = kb.buf(0);
     let b = kb.buf(1);
-    match g.op(n) {
-        Op::Linear { bias, act, residual, .. } => {
-            let mut next = 2;
-            let bias_p = bias.then(|| {
-                next += 1;
-                kb.buf(next - 1)
-            });
-            let res_p = residual.then(|| {
-                next += 1;
-                kb.buf(next - 1)
-            });
-            let o = kb.buf(next);
-            packed_gemm(kb, layout, m, k, rows, a, b, o, Epi::Linear { bias: bias_p, act: *act, res: res_p });
-        }
-        Op::GatedLinear { act } => {
-            let o = kb.buf(2);
-            packed_gemm(kb, layout, m, k, rows / 2, a, b, o, Epi::Gated { act: *act });
-        }
-        _ => {
-            let o = kb.buf(2);
-            packed_gemm(kb, layout, m, k, rows, a, b, o, Epi::Plain);
-        }
-    }
+    let (bias, act, residual) = match g.op(n) {
+        Op::Linear { bias, act, residual, .. } => (*bias, *act, *residual),
+        _ => (false, None, false),
+    };
+    let mut next = 2;
+    let mut take = |kb: &mut Kb, yes: bool| {
+        yes.then(|| {
+            next += 1;
+            kb.buf(next - 1)
+        })
+    };
+    let bias_p = take(kb, bias);
+    let res_p = take(kb, residual);
+    let o = kb.buf(next);
+    let qk = ukernels.then(|| {
+        let table = kb.buf(next + 1);
+        let slot = if layout.quantizes_activations() { ukernel::QGEMV_A8 } else { ukernel::QGEMV };
+        kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * slot) as i32)
+    });
+    let (cols, epi) = match g.op(n) {
+        Op::Linear { .. } => (rows, Epi::Linear { bias: bias_p, act, res: res_p }),
+        Op::GatedLinear { act } => (rows / 2, Epi::Gated { act: *act }),
+        _ => (rows, Epi::Plain),
+    };
+    packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk);
 }
 
 #[cfg(test)]

@@ -1573,39 +1573,42 @@ fn compiled_quantized_layouts_match_the_interpreter() {
     let dir = std::env::temp_dir().join(format!("llmc-codegen-qtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("quant.llmc");
-    let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
-    let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
-    let model = llmc_runtime::Model::load(&path).unwrap();
-    std::fs::remove_file(&path).ok();
-    // Stored packed: the table and the embedding-like `seq` table stay f32, the rest is packed.
-    let rb = super::quant::row_bytes;
-    let packed = k2 * rb(Layout::Int4 { group: 16, asym: true }, h)
-        + 2 * ff * rb(Layout::Int4 { group: 32, asym: false }, k2)
-        + VOCAB * rb(Layout::Int8, ff);
-    let dense_rest: usize = gb.w.iter().filter(|(n, _)| ![w1, wg, wu, wl].iter().any(|&x| matches!(gb.g.op(x), Op::Weight { name, .. } if name == *n))).map(|(_, v)| v.len() * 4).sum();
-    assert_eq!(report.weight_bytes, (packed + dense_rest) as u64);
-    // Three parts per kernel: column splits that do not divide N.
-    let mut sess = llmc_runtime::Session::with_threads(model, 3).unwrap();
-    let mut it = Interpreter::new(&gb.w);
-    let mut it_dense = Interpreter::new(&gb.w);
-    let mut rng = Rng::new(6);
-    let mut quant_err = 0.0f64;
-    for len in [7, 1, 1, 3] {
-        let ids: Vec<i32> = (0..len).map(|_| rng.below(VOCAB) as i32).collect();
-        let want = it.run(&gb.g, &ids).unwrap().remove(0);
-        let exact = it_dense.run(&dense, &ids).unwrap().remove(0);
-        let uids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        let got = sess.forward(&uids, true).unwrap();
-        assert_eq!(got.len(), want.data.len());
-        for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
-            assert!((g - w).abs() <= 1e-3, "step of {len}: logit {i}: got {g}, quantized interpreter {w}");
+    // Both paths: the runtime's quantized GEMV (where this CPU has one) and generated code only.
+    for no_microkernels in [false, true] {
+        let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
+        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
+        let model = llmc_runtime::Model::load(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        // Stored packed: the table and the embedding-like `seq` table stay f32, the rest is packed.
+        let rb = super::quant::row_bytes;
+        let packed = k2 * rb(Layout::Int4 { group: 16, asym: true }, h)
+            + 2 * ff * rb(Layout::Int4 { group: 32, asym: false }, k2)
+            + VOCAB * rb(Layout::Int8, ff);
+        let dense_rest: usize = gb.w.iter().filter(|(n, _)| ![w1, wg, wu, wl].iter().any(|&x| matches!(gb.g.op(x), Op::Weight { name, .. } if name == *n))).map(|(_, v)| v.len() * 4).sum();
+        assert_eq!(report.weight_bytes, (packed + dense_rest) as u64);
+        // Three parts per kernel: column splits that do not divide N.
+        let mut sess = llmc_runtime::Session::with_threads(model, 3).unwrap();
+        let mut it = Interpreter::new(&gb.w);
+        let mut it_dense = Interpreter::new(&gb.w);
+        let mut rng = Rng::new(6);
+        let mut quant_err = 0.0f64;
+        for len in [7, 1, 1, 3] {
+            let ids: Vec<i32> = (0..len).map(|_| rng.below(VOCAB) as i32).collect();
+            let want = it.run(&gb.g, &ids).unwrap().remove(0);
+            let exact = it_dense.run(&dense, &ids).unwrap().remove(0);
+            let uids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            let got = sess.forward(&uids, true).unwrap();
+            assert_eq!(got.len(), want.data.len());
+            for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+                assert!((g - w).abs() <= 1e-3, "no_microkernels={no_microkernels}: step of {len}: logit {i}: got {g}, quantized interpreter {w}");
+            }
+            for (&a, &b) in want.data.iter().zip(&exact.data) {
+                quant_err = quant_err.max((a - b).abs() as f64);
+            }
         }
-        for (&a, &b) in want.data.iter().zip(&exact.data) {
-            quant_err = quant_err.max((a - b).abs() as f64);
-        }
-    }
-    // The layouts really changed the numbers (quantization error is measured, not hidden).
-    assert!(quant_err > 1e-4, "quantized graph evaluates like the dense one ({quant_err:e})");
+        // The layouts really changed the numbers (quantization error is measured, not hidden).
+        assert!(quant_err > 1e-4, "quantized graph evaluates like the dense one ({quant_err:e})");    }
+
 }
 
 // ---- products through the runtime's panel microkernel ----
@@ -1692,10 +1695,17 @@ fn panel_weights_only_for_row_wise_products() {
 /// weight source (logits within 1e-3 over a prompt and decode steps, three parts per kernel);
 /// returns the largest difference between the interpreter's quantized and `dense` logits.
 fn layouts_match(g: &Graph, dense: &Graph, w: &dyn llmc_ir::WeightSource, tag: &str) -> f64 {
+    // Both paths: the runtime's quantized GEMV (where this CPU has one) and generated code only.
+    let e = layouts_match_with(g, dense, w, tag, false);
+    assert_eq!(e, layouts_match_with(g, dense, w, &format!("{tag}-generated"), true));
+    e
+}
+
+fn layouts_match_with(g: &Graph, dense: &Graph, w: &dyn llmc_ir::WeightSource, tag: &str, no_microkernels: bool) -> f64 {
     let dir = std::env::temp_dir().join(format!("llmc-codegen-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("q.llmc");
-    let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
+    let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
     crate::compile_cpu(g, w, &opts, &path).unwrap();
     let model = llmc_runtime::Model::load(&path).unwrap();
     std::fs::remove_file(&path).ok();

@@ -1,0 +1,847 @@
+//! Quantized GEMV microkernels: one activation row against a run of packed weight rows.
+//!
+//! Generated code reads quantized weights in Cranelift's 128-bit vectors, which turns the
+//! dequantization (widen, convert, scale) into the bottleneck of a decode step: an int8 row costs
+//! more instructions per byte than an f32 row. These kernels do the same products with 512-bit
+//! vectors (AVX-512F for the weight-only formats; AVX-512 VNNI `vpdpbusd` for W8A8 and W4A8), so
+//! a decode step is bound by memory again. Generated kernels call them through the microkernel
+//! table ([`crate::ukernel::table`], slots [`crate::ukernel::QGEMV`] and
+//! [`crate::ukernel::QGEMV_A8`]) on chunks of output columns and apply the op's epilogue to the
+//! returned sums. A slot is null when this CPU lacks the features: the generated kernel then runs
+//! its own 128-bit loops instead.
+//!
+//! ## Row format ([`QFormat`])
+//! The compiler packs a `[N, K]` weight as `N` self-contained row records of
+//! [`QFormat::row_bytes`] bytes: the scales (one f32 per row, or per group for int4), then for
+//! asymmetric int4 one f32 zero point per group, then the codes ([`QFormat::codes_at`]):
+//! - int8: `K` signed bytes, padded to 4; `w = q * scale`.
+//! - int4: blocks of 32 elements in 16 bytes, byte `i` of a block holding element `i` in its low
+//!   nibble and element `16 + i` in its high nibble; symmetric codes stored as `q + 8`, so
+//!   `w = (c - 8) * scale` (asymmetric: `w = (c - zero) * scale`). A partial last block is padded
+//!   with code 0.
+//! - 2:4: the two kept values of each aligned group of 4 in element order (f32, or int8 codes
+//!   padded to 4 bytes after the row's one scale), then one byte per two groups: the kept indices
+//!   `a < b` of the even group as `a | b << 2` in bits 0..4, the odd group's in bits 4..8.
+//! - W8A8: the scale, the row's code sum (i32), then the int8 codes padded to 16.
+//! - W4A8: exactly a symmetric int4 row (groups a multiple of 32).
+
+use std::cell::UnsafeCell;
+
+/// A packed row format (the compiler's `Layout`s that are stored packed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QFormat {
+    Int8,
+    Int4 { group: usize, asym: bool },
+    Sparse24 { int8: bool },
+    W8A8,
+    W4A8 { group: usize },
+}
+
+impl QFormat {
+    /// Scales per row (`ceil(K / group)` for int4, else 1).
+    pub fn groups(self, k: usize) -> usize {
+        match self {
+            QFormat::Int4 { group, .. } | QFormat::W4A8 { group } => k.div_ceil(group.max(1)),
+            _ => 1,
+        }
+    }
+
+    /// Byte offset of the codes in a row record.
+    pub fn codes_at(self, k: usize) -> usize {
+        match self {
+            QFormat::Sparse24 { int8 } => 4 * int8 as usize,
+            QFormat::W8A8 => 8, // scale, then the row's code sum (i32)
+            QFormat::Int4 { asym, .. } => 4 * self.groups(k) * (1 + asym as usize),
+            QFormat::W4A8 { .. } => 4 * self.groups(k),
+            QFormat::Int8 => 4,
+        }
+    }
+
+    /// Bytes of a row's codes.
+    pub fn code_bytes(self, k: usize) -> usize {
+        match self {
+            QFormat::Int4 { .. } | QFormat::W4A8 { .. } => k.div_ceil(32) * 16,
+            QFormat::W8A8 => k.div_ceil(16) * 16,
+            QFormat::Sparse24 { int8 } => Self::sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
+            QFormat::Int8 => k.div_ceil(4) * 4,
+        }
+    }
+
+    /// Byte offset, from the codes, of a 2:4 row's index bytes: after the `K / 2` kept values
+    /// (f32, or int8 padded to 4 bytes).
+    pub fn sparse_idx_at(int8: bool, k: usize) -> usize {
+        if int8 { (k / 2).div_ceil(4) * 4 } else { 4 * (k / 2) }
+    }
+
+    /// Bytes of one packed row of `k` elements.
+    pub fn row_bytes(self, k: usize) -> usize {
+        self.codes_at(k) + self.code_bytes(k)
+    }
+
+    /// Whether the activations are quantized too (the [`crate::ukernel::QGEMV_A8`] kernel).
+    pub fn a8(self) -> bool {
+        matches!(self, QFormat::W8A8 | QFormat::W4A8 { .. })
+    }
+
+    /// The format as the `fmt` argument of a [`QGemvFn`]: a tag in bits 0..8, the asymmetric
+    /// flag in bit 8, the group from bit 16.
+    pub fn encode(self) -> i64 {
+        let (tag, asym, group) = match self {
+            QFormat::Int8 => (0, false, 0),
+            QFormat::Int4 { group, asym } => (1, asym, group),
+            QFormat::Sparse24 { int8: false } => (2, false, 0),
+            QFormat::Sparse24 { int8: true } => (3, false, 0),
+            QFormat::W8A8 => (4, false, 0),
+            QFormat::W4A8 { group } => (5, false, group),
+        };
+        tag | (asym as i64) << 8 | (group as i64) << 16
+    }
+
+    /// The inverse of [`encode`](Self::encode) (`None` for a value no format encodes to).
+    pub fn decode(v: i64) -> Option<QFormat> {
+        let group = (v >> 16) as usize;
+        let asym = v >> 8 & 1 == 1;
+        let f = match v & 0xff {
+            0 => QFormat::Int8,
+            1 if group > 0 && group.is_multiple_of(16) => QFormat::Int4 { group, asym },
+            2 => QFormat::Sparse24 { int8: false },
+            3 => QFormat::Sparse24 { int8: true },
+            4 => QFormat::W8A8,
+            5 if group > 0 && group.is_multiple_of(32) => QFormat::W4A8 { group },
+            _ => return None,
+        };
+        (f.encode() == v).then_some(f)
+    }
+}
+
+/// `qgemv(fmt, x, aux, b, rb, k, rows, out)`: for `j < rows`, `out[j]` is the product of the
+/// activation row `x` with the packed row at `b + j * rb` (format [`QFormat::decode`]`(fmt)`,
+/// `k` elements):
+/// - weight-only formats: `x` is `k` f32s; `out[j] = Σ_e w_j[e] · x[e]` with the dequantized
+///   weights (up to f32 rounding order);
+/// - W8A8: `x` holds the activation codes stored as `q + 128` (u8), padded to a multiple of 32
+///   with 128; `out[j] = (Σ_e w_j[e] · q[e]) · scale_j` (the integer sum is exact), without the
+///   activation scale;
+/// - W4A8: `x` holds the signed activation codes (i8), padded to a multiple of 32 with 0, and
+///   `aux[b] = -8 · Σ` of 32-block `b`'s codes; `out[j] = Σ_b scale(b) · (Σ_{e in b} c_e · q_e + aux[b])`
+///   over the stored nibbles `c`, without the activation scale.
+pub type QGemvFn = unsafe extern "sysv64" fn(
+    fmt: i64,
+    x: *const u8,
+    aux: *const i32,
+    b: *const u8,
+    rb: i64,
+    k: i64,
+    rows: i64,
+    out: *mut f32,
+);
+
+/// The weight-only kernel for this CPU, or null (0) without AVX-512F.
+pub(crate) fn select_qgemv() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return avx512::qgemv as QGemvFn as usize;
+    }
+    0
+}
+
+/// The W8A8 / W4A8 kernel for this CPU, or null (0) without AVX-512F, BW, VL and VNNI.
+pub(crate) fn select_qgemv_a8() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni512() {
+        return avx512::qgemv_a8 as QGemvFn as usize;
+    }
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_vnni512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+}
+
+struct Scratch(UnsafeCell<Vec<u64>>);
+
+thread_local! {
+    static SCRATCH: Scratch = const { Scratch(UnsafeCell::new(Vec::new())) };
+}
+
+/// This thread's byte scratch with room for `len` bytes, zeroed, 64-byte aligned.
+fn scratch(len: usize) -> *mut u8 {
+    SCRATCH.with(|s| {
+        // SAFETY: the vector is only touched here, on its own thread, and a kernel uses the
+        // pointer only until it returns.
+        let v = unsafe { &mut *s.0.get() };
+        let words = len.div_ceil(8) + 8;
+        v.clear();
+        v.resize(words, 0);
+        let p = v.as_mut_ptr() as *mut u8;
+        let skew = (p as usize).wrapping_neg() % 64;
+        // SAFETY: at most 63 bytes in, and `len` more fit.
+        unsafe { p.add(skew) }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::QFormat;
+
+    unsafe fn f32_at(p: *const u8, i: usize) -> f32 {
+        (p as *const f32).add(i).read_unaligned()
+    }
+
+    /// Lanes `0..n` (`n <= 16`) set.
+    fn lanes(n: usize) -> u16 {
+        if n >= 16 { u16::MAX } else { ((1u32 << n) - 1) as u16 }
+    }
+
+    /// `Σ_e q[e] · x[e] · scale` for an int8 row.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_int8(row: *const u8, x: *const f32, k: usize) -> f32 {
+        let c = row.add(4);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut e = 0;
+        while e + 64 <= k {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(c.add(e + 16 * i) as *const __m128i));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(x.add(e + 16 * i)), *a);
+            }
+            e += 64;
+        }
+        while e + 16 <= k {
+            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(c.add(e) as *const __m128i));
+            acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(x.add(e)), acc[0]);
+            e += 16;
+        }
+        let mut tail = 0.0f32;
+        while e < k {
+            tail += (*c.add(e) as i8) as f32 * *x.add(e);
+            e += 1;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        (_mm512_reduce_add_ps(s) + tail) * f32_at(row, 0)
+    }
+
+    /// The 32 codes of the int4 block at `p` as f32 (elements 0..16, 16..32).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn int4_block(p: *const u8) -> (__m512, __m512) {
+        // One widening of the 16 bytes (lane i = byte i = element i | element 16 + i << 4), then
+        // the nibbles by a mask and a 32-bit shift: one shuffle per block instead of two.
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0f));
+        let hi = _mm512_srli_epi32::<4>(v);
+        (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+    }
+
+    /// `x[e0 ..]`, lanes at or past `k` zero (never read).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn x16(x: *const f32, e0: usize, k: usize) -> __m512 {
+        if e0 + 16 <= k {
+            _mm512_loadu_ps(x.add(e0))
+        } else {
+            _mm512_maskz_loadu_ps(lanes(k.saturating_sub(e0)), x.add(e0))
+        }
+    }
+
+    /// `Σ_g scale_g · Σ_{e in g} (c_e - zero_g) · x[e]` for an int4 row, `xg[g]` = `Σ_{e in g} x[e]`:
+    /// the codes are dotted as stored and `zero_g · xg[g]` is taken off per group.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_int4(row: *const u8, x: *const f32, k: usize, group: usize, asym: bool, xg: *const f32) -> f32 {
+        let ng = k.div_ceil(group);
+        let codes = row.add(QFormat::Int4 { group, asym }.codes_at(k));
+        let sc = row as *const f32;
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        if group.is_multiple_of(32) {
+            // Block by block (its group's scale applied per block), four independent
+            // accumulators: no loop-carried chain longer than one FMA per four blocks.
+            let per = group / 32;
+            let block = |b: usize, xl: __m512, xh: __m512| {
+                let (wl, wh) = int4_block(codes.add(16 * b));
+                let p = _mm512_fmadd_ps(wh, xh, _mm512_mul_ps(wl, xl));
+                (p, _mm512_set1_ps(*sc.add(b / per)))
+            };
+            let full = k / 32;
+            let (mut acc2, mut acc3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut b = 0;
+            while b + 4 <= full {
+                let ld = |b: usize| (_mm512_loadu_ps(x.add(32 * b)), _mm512_loadu_ps(x.add(32 * b + 16)));
+                let ((x0, y0), (x1, y1), (x2, y2), (x3, y3)) = (ld(b), ld(b + 1), ld(b + 2), ld(b + 3));
+                let (p, s) = block(b, x0, y0);
+                acc0 = _mm512_fmadd_ps(p, s, acc0);
+                let (p, s) = block(b + 1, x1, y1);
+                acc1 = _mm512_fmadd_ps(p, s, acc1);
+                let (p, s) = block(b + 2, x2, y2);
+                acc2 = _mm512_fmadd_ps(p, s, acc2);
+                let (p, s) = block(b + 3, x3, y3);
+                acc3 = _mm512_fmadd_ps(p, s, acc3);
+                b += 4;
+            }
+            while b < k.div_ceil(32) {
+                let (p, s) = block(b, x16(x, 32 * b, k), x16(x, 32 * b + 16, k));
+                acc0 = _mm512_fmadd_ps(p, s, acc0);
+                b += 1;
+            }
+            acc0 = _mm512_add_ps(acc0, acc2);
+            acc1 = _mm512_add_ps(acc1, acc3);
+        } else {
+            // Groups of 16 (times an odd number): a scale per 16-element half.
+            let nh = k.div_ceil(16);
+            for h in 0..nh {
+                let (wl, wh) = int4_block(codes.add(16 * (h / 2)));
+                let w = if h % 2 == 0 { wl } else { wh };
+                let s = _mm512_set1_ps(*sc.add(16 * h / group));
+                acc0 = _mm512_fmadd_ps(_mm512_mul_ps(w, x16(x, 16 * h, k)), s, acc0);
+            }
+        }
+        // Σ_g scale_g · zero_g · xg[g], 16 groups per step.
+        let mut corr = _mm512_setzero_ps();
+        let mut g = 0;
+        while g < ng {
+            let m = lanes(ng - g);
+            let s = _mm512_maskz_loadu_ps(m, sc.add(g));
+            let z = if asym { _mm512_maskz_loadu_ps(m, sc.add(ng + g)) } else { _mm512_set1_ps(8.0) };
+            corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xg.add(g)), corr);
+            g += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0, acc1), corr))
+    }
+
+    /// `Σ` over a 2:4 row's kept values `v_t · x[e_t]` (times the scale for int8): 16 kept values
+    /// (8 groups, 32 elements) per step, their 2-bit indices turned into a lane permutation of the
+    /// 32 activations (`vpermt2ps`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_sparse24(row: *const u8, x: *const f32, k: usize, int8: bool) -> f32 {
+        let codes = row.add(4 * int8 as usize);
+        let idx = codes.add(QFormat::sparse_idx_at(int8, k));
+        let ng = k / 4;
+        let shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        let three = _mm512_set1_epi32(3);
+        // Step `t`: the product of its 16 kept values with their activations.
+        let step = |t: usize| {
+            let bits = _mm512_set1_epi32((idx.add(4 * t) as *const i32).read_unaligned());
+            // ((bits >> 2l) & 3) | base: the element (of these 32) that kept value `l` sits at.
+            let sel = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srlv_epi32(bits, shifts), three, base);
+            let xv = _mm512_permutex2var_ps(_mm512_loadu_ps(x.add(32 * t)), sel, _mm512_loadu_ps(x.add(32 * t + 16)));
+            let w = if int8 {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes.add(16 * t) as *const __m128i)))
+            } else {
+                _mm512_loadu_ps((codes as *const f32).add(16 * t))
+            };
+            (w, xv)
+        };
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut t = 0;
+        while t + 2 <= ng / 8 {
+            let (w, xv) = step(t);
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
+            let (w, xv) = step(t + 1);
+            acc1 = _mm512_fmadd_ps(w, xv, acc1);
+            t += 2;
+        }
+        if t < ng / 8 {
+            let (w, xv) = step(t);
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
+        }
+        let mut tail = 0.0f32;
+        for gi in (ng / 8) * 8..ng {
+            let byte = *idx.add(gi / 2) >> (4 * (gi % 2));
+            for (s, l) in [(0, byte & 3), (1, byte >> 2 & 3)] {
+                let v = if int8 { (*codes.add(2 * gi + s) as i8) as f32 } else { f32_at(codes, 2 * gi + s) };
+                tail += v * *x.add(4 * gi + l as usize);
+            }
+        }
+        let s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + tail;
+        if int8 { s * f32_at(row, 0) } else { s }
+    }
+
+    /// See [`super::QGemvFn`] (weight-only formats).
+    ///
+    /// # Safety
+    /// The [`super::QGemvFn`] contract; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe extern "sysv64" fn qgemv(
+        fmt: i64,
+        x: *const u8,
+        _aux: *const i32,
+        b: *const u8,
+        rb: i64,
+        k: i64,
+        rows: i64,
+        out: *mut f32,
+    ) {
+        let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
+        let x = x as *const f32;
+        match QFormat::decode(fmt) {
+            Some(QFormat::Int8) => {
+                for j in 0..rows {
+                    *out.add(j) = dot_int8(b.add(j * rb), x, k);
+                }
+            }
+            Some(QFormat::Int4 { group, asym }) => {
+                // Per-group sums of the activations, shared by every row.
+                let ng = k.div_ceil(group);
+                let xg = super::scratch(4 * ng) as *mut f32;
+                for g in 0..ng {
+                    let (e0, e1) = (g * group, ((g + 1) * group).min(k));
+                    *xg.add(g) = (e0..e1).map(|e| *x.add(e)).sum();
+                }
+                for j in 0..rows {
+                    *out.add(j) = dot_int4(b.add(j * rb), x, k, group, asym, xg);
+                }
+            }
+            Some(QFormat::Sparse24 { int8 }) => {
+                for j in 0..rows {
+                    *out.add(j) = dot_sparse24(b.add(j * rb), x, k, int8);
+                }
+            }
+            _ => {
+                for j in 0..rows {
+                    *out.add(j) = f32::NAN;
+                }
+            }
+        }
+    }
+
+    /// `(Σ_e w[e] · (u[e] - 128)) · scale` for a W8A8 row (`k16` = codes padded to 16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_w8a8(row: *const u8, u: *const u8, k16: usize) -> f32 {
+        let w = row.add(8);
+        let mut acc = [_mm512_setzero_si512(); 2];
+        let mut e = 0;
+        let mut i = 0;
+        while e + 64 <= k16 {
+            let x = _mm512_loadu_si512(u.add(e) as *const __m512i);
+            let q = _mm512_loadu_si512(w.add(e) as *const __m512i);
+            acc[i & 1] = _mm512_dpbusd_epi32(acc[i & 1], x, q);
+            e += 64;
+            i += 1;
+        }
+        if e < k16 {
+            let m = lanes((k16 - e) / 4);
+            let x = _mm512_maskz_loadu_epi32(m, u.add(e) as *const i32);
+            let q = _mm512_maskz_loadu_epi32(m, w.add(e) as *const i32);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], x, q);
+        }
+        let dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0], acc[1]));
+        let wsum = (row.add(4) as *const i32).read_unaligned();
+        dot.wrapping_sub(wsum.wrapping_mul(128)) as f32 * f32_at(row, 0)
+    }
+
+    /// A W4A8 row against activations re-laid for 4 blocks per step (see [`qgemv_a8`]): per step
+    /// the 64 code bytes' low and high nibbles are the unsigned operands of two `vpdpbusd` onto
+    /// the blocks' `aux` terms (128-bit lane `i` = block `4t + i`), converted once and multiplied
+    /// by each block's group scale.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_w4a8(row: *const u8, nb: usize, codes_at: usize, re: &Relaid) -> f32 {
+        let codes = row.add(codes_at);
+        let m = _mm512_set1_epi8(0x0f);
+        let step = |t: usize| {
+            let v = if 4 * t + 4 <= nb {
+                _mm512_loadu_si512(codes.add(64 * t) as *const __m512i)
+            } else {
+                _mm512_maskz_loadu_epi32(lanes(4 * (nb - 4 * t)), codes.add(64 * t) as *const i32)
+            };
+            let lo = _mm512_and_si512(v, m);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
+            let mut d = _mm512_load_si512(re.aux.add(64 * t) as *const __m512i);
+            d = _mm512_dpbusd_epi32(d, lo, _mm512_load_si512(re.xl.add(64 * t) as *const __m512i));
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(re.xh.add(64 * t) as *const __m512i));
+            let st = &re.steps[t];
+            let s = _mm512_permutexvar_ps(
+                _mm512_load_si512(re.sidx.add(64 * t) as *const __m512i),
+                _mm512_maskz_loadu_ps(st.1, (row as *const f32).add(st.0)),
+            );
+            (_mm512_cvtepi32_ps(d), s)
+        };
+        let ns = nb.div_ceil(4);
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut t = 0;
+        while t + 2 <= ns {
+            let (d, s) = step(t);
+            acc0 = _mm512_fmadd_ps(d, s, acc0);
+            let (d, s) = step(t + 1);
+            acc1 = _mm512_fmadd_ps(d, s, acc1);
+            t += 2;
+        }
+        if t < ns {
+            let (d, s) = step(t);
+            acc0 = _mm512_fmadd_ps(d, s, acc0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// W4A8 activations in step order: for step `t` (blocks `4t .. 4t + 4`), 64 bytes of the
+    /// blocks' first 16 codes (`xl`), 64 of their last 16 (`xh`), the `aux` terms in lane 0 of
+    /// each 128-bit lane, and the lane -> scale permutation `sidx` with the scales' first index
+    /// and load mask (`steps`).
+    struct Relaid {
+        xl: *const u8,
+        xh: *const u8,
+        aux: *const u8,
+        sidx: *const u8,
+        steps: Vec<(usize, u16)>,
+    }
+
+    /// See [`super::QGemvFn`] (W8A8 and W4A8).
+    ///
+    /// # Safety
+    /// The [`super::QGemvFn`] contract; the CPU has AVX-512F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe extern "sysv64" fn qgemv_a8(
+        fmt: i64,
+        x: *const u8,
+        aux: *const i32,
+        b: *const u8,
+        rb: i64,
+        k: i64,
+        rows: i64,
+        out: *mut f32,
+    ) {
+        let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
+        match QFormat::decode(fmt) {
+            Some(QFormat::W8A8) => {
+                let k16 = k.div_ceil(16) * 16;
+                for j in 0..rows {
+                    *out.add(j) = dot_w8a8(b.add(j * rb), x, k16);
+                }
+            }
+            Some(f @ QFormat::W4A8 { group }) => {
+                let nb = k.div_ceil(32);
+                let ns = nb.div_ceil(4);
+                let per = group / 32;
+                let ng = f.groups(k);
+                let base = super::scratch(4 * 64 * ns);
+                let re = Relaid {
+                    xl: base,
+                    xh: base.add(64 * ns),
+                    aux: base.add(128 * ns),
+                    sidx: base.add(192 * ns),
+                    steps: (0..ns)
+                        .map(|t| {
+                            let first = 4 * t / per;
+                            let last = (4 * t + 3).min(nb - 1) / per;
+                            (first, lanes(last - first + 1))
+                        })
+                        .collect(),
+                };
+                for bl in 0..nb {
+                    let (t, i) = (bl / 4, bl % 4);
+                    let o = 64 * t + 16 * i;
+                    std::ptr::copy_nonoverlapping(x.add(32 * bl), base.add(o), 16);
+                    std::ptr::copy_nonoverlapping(x.add(32 * bl + 16), base.add(64 * ns + o), 16);
+                    (base.add(128 * ns + o) as *mut i32).write(*aux.add(bl));
+                    let sidx = base.add(192 * ns + o) as *mut i32;
+                    let rel = (bl / per - re.steps[t].0) as i32;
+                    for l in 0..4 {
+                        sidx.add(l).write(rel);
+                    }
+                }
+                debug_assert!(re.steps.iter().all(|s| s.0 < ng));
+                let codes_at = f.codes_at(k);
+                for j in 0..rows {
+                    *out.add(j) = dot_w4a8(b.add(j * rb), nb, codes_at, &re);
+                }
+            }
+            _ => {
+                for j in 0..rows {
+                    *out.add(j) = f32::NAN;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    /// A random row record of `fmt` (scales positive, codes in range) and its dequantized
+    /// weights (`None` for the A8 formats, whose reference is integer).
+    fn random_row(fmt: QFormat, k: usize, seed: &mut u64) -> Vec<u8> {
+        let mut r = vec![0u8; fmt.row_bytes(k)];
+        let ng = fmt.groups(k);
+        let f = |s: &mut u64| 0.01 + (lcg(s) % 1000) as f32 * 1e-4;
+        match fmt {
+            QFormat::Int8 | QFormat::W8A8 => {
+                r[..4].copy_from_slice(&f(seed).to_le_bytes());
+                let c = fmt.codes_at(k);
+                let mut sum = 0i32;
+                for e in 0..k {
+                    let q = (lcg(seed) % 255) as i32 - 127;
+                    sum += q;
+                    r[c + e] = q as i8 as u8;
+                }
+                if fmt == QFormat::W8A8 {
+                    r[4..8].copy_from_slice(&sum.to_le_bytes());
+                }
+            }
+            QFormat::Int4 { .. } | QFormat::W4A8 { .. } => {
+                let asym = matches!(fmt, QFormat::Int4 { asym: true, .. });
+                for g in 0..ng {
+                    r[4 * g..4 * g + 4].copy_from_slice(&f(seed).to_le_bytes());
+                    if asym {
+                        let z = (lcg(seed) % 16) as f32;
+                        r[4 * (ng + g)..4 * (ng + g) + 4].copy_from_slice(&z.to_le_bytes());
+                    }
+                }
+                let c = fmt.codes_at(k);
+                for e in 0..k {
+                    let (blk, i) = (e / 32, e % 32);
+                    let nib = (lcg(seed) % 16) as u8;
+                    r[c + 16 * blk + i % 16] |= if i < 16 { nib } else { nib << 4 };
+                }
+            }
+            QFormat::Sparse24 { int8 } => {
+                if int8 {
+                    r[..4].copy_from_slice(&f(seed).to_le_bytes());
+                }
+                let c = fmt.codes_at(k);
+                let idx = c + QFormat::sparse_idx_at(int8, k);
+                for gi in 0..k / 4 {
+                    let a = (lcg(seed) % 3) as u8;
+                    let b = a + 1 + (lcg(seed) % (3 - a as u32)) as u8;
+                    r[idx + gi / 2] |= (a | b << 2) << (4 * (gi % 2));
+                    for s in 0..2 {
+                        if int8 {
+                            r[c + 2 * gi + s] = ((lcg(seed) % 255) as i32 - 127) as i8 as u8;
+                        } else {
+                            let v = (lcg(seed) % 2001) as f32 * 1e-3 - 1.0;
+                            r[c + 4 * (2 * gi + s)..c + 4 * (2 * gi + s) + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn f32_at(r: &[u8], i: usize) -> f32 {
+        f32::from_le_bytes(r[4 * i..4 * i + 4].try_into().unwrap())
+    }
+
+    /// The reference: dequantize element by element in f64.
+    fn reference(fmt: QFormat, r: &[u8], k: usize, x: &[f32]) -> f64 {
+        let c = fmt.codes_at(k);
+        let ng = fmt.groups(k);
+        let w = |e: usize| -> f64 {
+            match fmt {
+                QFormat::Int8 => (r[c + e] as i8) as f64 * f32_at(r, 0) as f64,
+                QFormat::Int4 { group, asym } => {
+                    let byte = r[c + 16 * (e / 32) + e % 16];
+                    let nib = if e % 32 < 16 { byte & 15 } else { byte >> 4 } as f64;
+                    let z = if asym { f32_at(r, ng + e / group) as f64 } else { 8.0 };
+                    (nib - z) * f32_at(r, e / group) as f64
+                }
+                QFormat::Sparse24 { int8 } => {
+                    let gi = e / 4;
+                    let byte = r[c + QFormat::sparse_idx_at(int8, k) + gi / 2] >> (4 * (gi % 2));
+                    let (a, b) = ((byte & 3) as usize, (byte >> 2 & 3) as usize);
+                    let t = match e % 4 {
+                        l if l == a => 2 * gi,
+                        l if l == b => 2 * gi + 1,
+                        _ => return 0.0,
+                    };
+                    if int8 { (r[c + t] as i8) as f64 * f32_at(r, 0) as f64 } else { f32_at(&r[c..], t) as f64 }
+                }
+                _ => unreachable!(),
+            }
+        };
+        (0..k).map(|e| w(e) * x[e] as f64).sum()
+    }
+
+    #[test]
+    fn format_codes_round_trip() {
+        for f in [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32, asym: false },
+            QFormat::Int4 { group: 48, asym: true },
+            QFormat::Sparse24 { int8: false },
+            QFormat::Sparse24 { int8: true },
+            QFormat::W8A8,
+            QFormat::W4A8 { group: 128 },
+        ] {
+            assert_eq!(QFormat::decode(f.encode()), Some(f));
+        }
+        assert_eq!(QFormat::decode(1 | 8 << 16), None, "int4 group 8 is not a packed format");
+        assert_eq!(QFormat::decode(9), None);
+    }
+
+    /// The weight-only kernel against the f64 dequantized product, on `K` that are not multiples
+    /// of any step (partial int4 blocks and groups, 2:4 tails), in row runs that start mid-buffer.
+    #[test]
+    fn weight_only_kernel_matches_dequantized_product() {
+        let f = select_qgemv();
+        if f == 0 {
+            eprintln!("SKIP: no AVX-512F on this CPU (generated code runs these products)");
+            return;
+        }
+        // SAFETY: the table's entry has this signature.
+        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let mut seed = 3u64;
+        for fmt in [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32, asym: false },
+            QFormat::Int4 { group: 64, asym: true },
+            QFormat::Int4 { group: 128, asym: false },
+            QFormat::Int4 { group: 16, asym: true },
+            QFormat::Int4 { group: 48, asym: false },
+            QFormat::Sparse24 { int8: true },
+            QFormat::Sparse24 { int8: false },
+        ] {
+            for k in [4, 16, 20, 64, 100, 688, 768, 1000] {
+                if matches!(fmt, QFormat::Sparse24 { .. }) && k % 4 != 0 {
+                    continue;
+                }
+                let n = 5;
+                let rb = fmt.row_bytes(k);
+                let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(fmt, k, &mut seed)).collect();
+                let packed: Vec<u8> = rows.concat();
+                let x: Vec<f32> = (0..k).map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+                let mut out = vec![0.0f32; n];
+                // Rows 1..n (a run starting at a row that is not the buffer's first).
+                unsafe {
+                    f(
+                        fmt.encode(),
+                        x.as_ptr() as *const u8,
+                        std::ptr::null(),
+                        packed.as_ptr().add(rb),
+                        rb as i64,
+                        k as i64,
+                        (n - 1) as i64,
+                        out.as_mut_ptr(),
+                    )
+                };
+                for j in 1..n {
+                    let want = reference(fmt, &rows[j], k, &x);
+                    let got = out[j - 1] as f64;
+                    let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
+                    assert!((got - want).abs() <= tol, "{fmt:?} k={k} row {j}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The A8 kernel against exact integer sums.
+    #[test]
+    fn a8_kernel_matches_integer_product() {
+        let f = select_qgemv_a8();
+        if f == 0 {
+            eprintln!("SKIP: no AVX-512 VNNI on this CPU (generated code runs these products)");
+            return;
+        }
+        // SAFETY: the table's entry has this signature.
+        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let mut seed = 11u64;
+        for fmt in [
+            QFormat::W8A8,
+            QFormat::W4A8 { group: 32 },
+            QFormat::W4A8 { group: 64 },
+            QFormat::W4A8 { group: 128 },
+            QFormat::W4A8 { group: 96 },
+        ] {
+            for k in [16, 32, 100, 160, 688, 768, 2048] {
+                let n = 4;
+                let rb = fmt.row_bytes(k);
+                let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(fmt, k, &mut seed)).collect();
+                let packed = rows.concat();
+                let kpad = k.div_ceil(32) * 32;
+                let q: Vec<i32> =
+                    (0..kpad).map(|e| if e < k { (lcg(&mut seed) % 255) as i32 - 127 } else { 0 }).collect();
+                let nb = k.div_ceil(32);
+                let aux: Vec<i32> = (0..nb).map(|b| -8 * q[32 * b..32 * b + 32].iter().sum::<i32>()).collect();
+                let x: Vec<u8> = match fmt {
+                    QFormat::W8A8 => q.iter().map(|&v| (v + 128) as u8).collect(),
+                    _ => q.iter().map(|&v| v as i8 as u8).collect(),
+                };
+                let mut out = vec![0.0f32; n];
+                unsafe {
+                    f(
+                        fmt.encode(),
+                        x.as_ptr(),
+                        aux.as_ptr(),
+                        packed.as_ptr(),
+                        rb as i64,
+                        k as i64,
+                        n as i64,
+                        out.as_mut_ptr(),
+                    )
+                };
+                for (j, r) in rows.iter().enumerate() {
+                    let c = fmt.codes_at(k);
+                    let want: f64 = match fmt {
+                        QFormat::W8A8 => {
+                            (0..k).map(|e| (r[c + e] as i8) as i64 * q[e] as i64).sum::<i64>() as f64
+                                * f32_at(r, 0) as f64
+                        }
+                        QFormat::W4A8 { group } => (0..nb)
+                            .map(|b| {
+                                let d: i64 = (0..32)
+                                    .map(|i| {
+                                        let byte = r[c + 16 * b + i % 16];
+                                        (if i < 16 { byte & 15 } else { byte >> 4 }) as i64 * q[32 * b + i] as i64
+                                    })
+                                    .sum();
+                                (d + aux[b] as i64) as f64 * f32_at(r, 32 * b / group) as f64
+                            })
+                            .sum(),
+                        _ => unreachable!(),
+                    };
+                    let got = out[j] as f64;
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{fmt:?} k={k} row {j}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+/// Throughput report, not a check: `cargo test --release -p llmc-runtime qkernel_throughput -- --ignored --nocapture`.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn qkernel_throughput() {
+    let cpu = || -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) * 1e-9
+    };
+    let (n, k) = (4096usize, 768usize);
+    for fmt in [
+        QFormat::Int8,
+        QFormat::Int4 { group: 32, asym: false },
+        QFormat::Int4 { group: 128, asym: false },
+        QFormat::Sparse24 { int8: true },
+        QFormat::W8A8,
+        QFormat::W4A8 { group: 32 },
+        QFormat::W4A8 { group: 128 },
+    ] {
+        let f = if fmt.a8() { select_qgemv_a8() } else { select_qgemv() };
+        if f == 0 {
+            continue;
+        }
+        // SAFETY: the table's entry has this signature.
+        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let rb = fmt.row_bytes(k);
+        let w: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8 & if fmt.a8() { 0x7f } else { 0xff }).collect();
+        let x: Vec<f32> = (0..k.div_ceil(32) * 32).map(|i| (i as f32 * 0.1).sin()).collect();
+        let aux = vec![0i32; k.div_ceil(32)];
+        let mut out = vec![0.0f32; 64];
+        let reps = 200;
+        let c = cpu();
+        for _ in 0..reps {
+            for c0 in (0..n).step_by(64) {
+                unsafe { f(fmt.encode(), x.as_ptr() as *const u8, aux.as_ptr(), w.as_ptr().add(c0 * rb), rb as i64, k as i64, 64, out.as_mut_ptr()) };
+            }
+        }
+        let dt = (cpu() - c) / reps as f64;
+        eprintln!("{fmt:?} {n}x{k}: {:.1} G weights/s, {:.1} GB/s per CPU second", (n * k) as f64 / dt / 1e9, (n * rb) as f64 / dt / 1e9);
+    }
+}
