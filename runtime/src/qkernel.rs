@@ -276,7 +276,15 @@ mod avx512 {
     /// `Σ_g scale_g · Σ_{e in g} (c_e - zero_g) · x[e]` for an int4 row, `xg[g]` = `Σ_{e in g} x[e]`:
     /// the codes are dotted as stored and `zero_g · xg[g]` is taken off per group.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_int4(row: *const u8, x: *const f32, k: usize, group: usize, asym: bool, xg: *const f32) -> f32 {
+    /// `PER` is `group / 32` when it is 1, 2 or 4 (a shift, not a division, per block), else 0.
+    unsafe fn dot_int4<const PER: usize>(
+        row: *const u8,
+        x: *const f32,
+        k: usize,
+        group: usize,
+        asym: bool,
+        xg: *const f32,
+    ) -> f32 {
         let ng = k.div_ceil(group);
         let codes = row.add(QFormat::Int4 { group, asym }.codes_at(k));
         let sc = row as *const f32;
@@ -284,7 +292,7 @@ mod avx512 {
         if group.is_multiple_of(32) {
             // Block by block (its group's scale applied per block), four independent
             // accumulators: no loop-carried chain longer than one FMA per four blocks.
-            let per = group / 32;
+            let per = if PER > 0 { PER } else { group / 32 };
             let block = |b: usize, xl: __m512, xh: __m512| {
                 let (wl, wh) = int4_block(codes.add(16 * b));
                 let p = _mm512_fmadd_ps(wh, xh, _mm512_mul_ps(wl, xl));
@@ -429,7 +437,13 @@ mod avx512 {
                 }
                 for j in 0..rows {
                     prefetch_ahead(b, j, rb);
-                    *out.add(j) = dot_int4(b.add(j * rb), x, k, group, asym, xg);
+                    let row = b.add(j * rb);
+                    *out.add(j) = match group {
+                        32 => dot_int4::<1>(row, x, k, group, asym, xg),
+                        64 => dot_int4::<2>(row, x, k, group, asym, xg),
+                        128 => dot_int4::<4>(row, x, k, group, asym, xg),
+                        _ => dot_int4::<0>(row, x, k, group, asym, xg),
+                    };
                 }
             }
             Some(QFormat::Sparse24 { int8 }) => {
