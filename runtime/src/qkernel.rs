@@ -136,6 +136,140 @@ pub type QGemvFn = unsafe extern "sysv64" fn(
     out: *mut f32,
 );
 
+/// `t = qgemm(fmt, a, lda, m, b, rb, k, rows, up)`: the products of rows `0..m` of `a` (f32, row
+/// stride `lda`) with the `rows <= 64` weight-only packed rows at `b` (`rb` bytes apart), and when
+/// `up` is not null with as many rows at `up`: the rows are dequantized (exactly as the
+/// interpreter rounds them) into the panel layout and multiplied by the runtime's panel GEMM
+/// ([`crate::ukernel::GEMM_PANELS`]). Returns that GEMM's tile (see [`crate::ukernel::GemmPanelsFn`]:
+/// row stride `rows` rounded up to 16, the `up` tile `m` rows on), valid until this thread's next
+/// call.
+pub type QGemmFn = unsafe extern "sysv64" fn(
+    fmt: i64,
+    a: *const f32,
+    lda: i64,
+    m: i64,
+    b: *const u8,
+    rb: i64,
+    k: i64,
+    rows: i64,
+    up: *const u8,
+) -> *mut f32;
+
+/// Activation rows from which a weight-only product takes [`QGemmFn`] instead of a GEMV per row.
+pub const QGEMM_MIN_ROWS: i64 = 4;
+
+/// The dequantized values of one weight-only packed row (`(q - zero) * scale` in f32, zeros where
+/// 2:4 dropped an element), as the interpreter computes them.
+pub fn dequant_row(fmt: QFormat, row: &[u8], k: usize, out: &mut [f32]) {
+    let f32_at = |i: usize| f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]);
+    let c = fmt.codes_at(k);
+    match fmt {
+        QFormat::Int8 | QFormat::W8A8 => {
+            let s = f32_at(0);
+            for (o, &q) in out[..k].iter_mut().zip(&row[c..c + k]) {
+                *o = (q as i8) as f32 * s;
+            }
+        }
+        QFormat::Int4 { group, asym } => {
+            // By 16-element halves of the 32-element blocks (groups are multiples of 16).
+            let ng = fmt.groups(k);
+            for (h, o) in out[..k].chunks_mut(16).enumerate() {
+                let g = 16 * h / group;
+                let (s, z) = (f32_at(g), if asym { f32_at(ng + g) as i32 } else { 8 });
+                let codes = &row[c + 16 * (h / 2)..c + 16 * (h / 2) + 16];
+                let shift = 4 * (h % 2);
+                for (o, &byte) in o.iter_mut().zip(codes) {
+                    *o = ((byte >> shift & 15) as i32 - z) as f32 * s;
+                }
+            }
+        }
+        QFormat::W4A8 { group } => dequant_row(QFormat::Int4 { group, asym: false }, row, k, out),
+        QFormat::Sparse24 { int8 } => {
+            out[..k].fill(0.0);
+            let idx = c + QFormat::sparse_idx_at(int8, k);
+            let s = if int8 { f32_at(0) } else { 1.0 };
+            for gi in 0..k / 4 {
+                let byte = row[idx + gi / 2] >> (4 * (gi % 2));
+                for (t, l) in [(2 * gi, byte & 3), (2 * gi + 1, byte >> 2 & 3)] {
+                    out[4 * gi + l as usize] = if int8 {
+                        (row[c + t] as i8) as f32 * s
+                    } else {
+                        f32::from_le_bytes([row[c + 4 * t], row[c + 4 * t + 1], row[c + 4 * t + 2], row[c + 4 * t + 3]])
+                    };
+                }
+            }
+        }
+    }
+}
+
+struct PanelScratch(UnsafeCell<Vec<f32>>);
+
+thread_local! {
+    static PANELS: PanelScratch = const { PanelScratch(UnsafeCell::new(Vec::new())) };
+}
+
+/// See [`QGemmFn`].
+///
+/// # Safety
+/// The [`QGemmFn`] contract: `a` holds `m` rows of `k` floats `lda` apart, `b` (and `up`) `rows`
+/// packed rows of format `fmt`.
+unsafe extern "sysv64" fn qgemm(
+    fmt: i64,
+    a: *const f32,
+    lda: i64,
+    m: i64,
+    b: *const u8,
+    rb: i64,
+    k: i64,
+    rows: i64,
+    up: *const u8,
+) -> *mut f32 {
+    let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
+    let Some(f) = QFormat::decode(fmt) else {
+        return std::ptr::null_mut();
+    };
+    let groups = 1 + !up.is_null() as usize;
+    let glen = crate::ukernel::panel_group_len(rows, k);
+    PANELS.with(|s| {
+        // SAFETY: this thread's scratch, used only within this call (the GEMM has its own).
+        let v = unsafe { &mut *s.0.get() };
+        if v.len() < groups * glen {
+            v.resize(groups * glen, 0.0);
+        }
+        let mut row = vec![0.0f32; k];
+        for g in 0..groups {
+            let base = if g == 0 { b } else { up };
+            let dst = &mut v[g * glen..(g + 1) * glen];
+            for r in 0..rows.div_ceil(crate::ukernel::PANEL) * crate::ukernel::PANEL {
+                let (p, j) = (r / crate::ukernel::PANEL, r % crate::ukernel::PANEL);
+                if r < rows {
+                    // SAFETY: row `r` of `rows` packed rows.
+                    let packed = unsafe { std::slice::from_raw_parts(base.add(r * rb), rb) };
+                    dequant_row(f, packed, k, &mut row);
+                } else {
+                    row.fill(0.0);
+                }
+                let panel = &mut dst[p * crate::ukernel::PANEL * k..(p + 1) * crate::ukernel::PANEL * k];
+                for (kk, &x) in row.iter().enumerate() {
+                    panel[kk * crate::ukernel::PANEL + j] = x;
+                }
+            }
+        }
+        let gemm: crate::ukernel::GemmPanelsFn =
+            // SAFETY: the table's panel slot holds a `GemmPanelsFn`.
+            unsafe { std::mem::transmute(crate::ukernel::table()[crate::ukernel::GEMM_PANELS]) };
+        let upp = if groups == 2 { v[glen..].as_ptr() } else { std::ptr::null() };
+        // SAFETY: panels of `rows` columns over `k`, `m` rows of `a` as the caller passed.
+        unsafe { gemm(a, lda, v.as_ptr(), k as i64, m, 0, rows as i64, upp) }
+    })
+}
+
+/// The weight-only tiled product, a [`QGemmFn`] (portable: dequantization in Rust, the product in
+/// whichever panel GEMM this CPU has).
+pub(crate) fn select_qgemm() -> usize {
+    qgemm as QGemmFn as usize
+}
+
 /// The weight-only kernel for this CPU, or null (0) without AVX-512F.
 pub(crate) fn select_qgemv() -> usize {
     #[cfg(target_arch = "x86_64")]
@@ -785,6 +919,51 @@ mod tests {
                     let got = out[j - 1] as f64;
                     let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
                     assert!((got - want).abs() <= tol, "{fmt:?} k={k} row {j}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The tiled product (dequantize into panels, panel GEMM) against the f64 reference, gated
+    /// and not, with a partial last panel.
+    #[test]
+    fn tiled_kernel_matches_dequantized_product() {
+        // SAFETY: the table's entry has this signature.
+        let f: QGemmFn = unsafe { std::mem::transmute(select_qgemm()) };
+        let mut seed = 5u64;
+        for fmt in [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32, asym: false },
+            QFormat::Int4 { group: 64, asym: true },
+            QFormat::Int4 { group: 16, asym: false },
+            QFormat::Sparse24 { int8: true },
+            QFormat::Sparse24 { int8: false },
+        ] {
+            for (k, rows, m) in [(100, 37, 5), (96, 16, 4), (688, 64, 9)] {
+                if matches!(fmt, QFormat::Sparse24 { .. }) && k % 4 != 0 {
+                    continue;
+                }
+                let rb = fmt.row_bytes(k);
+                let packed: Vec<Vec<u8>> = (0..2 * rows).map(|_| random_row(fmt, k, &mut seed)).collect();
+                let flat = packed.concat();
+                let lda = k + 3;
+                let a: Vec<f32> = (0..m * lda).map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+                for gated in [false, true] {
+                    let up = if gated { unsafe { flat.as_ptr().add(rows * rb) } } else { std::ptr::null() };
+                    let t = unsafe {
+                        f(fmt.encode(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up)
+                    };
+                    let ldt = rows.div_ceil(16) * 16;
+                    for g in 0..1 + gated as usize {
+                        for r in 0..m {
+                            for j in 0..rows {
+                                let want = reference(fmt, &packed[g * rows + j], k, &a[r * lda..r * lda + k]);
+                                let got = unsafe { *t.add(g * m * ldt + r * ldt + j) } as f64;
+                                let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
+                                assert!((got - want).abs() <= tol, "{fmt:?} k={k} group {g} ({r}, {j}): {got} vs {want}");
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -33,8 +33,10 @@ pub const GEMM_PANELS: usize = 0;
 pub const QGEMV: usize = 1;
 /// Table slot of the W8A8 / W4A8 GEMV, a [`crate::qkernel::QGemvFn`]; null as [`QGEMV`].
 pub const QGEMV_A8: usize = 2;
+/// Table slot of the weight-only quantized tiled product, a [`crate::qkernel::QGemmFn`].
+pub const QGEMM: usize = 3;
 /// Entries in the table.
-pub const SLOTS: usize = 3;
+pub const SLOTS: usize = 4;
 
 /// `t = gemm_panels(a, lda, bp, k, m, c0, ncols, up)`: the product of rows `0..m` of `a`
 /// (`f32`, row stride `lda` elements, `k` columns) with columns `c0 .. c0 + ncols` of a panel
@@ -56,7 +58,7 @@ pub type GemmPanelsFn = unsafe extern "sysv64" fn(
 /// The function table, filled for this CPU on first use.
 pub fn table() -> &'static [usize; SLOTS] {
     static TABLE: OnceLock<[usize; SLOTS]> = OnceLock::new();
-    TABLE.get_or_init(|| [select_gemm_panels() as usize, crate::qkernel::select_qgemv(), crate::qkernel::select_qgemv_a8()])
+    TABLE.get_or_init(|| [select_gemm_panels() as usize, crate::qkernel::select_qgemv(), crate::qkernel::select_qgemv_a8(), crate::qkernel::select_qgemm()])
 }
 
 /// Which implementation [`table`] uses (for reports): `"avx512f"`, `"avx2+fma"` or `"portable"`.

@@ -912,6 +912,7 @@ pub(crate) fn packed_gemm(
     o: Value,
     epi: Epi,
     qk: Option<Value>,
+    qgemm: Option<Value>,
 ) {
     if layout.quantizes_activations() {
         return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk);
@@ -928,7 +929,7 @@ pub(crate) fn packed_gemm(
         &mut |kb| {
             // Column chunks outermost: a chunk's packed rows stay in cache across the rows of `a`.
             let zero = kb.ic(0);
-            chunks(kb, lo, hi, &mut |kb, c, cnt| {
+            let gemv = &mut |kb: &mut Kb, c: Value, cnt: Value| {
                 kb.for_steps(zero, m, 1, &mut |kb, r| {
                     let ar = kb.muli(r, 4 * k as i64);
                     let ar = kb.add(a, ar);
@@ -939,6 +940,29 @@ pub(crate) fn packed_gemm(
                         kb.st(y, o, oi);
                     });
                 });
+            };
+            let Some(fg) = qgemm else {
+                return chunks(kb, lo, hi, gemv);
+            };
+            // Several activation rows: dequantize a chunk into panels once, one panel GEMM.
+            let big = kb.b.ins().icmp_imm_s(
+                cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual,
+                m,
+                llmc_runtime::qkernel::QGEMM_MIN_ROWS,
+            );
+            chunks(kb, lo, hi, &mut |kb, c, cnt| {
+                kb.if_else(
+                    big,
+                    &mut |kb| {
+                        qgemm_chunk(kb, fg, layout, m, k, n, a, b, c, cnt, gated, &mut |kb, r, j, x, up| {
+                            let oi = kb.muli(r, n as i64);
+                            let oi = kb.add(oi, j);
+                            let y = epilogue(kb, &epi, x, up, j, oi);
+                            kb.st(y, o, oi);
+                        })
+                    },
+                    &mut |kb| gemv(kb, c, cnt),
+                )
             });
         },
         &mut |kb| generated_gemm(kb, layout, m, k, n, a, b, o, &epi, lo, hi),
@@ -1006,6 +1030,65 @@ fn qgemv_chunk(
         let up = outs.get(1).map(|&p| kb.ld(F32, p, i));
         let j = kb.add(c, i);
         emit(kb, j, v, up);
+    });
+}
+
+/// Columns `c .. c + cnt` for every row of `a` through the runtime's tiled weight-only product
+/// `f` ([`llmc_runtime::qkernel::QGemmFn`]): `emit(r, j, x, up)` receives each product.
+#[allow(clippy::too_many_arguments)]
+fn qgemm_chunk(
+    kb: &mut Kb,
+    f: Value,
+    layout: Layout,
+    m: Value,
+    k: usize,
+    n: usize,
+    a: Value,
+    b: Value,
+    c: Value,
+    cnt: Value,
+    gated: bool,
+    emit: &mut dyn FnMut(&mut Kb, Value, Value, Value, Option<Value>),
+) {
+    let rb = row_bytes(layout, k) as i64;
+    let mut sig = Signature::new(CallConv::SystemV);
+    for _ in 0..9 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig.returns.push(AbiParam::new(I64));
+    let sig = kb.b.import_signature(sig);
+    let fmt = kb.ic(qformat(layout).encode());
+    let rbv = kb.ic(rb);
+    let kv = kb.ic(k as i64);
+    let off = kb.muli(c, rb);
+    let pb = kb.add(b, off);
+    let up = if gated {
+        let row0 = kb.addi(c, n as i64);
+        let off = kb.muli(row0, rb);
+        kb.add(b, off)
+    } else {
+        kb.ic(0)
+    };
+    let call = kb.b.ins().call_indirect(sig, f, &[fmt, a, kv, m, pb, rbv, kv, cnt, up]);
+    let t = kb.b.inst_results(call)[0];
+    // Tile row stride: `cnt` rounded up to a panel; the up tile is `m` rows on.
+    let ldt = kb.addi(cnt, ukernel::PANEL as i64 - 1);
+    let ldt = kb.b.ins().band_imm_s(ldt, !(ukernel::PANEL as i64 - 1));
+    let ldtb = kb.muli(ldt, 4);
+    let upoff = kb.mul(m, ldtb);
+    let z = kb.ic(0);
+    kb.for_steps(z, m, 1, &mut |kb, r| {
+        let tr = kb.mul(r, ldtb);
+        let pt = kb.add(t, tr);
+        kb.for_steps(z, cnt, 1, &mut |kb, i| {
+            let x = kb.ld(F32, pt, i);
+            let u = gated.then(|| {
+                let pu = kb.add(pt, upoff);
+                kb.ld(F32, pu, i)
+            });
+            let j = kb.add(c, i);
+            emit(kb, r, j, x, u);
+        });
     });
 }
 
@@ -1109,12 +1192,16 @@ pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout, 
         let slot = if layout.quantizes_activations() { ukernel::QGEMV_A8 } else { ukernel::QGEMV };
         kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * slot) as i32)
     });
+    let qgemm = (ukernels && !layout.quantizes_activations()).then(|| {
+        let table = kb.buf(next + 1);
+        kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * ukernel::QGEMM) as i32)
+    });
     let (cols, epi) = match g.op(n) {
         Op::Linear { .. } => (rows, Epi::Linear { bias: bias_p, act, res: res_p }),
         Op::GatedLinear { act } => (rows / 2, Epi::Gated { act: *act }),
         _ => (rows, Epi::Plain),
     };
-    packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk);
+    packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk, qgemm);
 }
 
 #[cfg(test)]
