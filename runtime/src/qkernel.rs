@@ -818,6 +818,16 @@ mod tests {
         r
     }
 
+    /// The GEMV behind table entry `f`, or `None` (with a SKIP line) when this CPU lacks `needs`.
+    fn gemv_or_skip(f: usize, needs: &str) -> Option<QGemvFn> {
+        if f == 0 {
+            eprintln!("SKIP: no {needs} on this CPU (generated code runs these products)");
+            return None;
+        }
+        // SAFETY: the table's GEMV entries have this signature.
+        Some(unsafe { std::mem::transmute::<usize, QGemvFn>(f) })
+    }
+
     fn f32_at(r: &[u8], i: usize) -> f32 {
         f32::from_le_bytes(r[4 * i..4 * i + 4].try_into().unwrap())
     }
@@ -873,13 +883,7 @@ mod tests {
     /// of any step (partial int4 blocks and groups, 2:4 tails), in row runs that start mid-buffer.
     #[test]
     fn weight_only_kernel_matches_dequantized_product() {
-        let f = select_qgemv();
-        if f == 0 {
-            eprintln!("SKIP: no AVX-512F on this CPU (generated code runs these products)");
-            return;
-        }
-        // SAFETY: the table's entry has this signature.
-        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let Some(f) = gemv_or_skip(select_qgemv(), "AVX-512F") else { return };
         let mut seed = 3u64;
         for fmt in [
             QFormat::Int8,
@@ -972,13 +976,7 @@ mod tests {
     /// The A8 kernel against exact integer sums.
     #[test]
     fn a8_kernel_matches_integer_product() {
-        let f = select_qgemv_a8();
-        if f == 0 {
-            eprintln!("SKIP: no AVX-512 VNNI on this CPU (generated code runs these products)");
-            return;
-        }
-        // SAFETY: the table's entry has this signature.
-        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        let Some(f) = gemv_or_skip(select_qgemv_a8(), "AVX-512 VNNI") else { return };
         let mut seed = 11u64;
         for fmt in [
             QFormat::W8A8,

@@ -866,7 +866,7 @@ fn a8_columns(
     lo: Value,
     hi: Value,
     gated: bool,
-    emit: &mut dyn FnMut(&mut Kb, Value, Value, Option<Value>),
+    emit: &mut ColumnEmit,
 ) {
     let layout = match w4 {
         Some(group) => Layout::W4A8 { group },
@@ -969,6 +969,11 @@ pub(crate) fn packed_gemm(
     );
 }
 
+/// Receives output column `j`'s product `x` (and its gated partner): `emit(kb, j, x, up)`.
+type ColumnEmit<'a> = dyn FnMut(&mut Kb, Value, Value, Option<Value>) + 'a;
+/// Receives row `r`, column `j`'s product: `emit(kb, r, j, x, up)`.
+type TileEmit<'a> = dyn FnMut(&mut Kb, Value, Value, Value, Option<Value>) + 'a;
+
 /// Output columns per microkernel call.
 const QCH: i64 = 64;
 
@@ -1003,7 +1008,7 @@ fn qgemv_chunk(
     c: Value,
     cnt: Value,
     gated: bool,
-    emit: &mut dyn FnMut(&mut Kb, Value, Value, Option<Value>),
+    emit: &mut ColumnEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
     let mut sig = Signature::new(CallConv::SystemV);
@@ -1048,7 +1053,7 @@ fn qgemm_chunk(
     c: Value,
     cnt: Value,
     gated: bool,
-    emit: &mut dyn FnMut(&mut Kb, Value, Value, Value, Option<Value>),
+    emit: &mut TileEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
     let mut sig = Signature::new(CallConv::SystemV);
@@ -1130,7 +1135,7 @@ fn generated_gemm(
                     let pu = kb.addi(prow, rb * n as i64);
                     fused_dot(kb, layout, k, pu, a)
                 });
-                let y = epilogue(kb, &epi, x, up, j, j);
+                let y = epilogue(kb, epi, x, up, j, j);
                 kb.st(y, o, j);
             });
         },
@@ -1153,7 +1158,7 @@ fn generated_gemm(
                     let up = gated.then(|| kb.dot(ar, bufs[1], kv));
                     let oi = kb.muli(r, n as i64);
                     let oi = kb.add(oi, j);
-                    let y = epilogue(kb, &epi, x, up, j, oi);
+                    let y = epilogue(kb, epi, x, up, j, oi);
                     kb.st(y, o, oi);
                 });
             });
