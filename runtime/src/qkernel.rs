@@ -250,9 +250,7 @@ unsafe extern "sysv64" fn qgemm(
                     row.fill(0.0);
                 }
                 let panel = &mut dst[p * crate::ukernel::PANEL * k..(p + 1) * crate::ukernel::PANEL * k];
-                for (kk, &x) in row.iter().enumerate() {
-                    panel[kk * crate::ukernel::PANEL + j] = x;
-                }
+                crate::ukernel::store_panel_column(panel, j, &row);
             }
         }
         let gemm: crate::ukernel::GemmPanelsFn =

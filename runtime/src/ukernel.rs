@@ -153,10 +153,7 @@ pub fn pack_panels_part<'a>(
         for (dq, panel) in panels.chunks_mut(PANEL * k).enumerate() {
             let (g, p) = ((q0 + dq) / per_group, (q0 + dq) % per_group);
             for j in 0..PANEL.min(n - p * PANEL) {
-                let src = row(g * n + p * PANEL + j);
-                for (kk, &v) in src.iter().enumerate().take(k) {
-                    panel[kk * PANEL + j] = v;
-                }
+                store_panel_column(panel, j, &row(g * n + p * PANEL + j)[..k]);
             }
         }
     };
@@ -179,6 +176,13 @@ pub fn pack_panels_part<'a>(
         }
     });
     out
+}
+
+/// Stores the `k` values of a weight row as column `j` of a `PANEL x k` panel (`panel[kk * PANEL + j]`).
+pub(crate) fn store_panel_column(panel: &mut [f32], j: usize, src: &[f32]) {
+    for (kk, &v) in src.iter().enumerate() {
+        panel[kk * PANEL + j] = v;
+    }
 }
 
 /// Packed size from which [`pack_panels_with`] splits the work over threads.

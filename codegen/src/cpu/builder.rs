@@ -9,8 +9,8 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type, Value};
-use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, Variable};
 use llmc_ir::Dim;
 
@@ -98,6 +98,16 @@ impl<'a> Kb<'a> {
 
     // ---- integers, dims, addresses ----
 
+    /// The signature of a runtime microkernel called through the table: `params` i64 arguments
+    /// (pointers and sizes), one i64 result when `returns`, System V.
+    pub fn microkernel_sig(&mut self, params: usize, returns: bool) -> SigRef {
+        let mut sig = Signature::new(CallConv::SystemV);
+        sig.params.extend((0..params).map(|_| AbiParam::new(I64)));
+        if returns {
+            sig.returns.push(AbiParam::new(I64));
+        }
+        self.b.import_signature(sig)
+    }
     pub fn ic(&mut self, v: i64) -> Value {
         self.b.ins().iconst(I64, v)
     }

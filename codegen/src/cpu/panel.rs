@@ -14,8 +14,7 @@
 //! `a`) may be symbolic, `N` and `K` are the weight's constant dims.
 
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
 use llmc_ir::{DType, Graph, NodeId, Op, UnaryOp};
 use llmc_runtime::ukernel::{self, PANEL};
 
@@ -108,12 +107,7 @@ pub(crate) fn panel_product(kb: &mut Kb, g: &Graph, n: NodeId, groups: usize) ->
     let res = res_p.map(|r| kb.sub(r, o));
     let flags = MemFlagsData::trusted().with_readonly();
     let fptr = kb.b.ins().load(I64, flags, table, (8 * ukernel::GEMM_PANELS) as i32);
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..8 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    sig.returns.push(AbiParam::new(I64));
-    let sig = kb.b.import_signature(sig);
+    let sig = kb.microkernel_sig(8, true);
 
     let kv = kb.ic(k as i64);
     let up = if gate.is_some() {

@@ -19,8 +19,7 @@
 //! packed (stored as dequantized f32 and run by the f32 kernels).
 
 use cranelift_codegen::ir::types::{F32, I8, I8X16, I16X8, I32, I32X4, I64};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
 use llmc_ir::{Graph, Layout, NodeId, Op, UnaryOp, quant};
 use llmc_runtime::qkernel::QFormat;
 use llmc_runtime::ukernel;
@@ -1011,11 +1010,7 @@ fn qgemv_chunk(
     emit: &mut ColumnEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..8 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    let sig = kb.b.import_signature(sig);
+    let sig = kb.microkernel_sig(8, false);
     let fmt = kb.ic(qformat(layout).encode());
     let rbv = kb.ic(rb);
     let kv = kb.ic(k as i64);
@@ -1056,12 +1051,7 @@ fn qgemm_chunk(
     emit: &mut TileEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..9 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    sig.returns.push(AbiParam::new(I64));
-    let sig = kb.b.import_signature(sig);
+    let sig = kb.microkernel_sig(9, true);
     let fmt = kb.ic(qformat(layout).encode());
     let rbv = kb.ic(rb);
     let kv = kb.ic(k as i64);
