@@ -56,7 +56,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct PipelineArgs {
-    /// Comma-separated pass pipeline (default: the standard pipeline; `llmc passes` lists them).
+    /// Pass pipeline, comma-separated, each pass with optional options in braces:
+    /// `dce,optimize{target=cuda},quantize{format=int4:g64}` (default: the standard pipeline;
+    /// `llmc passes` lists the passes and their options).
     #[arg(long)]
     passes: Option<String>,
     /// Print the IR after the named pass (repeatable).
@@ -244,9 +246,12 @@ struct DumpIrArgs {
     /// `all` prints the IR before and after every pass; a pass name prints after that pass.
     #[arg(long)]
     after: Option<String>,
-    /// Comma-separated pass pipeline (default: the standard pipeline).
+    /// Pass pipeline, as `llmc compile --passes` takes it (default: the standard pipeline).
     #[arg(long)]
     passes: Option<String>,
+    /// The target whose cost model `optimize` uses unless an entry says `optimize{target=...}`.
+    #[arg(long, default_value = "cpu")]
+    target: String,
     #[arg(long = "max-context")]
     max_context: Option<usize>,
     /// Print one JSON object {"passes": [...], "ir": TEXT} instead of the text.
@@ -335,15 +340,24 @@ fn progress(quiet: bool, len: u64, template: &str) -> ProgressBar {
     pb
 }
 
-fn pipeline(spec: &Option<String>) -> Vec<String> {
+fn pipeline(spec: &Option<String>) -> Result<passes::Pipeline, CliError> {
     match spec {
-        Some(s) => passes::parse_pipeline(s),
-        None => passes::default_pipeline().iter().map(|s| s.to_string()).collect(),
+        Some(s) => Ok(passes::Pipeline::parse(s)?),
+        None => Ok(passes::default_pipeline()),
     }
 }
 
-/// Loads the model and runs the pass pipeline, printing IR where asked (to `out`).
-fn optimize(model: &Path, p: &PipelineArgs, out: &mut dyn Write) -> Result<frontend::Model, CliError> {
+/// What each pass of a run did: its name, statistics and wall time.
+type RunStats = Vec<(String, passes::PassStats, std::time::Duration)>;
+
+/// Loads the model and runs `pipeline` (built with `ctx`), printing IR where `p` asks (to `out`).
+fn optimize(
+    model: &Path,
+    p: &PipelineArgs,
+    pipeline: &passes::Pipeline,
+    ctx: &passes::PassContext,
+    out: &mut dyn Write,
+) -> Result<(frontend::Model, RunStats), CliError> {
     let t0 = Instant::now();
     let mut m = frontend::load(model, &frontend::Options { max_context: p.max_context })?;
     info!(model = %model.display(), nodes = m.graph.node_count(), seconds = t0.elapsed().as_secs_f64(), "checkpoint loaded");
@@ -354,7 +368,7 @@ fn optimize(model: &Path, p: &PipelineArgs, out: &mut dyn Write) -> Result<front
     } else {
         passes::PrintAfter::None
     };
-    let pm = passes::PassManager::new(&pipeline(&p.passes))?
+    let pm = passes::PassManager::new(pipeline, ctx)?
         .print_after(print)
         .dump_dir(p.dump_ir.clone())
         .stats(p.pass_stats);
@@ -367,7 +381,7 @@ fn optimize(model: &Path, p: &PipelineArgs, out: &mut dyn Write) -> Result<front
             eprintln!("pass {name:<16} {:>9.3} ms  changed={}  {}", dt.as_secs_f64() * 1e3, st.changed, counters.join(" "));
         }
     }
-    Ok(m)
+    Ok((m, stats))
 }
 
 /// A compile allocates and frees a buffer per weight (tens to hundreds of MiB each). glibc hands
@@ -509,9 +523,14 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
             a.output.join("model.llmc")
         }
     };
+    // The pipeline, with the `quantize` entry --quant/--sparsity/--keep-fp spell appended; its
+    // passes see the compile target.
+    let ctx = passes::PassContext::for_target(backend.name())?;
+    let mut pipeline = pipeline(&a.pipeline.passes)?;
+    let quantize = quant::add_to_pipeline(&a.q, &mut pipeline, &ctx)?;
     let stdout = std::io::stdout();
-    let mut m = optimize(&a.model, &a.pipeline, &mut stdout.lock())?;
-    let quant_set = quant::set_layouts(&a.q, &mut m, &mut stdout.lock())?;
+    let (mut m, stats) = optimize(&a.model, &a.pipeline, &pipeline, &ctx, &mut stdout.lock())?;
+    let quant_set = quant::chosen(quantize, &pipeline, &stats);
     // The token vocabulary: the `vocab_size` meta (an encoder's output is its hidden size), else
     // the logits' width.
     let vocab = match m.graph.outputs.first().map(|&o| m.graph.ty(o).shape.clone()).as_deref() {
@@ -588,7 +607,7 @@ fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
         j["bits_per_weight"] = (r.weight_bytes as f64 * 8.0 / params.max(1) as f64).into();
         if let Some(layout) = plan.layout {
             j["quant"] = serde_json::json!({
-                "format": a.q.quant, "sparsity": a.q.sparsity, "layout": layout.name(), "method": plan.method,
+                "format": plan.format, "sparsity": plan.sparsity, "layout": layout.name(), "method": plan.method,
                 "tensors": plan.tensors, "params": plan.params,
             });
         }
@@ -997,11 +1016,17 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
 }
 
 fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
+    let ctx = passes::PassContext::for_target(&a.target)?;
+    let pipeline = pipeline(&a.passes)?;
     if let Some(value) = &a.explain {
-        let before: Vec<String> = pipeline(&a.passes).into_iter().take_while(|p| p != "optimize").collect();
+        // The passes before the first `optimize`, then that entry's optimizer explains.
+        let at = pipeline.iter().position(|p| p.name == "optimize");
+        let before = &pipeline[..at.unwrap_or(pipeline.len())];
+        let spec = at.map_or_else(|| passes::PassSpec::new("optimize"), |i| pipeline[i].clone());
+        let opt = <passes::Optimize as passes::RegisteredPass>::from_spec(&spec, &ctx)?;
         let mut m = frontend::load(&a.model, &frontend::Options { max_context: a.max_context })?;
-        passes::PassManager::new(&before)?.run(&mut m.graph, &mut std::io::sink())?;
-        print!("{}", passes::explain(&m.graph, value)?);
+        passes::PassManager::new(before, &ctx)?.run(&mut m.graph, &mut std::io::sink())?;
+        print!("{}", opt.explain(&m.graph, value)?);
         return Ok(());
     }
     let p = PipelineArgs {
@@ -1017,17 +1042,18 @@ fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
     };
     if a.json {
         let mut buf = Vec::new();
-        let m = optimize(&a.model, &p, &mut buf)?;
+        let (m, _) = optimize(&a.model, &p, &pipeline, &ctx, &mut buf)?;
         let mut text = String::from_utf8_lossy(&buf).into_owned();
         if a.after.is_none() {
             text.push_str(&llmc_ir::print(&m.graph));
         }
-        let j = serde_json::json!({ "passes": pipeline(&a.passes), "after": a.after, "ir": text });
+        let names: Vec<String> = pipeline.iter().map(|s| s.to_string()).collect();
+        let j = serde_json::json!({ "passes": names, "after": a.after, "ir": text });
         println!("{j}");
         return Ok(());
     }
     let stdout = std::io::stdout();
-    let m = optimize(&a.model, &p, &mut stdout.lock())?;
+    let (m, _) = optimize(&a.model, &p, &pipeline, &ctx, &mut stdout.lock())?;
     if a.after.is_none() {
         print!("{}", llmc_ir::print(&m.graph));
     }
@@ -1036,18 +1062,32 @@ fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
 
 fn list_passes(a: PassesArgs) -> Result<(), CliError> {
     let default = passes::default_pipeline();
+    let in_default = |name: &str| default.iter().any(|p| p.name == name);
     if a.json {
         let list: Vec<serde_json::Value> = passes::all_passes()
             .iter()
-            .map(|p| serde_json::json!({ "name": p.name(), "summary": p.summary(), "default": default.contains(&p.name()) }))
+            .map(|p| {
+                let options: Vec<serde_json::Value> = p
+                    .options()
+                    .iter()
+                    .map(|o| serde_json::json!({ "name": o.name, "values": o.values, "default": o.default, "summary": o.summary }))
+                    .collect();
+                serde_json::json!({ "name": p.name(), "summary": p.summary(), "default": in_default(p.name()), "options": options })
+            })
             .collect();
-        println!("{}", serde_json::json!({ "passes": list, "default_pipeline": default }));
+        let pipeline: Vec<String> = default.iter().map(|p| p.to_string()).collect();
+        println!("{}", serde_json::json!({ "passes": list, "default_pipeline": pipeline }));
         return Ok(());
     }
     for p in passes::all_passes() {
-        let mark = if default.contains(&p.name()) { "*" } else { " " };
+        let mark = if in_default(p.name()) { "*" } else { " " };
         println!("{mark} {:<18} {}", p.name(), p.summary());
+        for o in p.options() {
+            println!("      {}={}\n          {}; default: {}", o.name, o.values, o.summary, o.default);
+        }
     }
-    println!("\n* in the default pipeline: {}", default.join(","));
+    println!("\n* in the default pipeline: {default}");
+    println!("Options go in braces after a pass: --passes 'dce,optimize{{target=cuda,iterations=12}},quantize{{format=int4:g64}}';");
+    println!("quote a value that holds whitespace or any of , {{ }} = \" \\ (keep-fp=\"a,b\").");
     Ok(())
 }

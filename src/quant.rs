@@ -1,9 +1,9 @@
 //! `llmc compile` quantization flags: `--quant`, `--sparsity`, `--keep-fp`, `--calib`,
-//! `--report`. Runs the `quantize` pass, captures calibration activations, builds the calibrated
-//! weight source (GPTQ rows, Wanda-pruned values) the artifact is written from, and the
-//! per-matrix error report. The algorithms live in `llmc_passes::calibrate`.
+//! `--report`. Appends the `quantize{...}` entry the first three spell to the pipeline (or takes
+//! the one `--passes` names), captures calibration activations, builds the calibrated weight
+//! source (GPTQ rows, Wanda-pruned values) the artifact is written from, and the per-matrix error
+//! report. The algorithms live in `llmc_passes::calibrate`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,6 +13,7 @@ use llmc_ir as ir;
 use llmc_passes as passes;
 use llmc_runtime as runtime;
 use passes::calibrate::{Activations, Calibrated, MatrixReport};
+use passes::RegisteredPass;
 use tracing::info;
 
 use crate::CliError;
@@ -52,6 +53,9 @@ pub(crate) struct QuantArgs {
 /// What quantization did, for the compile report.
 pub(crate) struct Plan<'a> {
     pub layout: Option<ir::Layout>,
+    /// The `format` and `sparsity` options of the quantize entry (the flags' values as given).
+    pub format: Option<String>,
+    pub sparsity: Option<String>,
     pub tensors: u64,
     pub params: u64,
     pub source: Option<Calibrated<'a>>,
@@ -61,23 +65,49 @@ pub(crate) struct Plan<'a> {
 
 const WINDOW: usize = 128;
 
-/// Validates the flags and runs the quantize pass on `m.graph` (layouts only).
-pub(crate) fn set_layouts(q: &QuantArgs, m: &mut frontend::Model, out: &mut dyn Write) -> Result<Option<(ir::Layout, u64, u64)>, CliError> {
-    let quant = q.quant.as_deref().map(passes::Quantize::parse_spec).transpose()?;
-    let wanda = q.sparsity.as_deref().map(passes::Quantize::parse_sparsity).transpose()?;
-    let layout = passes::Quantize::combine(quant, wanda.is_some())?;
-    if layout.is_none() {
-        for (set, flag) in [(!q.keep_fp.is_empty(), "--keep-fp"), (q.calib.is_some(), "--calib"), (q.report, "--report")] {
+/// The pipeline's `quantize` entry after the run: its configuration and entry, and what it did.
+pub(crate) struct Chosen {
+    pub quantize: passes::Quantize,
+    pub spec: passes::PassSpec,
+    pub tensors: u64,
+    pub params: u64,
+}
+
+/// Appends the `quantize` entry `--quant`/`--sparsity`/`--keep-fp` spell to `pipeline` (an error
+/// when `--passes` names one too) and checks the flags that go with quantization. Returns the
+/// configuration of the pipeline's `quantize` entry, if it has one.
+pub(crate) fn add_to_pipeline(
+    q: &QuantArgs,
+    pipeline: &mut passes::Pipeline,
+    ctx: &passes::PassContext,
+) -> Result<Option<passes::Quantize>, CliError> {
+    let from_flags = passes::Quantize::spec_from_flags(q.quant.as_deref(), q.sparsity.as_deref(), &q.keep_fp)?;
+    let named = pipeline.iter().filter(|p| p.name == passes::Quantize::NAME).count();
+    if named > 1 {
+        return Err(CliError::Usage(format!("--passes `{pipeline}` quantizes {named} times; give one quantize entry")));
+    }
+    if let Some(spec) = from_flags {
+        if named > 0 {
+            return Err(CliError::Usage(format!(
+                "--quant/--sparsity/--keep-fp append `{spec}` to the pipeline, and --passes already has a quantize entry: \
+                 give the quantization options in one place"
+            )));
+        }
+        pipeline.push(spec);
+    }
+    let Some(spec) = pipeline.iter().find(|p| p.name == passes::Quantize::NAME) else {
+        for (set, flag) in [(q.calib.is_some(), "--calib"), (q.report, "--report")] {
             if set {
                 return Err(CliError::Usage(format!("{flag} needs --quant or --sparsity")));
             }
         }
         return Ok(None);
-    }
+    };
+    let quantize = passes::Quantize::from_spec(spec, ctx)?;
     if !(0.0..=1.0).contains(&q.smooth_alpha) {
         return Err(CliError::Usage(format!("--smooth-alpha {}: must be within 0..=1", q.smooth_alpha)));
     }
-    if wanda == Some(true) && q.calib.is_none() {
+    if quantize.wanda && q.calib.is_none() {
         return Err(CliError::Usage("--sparsity 2:4:wanda needs --calib FILE (Wanda weighs |w| by activation norms)".into()));
     }
     if let Some(p) = &q.calib {
@@ -88,26 +118,42 @@ pub(crate) fn set_layouts(q: &QuantArgs, m: &mut frontend::Model, out: &mut dyn 
             return Err(CliError::Usage(format!("--calib-tokens {} is below one window of {WINDOW}", q.calib_tokens)));
         }
     }
-    let Some(layout) = layout else { return Ok(None) };
-    let pass = passes::Quantize { layout, keep_fp: q.keep_fp.clone() };
-    let stats = passes::PassManager::from_passes(vec![Box::new(pass)]).run(&mut m.graph, out)?;
-    let (t, p) = stats.first().map_or((0, 0), |(_, st, _)| (st.get("quantized"), st.get("quantized-params")));
-    Ok(Some((layout, t, p)))
+    Ok(Some(quantize))
+}
+
+/// The pipeline's `quantize` entry (as [`add_to_pipeline`] returned it) with the counts its run
+/// reported; `stats` is the run's, entry by entry.
+pub(crate) fn chosen(
+    quantize: Option<passes::Quantize>,
+    pipeline: &passes::Pipeline,
+    stats: &[(String, passes::PassStats, std::time::Duration)],
+) -> Option<Chosen> {
+    let quantize = quantize?;
+    let at = pipeline.iter().position(|p| p.name == passes::Quantize::NAME)?;
+    let st = &stats.get(at)?.1;
+    Some(Chosen { quantize, spec: pipeline[at].clone(), tensors: st.get("quantized"), params: st.get("quantized-params") })
 }
 
 /// Captures calibration activations and builds the calibrated weight source when `--calib`.
-pub(crate) fn calibrate<'a>(
-    q: &QuantArgs,
-    m: &'a frontend::Model,
-    set: Option<(ir::Layout, u64, u64)>,
-) -> Result<Plan<'a>, CliError> {
-    let Some((layout, tensors, params)) = set else {
-        return Ok(Plan { layout: None, tensors: 0, params: 0, source: None, acts: None, method: "none" });
+pub(crate) fn calibrate<'a>(q: &QuantArgs, m: &'a frontend::Model, set: Option<Chosen>) -> Result<Plan<'a>, CliError> {
+    let Some(Chosen { quantize, spec, tensors, params }) = set else {
+        return Ok(Plan {
+            layout: None,
+            format: None,
+            sparsity: None,
+            tensors: 0,
+            params: 0,
+            source: None,
+            acts: None,
+            method: "none",
+        });
     };
-    let wanda = q.sparsity.as_deref().map(passes::Quantize::parse_sparsity).transpose()?.unwrap_or(false);
+    let (layout, wanda) = (quantize.layout, quantize.wanda);
     let sparse = matches!(layout, ir::Layout::Sparse24 { .. });
     let mut plan = Plan {
         layout: Some(layout),
+        format: spec.option("format").map(String::from),
+        sparsity: spec.option("sparsity").map(String::from),
         tensors,
         params,
         source: None,

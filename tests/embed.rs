@@ -90,10 +90,7 @@ fn bert_tiny_matches_transformers() {
 
     // The reference interpreter on the optimized IR agrees as well.
     let mut m = llmc_frontend::load(&dir, &llmc_frontend::Options::default()).unwrap();
-    let pm = llmc_passes::PassManager::new(
-        &llmc_passes::default_pipeline().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    )
-    .unwrap();
+    let pm = llmc_passes::PassManager::new(&llmc_passes::default_pipeline(), &llmc_passes::PassContext::default()).unwrap();
     pm.run(&mut m.graph, &mut std::io::sink()).unwrap();
     let ids: Vec<i32> = prompt.iter().map(|&i| i as i32).collect();
     let out = llmc_ir::Interpreter::new(&m.checkpoint).run(&m.graph, &ids).unwrap();
