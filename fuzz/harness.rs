@@ -132,6 +132,10 @@ pub fn artifact(data: &[u8]) {
         }
     }
     assert!(h.steps.iter().all(|s| (s.kernel as usize) < h.kernels.len()));
+    for e in &h.entries {
+        assert!(e.steps.iter().all(|r| r.start <= r.end && r.end as usize <= h.steps.len()), "entry `{}` out of bounds", e.name);
+        assert!((e.input as usize) < h.buffers.len() && (e.output as usize) < h.buffers.len(), "entry `{}` buffers", e.name);
+    }
 }
 
 /// `bytes` with the preamble's header checksum, and the header's code and data checksums,

@@ -530,6 +530,9 @@ fn hostile_artifact_headers_are_refused_before_allocating() {
     case("kernel.llmc", &|h| h["kernels"][0]["offset"] = serde_json::json!(u64::MAX), &["outside the code section"]);
     case("code.llmc", &|h| h["code_len"] = serde_json::json!(u64::MAX), &["code section", "outside the file"]);
     case("chunk.llmc", &|h| h["max_chunk"] = serde_json::json!(0), &["max_chunk"]);
+    case("entry.llmc", &|h| h["entries"][0]["steps"][0]["end"] = serde_json::json!(1_000_000), &["entry point `forward`", "step range"]);
+    case("entry-input.llmc", &|h| h["entries"][0]["input"] = serde_json::json!(1_000_000), &["entry point `forward`", "input buffer"]);
+    case("layout.llmc", &|h| h["states"][0]["layout"] = serde_json::json!("paged"), &["unknown KV-cache layout `paged`"]);
     case("notjson.llmc", &|h| *h = serde_json::json!({"target": 7}), &["header:"]);
     case("target.llmc", &|h| h["target"] = serde_json::json!("riscv64-cpu"), &["riscv64-cpu", "cannot run"]);
 }

@@ -119,11 +119,76 @@ pub enum BufferDecl {
     Microkernels { abi: u32 },
 }
 
-/// A persistent state tensor (a KV cache), zeroed when a session starts.
+/// A persistent state tensor (a KV cache), zeroed when a cache is made. Every sequence has its
+/// own copy of every state (`llmc_runtime::step::KvCache`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StateEntry {
     pub name: String,
     pub bytes: u64,
+    /// How the state's rows are stored (the IR's `KvLayout`); absent in artifacts written
+    /// before Redesign I, whose states are all contiguous.
+    #[serde(default)]
+    pub layout: StateLayout,
+}
+
+/// The layout of a KV-cache state in the artifact (the IR's `KvLayout`, which lists the
+/// layouts to come). A layout this runtime does not know is refused when the header is read,
+/// with an error naming it; it is never run as if it were contiguous.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
+pub enum StateLayout {
+    /// `bytes` of rows, row `t` holding token `t`: one plain buffer, bound whole to the kernels.
+    #[default]
+    Contiguous,
+}
+
+impl StateLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            StateLayout::Contiguous => "contiguous",
+        }
+    }
+}
+
+impl TryFrom<String> for StateLayout {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<StateLayout, String> {
+        match name.as_str() {
+            "contiguous" => Ok(StateLayout::Contiguous),
+            _ => Err(format!("unknown KV-cache layout `{name}` (this runtime runs: contiguous)")),
+        }
+    }
+}
+
+impl From<StateLayout> for String {
+    fn from(l: StateLayout) -> String {
+        l.name().to_string()
+    }
+}
+
+/// The entry point every artifact has: one forward step of the model, token ids in, logits out.
+pub const FORWARD_ENTRY: &str = "forward";
+
+/// A named way into the artifact: the steps to run for a batch of token ids and the buffers the
+/// ids go into and the logits come out of. Entry points share the weights, the activation arena
+/// and the states: a second entry (a self-speculative draft running the first layers and a head)
+/// reads and writes the same KV caches as `forward`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EntryPoint {
+    pub name: String,
+    /// Ranges of the header's step list, run in order (`forward`: one range, all steps).
+    pub steps: Vec<std::ops::Range<u32>>,
+    /// Buffer of the token ids, `i32[S]` (an arena buffer of at least `max_chunk` ids).
+    pub input: u32,
+    /// Buffer of the logits, `f32[S, vocab_size]` (an arena buffer of at least `max_chunk` rows).
+    pub output: u32,
+}
+
+impl EntryPoint {
+    /// Indices into the header's step list, in run order.
+    pub fn step_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.steps.iter().flat_map(|r| r.start as usize..r.end as usize)
+    }
 }
 
 /// One kernel launch: `args` are buffer indices in the kernel ABI's order.
@@ -158,9 +223,10 @@ pub struct Header {
     pub buffers: Vec<BufferDecl>,
     pub states: Vec<StateEntry>,
     pub steps: Vec<Step>,
-    /// Buffer of the token ids (i32[S]) and of the logits (f32[S, vocab]).
-    pub input: u32,
-    pub output: u32,
+    /// The entry points (at least [`FORWARD_ENTRY`]); artifacts written before Redesign I have
+    /// top-level `input`/`output` buffers instead, read as one `forward` entry over every step.
+    #[serde(default)]
+    pub entries: Vec<EntryPoint>,
     pub arena_bytes: u64,
     /// Non-tensor bytes carried in the data section and covered by its checksum (for example
     /// `tokenizer.json`); absent in artifacts that carry none.
@@ -175,6 +241,36 @@ pub struct BlobEntry {
     pub offset: u64,
     pub bytes: u64,
 }
+
+impl Header {
+    /// The entry point called `name`.
+    pub fn entry(&self, name: &str) -> Option<&EntryPoint> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+}
+
+/// The `input`/`output` fields of a header written before entry points.
+#[derive(Deserialize)]
+struct LegacyIo {
+    input: Option<u32>,
+    output: Option<u32>,
+}
+
+/// Gives a header written before entry points (no `entries`) its one `forward` entry: every step,
+/// the top-level `input` and `output` buffers. Headers with entries are returned unchanged.
+fn upgrade_legacy(mut h: Header, json: &[u8]) -> std::result::Result<Header, String> {
+    if !h.entries.is_empty() {
+        return Ok(h);
+    }
+    let io: LegacyIo = serde_json::from_slice(json).map_err(|e| format!("header: {e}"))?;
+    let (Some(input), Some(output)) = (io.input, io.output) else {
+        return Err("header has no entry points".into());
+    };
+    let steps = u32::try_from(h.steps.len()).map_err(|_| "header has more than 2^32 steps".to_string())?;
+    h.entries.push(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..steps], input, output });
+    Ok(h)
+}
+
 
 /// A section checksum as the header spells it: 16 lowercase hex digits.
 pub fn checksum_hex(h: u64) -> String {
@@ -264,6 +360,7 @@ pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
         return Err(AbiError::Checksum { path: pb, section: "header" });
     }
     let header: Header = serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("header: {e}")))?;
+    let header = upgrade_legacy(header, hbytes).map_err(corrupt)?;
     let section = |off: u64, len: u64, what: &str| -> Result<&[u8]> {
         match off.checked_add(len) {
             Some(end) if off >= hend as u64 && end <= bytes.len() as u64 => Ok(&bytes[off as usize..end as usize]),
@@ -353,15 +450,32 @@ pub fn validate(h: &Header) -> std::result::Result<(), String> {
             return Err(format!("step {i} names a kernel or buffer that does not exist"));
         }
     }
-    for (what, b) in [("input", h.input), ("output", h.output)] {
-        match h.buffers.get(b as usize) {
-            Some(BufferDecl::Arena { bytes, .. }) => {
-                let per_token = if what == "input" { 4 } else { 4 * h.vocab_size };
-                if *bytes < per_token.saturating_mul(h.max_chunk) {
-                    return Err(format!("{what} buffer is smaller than {} tokens", h.max_chunk));
-                }
+    if h.entry(FORWARD_ENTRY).is_none() {
+        return Err(format!("no `{FORWARD_ENTRY}` entry point"));
+    }
+    for (i, e) in h.entries.iter().enumerate() {
+        let name = &e.name;
+        if name.is_empty() || h.entries[..i].iter().any(|o| &o.name == name) {
+            return Err(format!("entry point {i} (`{name}`) has an empty or repeated name"));
+        }
+        for r in &e.steps {
+            if r.start > r.end || r.end as usize > h.steps.len() {
+                return Err(format!("entry point `{name}`: step range {}..{} lies outside the {} steps", r.start, r.end, h.steps.len()));
             }
-            _ => return Err(format!("{what} buffer must be an arena buffer")),
+        }
+        if e.steps.iter().all(|r| r.start == r.end) {
+            return Err(format!("entry point `{name}` runs no steps"));
+        }
+        for (what, b) in [("input", e.input), ("output", e.output)] {
+            match h.buffers.get(b as usize) {
+                Some(BufferDecl::Arena { bytes, .. }) => {
+                    let per_token = if what == "input" { 4 } else { 4 * h.vocab_size };
+                    if *bytes < per_token.saturating_mul(h.max_chunk) {
+                        return Err(format!("entry point `{name}`: {what} buffer {b} is smaller than {} tokens", h.max_chunk));
+                    }
+                }
+                _ => return Err(format!("entry point `{name}`: {what} buffer {b} must be an arena buffer")),
+            }
         }
     }
     if h.max_chunk == 0 || h.max_context == 0 || h.vocab_size == 0 || h.max_chunk > h.max_context {
@@ -391,4 +505,170 @@ pub fn validate(h: &Header) -> std::result::Result<(), String> {
 /// `x` rounded up to a multiple of `a` (`a > 0`).
 pub fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A consistent CUDA-target header (verifiable on any host): two kernels' worth of steps,
+    /// an arena with the token ids and logits, one state, a `forward` entry over both steps.
+    fn header() -> Header {
+        let launch = Launch { block: 32, per_item: 1, coef: 1, s_pow: 1, p_pow: 0, t_pow: 0 };
+        let kernel = |name: &str| KernelEntry {
+            name: name.into(),
+            offset: 0,
+            len: 8,
+            launch: Some(launch),
+            variants: vec![CodeVariant { arch: "sm_80".into(), offset: 0, len: 8 }],
+        };
+        Header {
+            target: TARGET_CUDA.into(),
+            cpu_features: vec![],
+            meta: Default::default(),
+            vocab_size: 4,
+            max_context: 8,
+            max_chunk: 2,
+            code_offset: 0,
+            code_len: 8,
+            data_offset: 0,
+            data_len: 0,
+            code_checksum: String::new(),
+            data_checksum: String::new(),
+            kernels: vec![kernel("a"), kernel("b")],
+            buffers: vec![
+                BufferDecl::Arena { offset: 0, bytes: 64 },
+                BufferDecl::Arena { offset: 64, bytes: 64 },
+                BufferDecl::State { index: 0 },
+            ],
+            states: vec![StateEntry { name: "cache.0.k".into(), bytes: 256, layout: StateLayout::Contiguous }],
+            steps: vec![Step { kernel: 0, args: vec![0, 2], label: String::new() }, Step { kernel: 1, args: vec![2, 1], label: String::new() }],
+            entries: vec![EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..2], input: 0, output: 1 }],
+            arena_bytes: 128,
+            blobs: vec![],
+        }
+    }
+
+    /// `validate`'s message for `h`, which must be refused.
+    fn refused(h: &Header) -> String {
+        validate(h).expect_err("a corrupt header passed validation")
+    }
+
+    #[test]
+    fn entry_points_are_validated() {
+        validate(&header()).unwrap();
+        let edit = |f: &dyn Fn(&mut Header)| {
+            let mut h = header();
+            f(&mut h);
+            refused(&h)
+        };
+        let e = edit(&|h| h.entries[0].steps = vec![0..3]);
+        assert!(e.contains("entry point `forward`") && e.contains("step range 0..3") && e.contains("2 steps"), "{e}");
+        #[allow(clippy::reversed_empty_ranges)]
+        let e = edit(&|h| h.entries[0].steps = vec![2..1]);
+        assert!(e.contains("step range 2..1"), "{e}");
+        let e = edit(&|h| h.entries[0].steps = vec![1..1]);
+        assert!(e.contains("`forward` runs no steps"), "{e}");
+        let e = edit(&|h| h.entries[0].input = 9);
+        assert!(e.contains("entry point `forward`: input buffer 9 must be an arena buffer"), "{e}");
+        let e = edit(&|h| h.entries[0].output = 2);
+        assert!(e.contains("output buffer 2 must be an arena buffer"), "{e}");
+        let e = edit(&|h| h.buffers[1] = BufferDecl::Arena { offset: 64, bytes: 16 });
+        assert!(e.contains("output buffer 1 is smaller than 2 tokens"), "{e}");
+        let e = edit(&|h| h.entries[0].name = "draft".into());
+        assert!(e.contains("no `forward` entry point"), "{e}");
+        let e = edit(&|h| h.entries.clear());
+        assert!(e.contains("no `forward` entry point"), "{e}");
+        // A second entry is checked like the first.
+        let second = |steps: Vec<std::ops::Range<u32>>, name: &str| EntryPoint { name: name.into(), steps, input: 0, output: 1 };
+        let mut h = header();
+        h.entries.push(second(vec![0..1, 1..2], "draft"));
+        validate(&h).unwrap();
+        let e = edit(&|h| h.entries.push(second(vec![0..1, 1..5], "draft")));
+        assert!(e.contains("entry point `draft`: step range 1..5"), "{e}");
+        let e = edit(&|h| h.entries.push(second(vec![0..1], "forward")));
+        assert!(e.contains("entry point 1 (`forward`) has an empty or repeated name"), "{e}");
+    }
+
+    #[cfg(feature = "writer")]
+    /// Writes `h` (with 8 bytes of code) and returns the artifact's bytes.
+    fn write(h: &Header, name: &str) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("llmc-artifact-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let w = ArtifactWriter::create(&path, header_size_bound(h) + 4096, &[0u8; 8]).unwrap();
+        w.finish(h.clone()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        bytes
+    }
+
+    #[cfg(feature = "writer")]
+    /// `bytes` with its header JSON replaced by `json` (checksum recomputed).
+    fn with_header_json(bytes: &[u8], json: &serde_json::Value) -> Vec<u8> {
+        let code = serde_json::from_slice::<Header>(&bytes[PREAMBLE..PREAMBLE + u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize])
+            .unwrap()
+            .code_offset as usize;
+        let j = serde_json::to_vec(json).unwrap();
+        let mut b = bytes.to_vec();
+        b[16..24].copy_from_slice(&(j.len() as u64).to_le_bytes());
+        b[24..32].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&j).to_le_bytes());
+        b[PREAMBLE..PREAMBLE + j.len()].copy_from_slice(&j);
+        b[PREAMBLE + j.len()..code].fill(b' ');
+        b
+    }
+
+    #[cfg(feature = "writer")]
+    fn header_json(bytes: &[u8]) -> serde_json::Value {
+        let n = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+        serde_json::from_slice(&bytes[PREAMBLE..PREAMBLE + n]).unwrap()
+    }
+
+    #[cfg(feature = "writer")]
+    #[test]
+    fn a_bad_entry_is_a_corrupt_artifact() {
+        let mut h = header();
+        h.entries[0].steps = vec![0..7];
+        let bytes = write(&h, "bad-entry.llmc");
+        match verify_bytes(Path::new("bad-entry.llmc"), &bytes) {
+            Err(e @ AbiError::Corrupt { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("bad-entry.llmc: corrupt artifact: entry point `forward`: step range 0..7"), "{m}");
+            }
+            other => panic!("expected a corrupt-artifact error, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "writer")]
+    #[test]
+    fn entries_and_state_layouts_round_trip_and_old_headers_still_read() {
+        let h = header();
+        let bytes = write(&h, "ok.llmc");
+        let back = verify_bytes(Path::new("ok.llmc"), &bytes).unwrap();
+        assert_eq!(back.entries, h.entries);
+        assert_eq!(back.states, h.states);
+        let json = header_json(&bytes);
+        assert_eq!(json["states"][0]["layout"], "contiguous");
+        assert_eq!(json["entries"][0]["steps"], serde_json::json!([{"start": 0, "end": 2}]));
+
+        // A header from before entry points and state layouts: top-level input/output.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("entries");
+        old["states"][0].as_object_mut().unwrap().remove("layout");
+        old["input"] = serde_json::json!(0);
+        old["output"] = serde_json::json!(1);
+        let read = verify_bytes(Path::new("old.llmc"), &with_header_json(&bytes, &old)).unwrap();
+        assert_eq!(read.entries, h.entries, "one `forward` entry over every step");
+        assert_eq!(read.states[0].layout, StateLayout::Contiguous);
+        // Neither entries nor input/output: refused.
+        old.as_object_mut().unwrap().remove("input");
+        let e = verify_bytes(Path::new("old.llmc"), &with_header_json(&bytes, &old)).unwrap_err().to_string();
+        assert!(e.contains("corrupt artifact: header has no entry points"), "{e}");
+
+        // A layout this runtime does not know is refused by name, never run as contiguous.
+        let mut paged = json.clone();
+        paged["states"][0]["layout"] = serde_json::json!("paged");
+        let e = verify_bytes(Path::new("paged.llmc"), &with_header_json(&bytes, &paged)).unwrap_err().to_string();
+        assert!(e.contains("corrupt artifact") && e.contains("unknown KV-cache layout `paged`"), "{e}");
+    }
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use ir::{Graph, Op, WeightSource};
-use abi::artifact::{ArtifactWriter, BlobEntry, BufferDecl, Header, KernelEntry, StateEntry, Step, TARGET_X86_64};
+use abi::artifact::{
+    ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, StateEntry, StateLayout, Step, FORWARD_ENTRY, TARGET_X86_64,
+};
 
 use crate::cpu::{compile_kernel, host_isa, KernelCode, KernelCtx};
 use crate::error::{CodegenError, Result};
@@ -69,9 +71,22 @@ pub(crate) struct GraphIo {
     pub vocab: usize,
 }
 
-/// The artifact's KV-cache states: one f32 tensor per graph state.
-pub(crate) fn state_entries(g: &Graph) -> Vec<StateEntry> {
-    g.states.iter().map(|s| StateEntry { name: s.name.clone(), bytes: (s.ty.static_numel().unwrap_or(0) * 4) as u64 }).collect()
+/// The artifact's KV-cache states: one f32 tensor per graph state, with its layout.
+pub(crate) fn state_entries(g: &Graph) -> Result<Vec<StateEntry>> {
+    g.states
+        .iter()
+        .map(|s| {
+            crate::plan::require_contiguous_kv(s, "the artifact's state table")?;
+            let bytes = (s.ty.static_numel().unwrap_or(0) * 4) as u64;
+            Ok(StateEntry { name: s.name.clone(), bytes, layout: StateLayout::Contiguous })
+        })
+        .collect()
+}
+
+/// The artifact's one entry point, `forward`: every step, the token ids in, the logits out.
+pub(crate) fn forward_entry(steps: usize, input: u32, output: u32) -> Result<EntryPoint> {
+    let n = u32::try_from(steps).map_err(|_| CodegenError::Target(format!("{steps} steps do not fit the artifact's step indices")))?;
+    Ok(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..n], input, output })
 }
 
 /// Verifies `g` and reads its [`GraphIo`].
@@ -206,7 +221,8 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             Place::Microkernels => BufferDecl::Microkernels { abi: abi::ukernel::ABI_VERSION },
         })
         .collect();
-    let states = state_entries(g);
+    let states = state_entries(g)?;
+    let entries = vec![forward_entry(steps.len(), input_buf, output_buf)?];
     let mut header = Header {
         target: TARGET_X86_64.into(),
         cpu_features: features,
@@ -224,8 +240,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         buffers: buffers.clone(),
         states,
         steps,
-        input: input_buf,
-        output: output_buf,
+        entries,
         arena_bytes: mp.arena_bytes,
         blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };

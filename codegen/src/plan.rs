@@ -1,7 +1,8 @@
 //! The compile-time memory plan: where every value of a graph lives while the model runs.
 //!
 //! Weights and constants live in the artifact's data section, KV-cache outputs in their state
-//! tensors, reshapes alias their operand, and every other value gets a slot in one activation arena.
+//! tensors (one buffer per contiguous state; other layouts are refused, naming the state),
+//! reshapes alias their operand, and every other value gets a slot in one activation arena.
 //! A `concat` whose operands are all data (weights, constants, reshapes of them, or such concats:
 //! the optimizer's merged Q/K/V and gate/up weights) is itself data, computed at compile time
 //! ([`Place::WeightConcat`]); it gets no kernel, and its parts are written to the artifact only if
@@ -12,9 +13,31 @@
 
 use std::collections::HashMap;
 
-use ir::{Bindings, Graph, NodeId, Op};
+use ir::{Bindings, Graph, KvLayout, NodeId, Op, StateDecl, StateKind};
 
 use crate::error::{CodegenError, Result};
+
+/// Checks that `reader` (the memory plan, a kernel, the artifact writer) can address state
+/// `decl`: a contiguous KV cache, the only kind any of them reads today. Any other kind or
+/// layout is an error naming the state; nothing is ever read as contiguous by default.
+pub(crate) fn require_contiguous_kv(decl: &StateDecl, reader: &str) -> Result<()> {
+    match decl.kind {
+        StateKind::Kv { layout: KvLayout::Contiguous } => Ok(()),
+        other => Err(CodegenError::Unsupported {
+            node: format!("state @{}", decl.name),
+            msg: format!("{reader} cannot address a `{other}` state"),
+        }),
+    }
+}
+
+/// Checks the state that value `n` holds rows of, if any (see [`Graph::kv_state_of`]), with
+/// [`require_contiguous_kv`].
+pub(crate) fn require_contiguous_kv_of(g: &Graph, n: NodeId, reader: &str) -> Result<()> {
+    match g.kv_state_of(n) {
+        Some(decl) => require_contiguous_kv(decl, reader),
+        None => Ok(()),
+    }
+}
 
 /// Where a value lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +184,8 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize, panels: bool) -> Re
                     .iter()
                     .position(|s| &s.name == state)
                     .ok_or_else(|| CodegenError::Target(format!("kv_concat names undeclared state @{state}")))?;
+                // A contiguous cache is one buffer of `C` rows: the state place itself.
+                require_contiguous_kv(&g.states[index], "the memory plan")?;
                 *state_buf.entry(state.clone()).or_insert_with(|| {
                     places.push(Place::State { index });
                     places.len() - 1

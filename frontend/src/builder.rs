@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use llmc_ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, StateDecl, TensorType, UnaryOp};
+use llmc_ir::{BinaryOp, DType, Dim, Graph, KvLayout, NodeId, Op, ReduceOp, StateDecl, StateKind, TensorType, UnaryOp};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{mul, token_ids};
@@ -176,8 +176,10 @@ impl<'c> Builder<'c> {
         mul("context x kv_heads x head_dim", mul("context x kv_heads", context, kv_heads)?, hd)?;
         let state_ty = TensorType::f32(dims(&[context, kv_heads, hd]));
         let (sk, sv) = (format!("cache.{layer}.k"), format!("cache.{layer}.v"));
-        self.g.states.push(StateDecl { name: sk.clone(), ty: state_ty.clone() });
-        self.g.states.push(StateDecl { name: sv.clone(), ty: state_ty });
+        // One contiguous buffer of `context` rows per cache (see `KvLayout` for the layouts to come).
+        let kind = StateKind::Kv { layout: KvLayout::Contiguous };
+        self.g.states.push(StateDecl::new(sk.clone(), state_ty.clone(), kind));
+        self.g.states.push(StateDecl::new(sv.clone(), state_ty, kind));
         let kall = self.op(Op::KvConcat { state: sk }, &[k])?; // [T,nkv,hd]
         let vall = self.op(Op::KvConcat { state: sv }, &[v])?;
         let q = self.reshape(q, vec![Dim::S, Dim::N(kv_heads), Dim::N(group), Dim::N(hd)])?;

@@ -21,11 +21,92 @@ pub struct Node {
     pub ty: TensorType,
 }
 
-/// Explicit persistent state (a KV cache tensor), written by `kv_concat`.
+/// Explicit persistent state, kept between steps: today a KV-cache tensor, written by
+/// `kv_concat`. Printed `state @cache.0.k : kv<contiguous> f32[512,2,32]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateDecl {
     pub name: String,
+    /// The logical tensor: for a KV cache `f32[C, ..]`, row `t` holding token `t`'s keys or
+    /// values, `C` the context capacity. Where the rows live is the kind's layout.
     pub ty: TensorType,
+    pub kind: StateKind,
+}
+
+impl StateDecl {
+    pub fn new(name: impl Into<String>, ty: TensorType, kind: StateKind) -> StateDecl {
+        StateDecl { name: name.into(), ty, kind }
+    }
+}
+
+/// What a state is, and how it is stored. Every reader of a state (verifier, interpreter, memory
+/// plan, the kernels of `kv_concat` and `attention`, the artifact's state table) matches on it;
+/// a reader that meets a kind or layout it cannot address refuses it with an error naming the
+/// state (outside this crate the enums are `#[non_exhaustive]`, so every match has that arm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StateKind {
+    /// A KV cache: one per layer for the keys and one for the values, appended to by one
+    /// `kv_concat` per step and read by `attention`.
+    Kv { layout: KvLayout },
+}
+
+impl StateKind {
+    /// The contiguous KV cache, the only kind before Redesign I (and the default of text that
+    /// names no kind).
+    pub const CONTIGUOUS_KV: StateKind = StateKind::Kv { layout: KvLayout::Contiguous };
+}
+
+impl std::fmt::Display for StateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateKind::Kv { layout } => write!(f, "kv<{}>", layout.name()),
+        }
+    }
+}
+
+/// Where a KV cache's rows live. The state's type is the logical `f32[C, ..]` whatever the
+/// layout; the layout tells `kv_concat` where to write token `t`'s row and `attention` where to
+/// read it.
+///
+/// Only [`KvLayout::Contiguous`] exists. Planned layouts (each becomes a variant when it is
+/// implemented end to end: verifier, interpreter, memory plan, the `kv_concat` and `attention`
+/// kernels of every backend, the artifact's state table and the runtime's cache handle; not
+/// before, so no reader can silently treat it as contiguous):
+/// - paged blocks: rows in fixed-size blocks of a pool shared by many sequences, found through
+///   a per-sequence block table (serving: a ragged batch over one KV pool);
+/// - int8: rows stored as int8 codes with an f32 scale per row and KV head (long context);
+/// - latent: one compressed latent vector per token that attention expands to keys and values
+///   (multi-head latent attention architectures);
+/// - sliding-window ring: `W` rows reused modulo the window (layers with a local window: the
+///   cache holds `W` rows, not `C`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KvLayout {
+    /// Row `t` at offset `t * row` of one buffer of `C` rows (`row` = the product of the
+    /// state's other dimensions); `kv_concat` writes rows `P..P+S`, `attention` reads `0..T`.
+    Contiguous,
+}
+
+impl KvLayout {
+    /// Every layout, for parsers and error messages.
+    pub const ALL: &'static [KvLayout] = &[KvLayout::Contiguous];
+
+    /// The spelling inside `kv<..>` (and in the artifact's state table).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvLayout::Contiguous => "contiguous",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<KvLayout> {
+        Self::ALL.iter().copied().find(|l| l.name() == name)
+    }
+}
+
+impl std::fmt::Display for KvLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A forward step of a model. Cloning is cheap relative to a model (no weight data is held).
@@ -148,6 +229,19 @@ impl Graph {
     /// The declared state named `name`.
     pub fn state(&self, name: &str) -> Option<&StateDecl> {
         self.states.iter().find(|s| s.name == name)
+    }
+
+    /// The state whose rows value `n` is: the state of a `kv_concat` result, or of a reshape of
+    /// one; `None` for any other value (an encoder attending to the keys of this step).
+    pub fn kv_state_of(&self, n: NodeId) -> Option<&StateDecl> {
+        let mut n = n;
+        loop {
+            match self.op(n) {
+                Op::KvConcat { state } => return self.state(state),
+                Op::Reshape => n = *self.inputs(n).first()?,
+                _ => return None,
+            }
+        }
     }
 
     /// A canonical, index-independent form: nodes in topological order with operands as positions

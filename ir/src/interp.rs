@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::error::{IrError, Result};
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, KvLayout, NodeId, StateKind};
 use crate::op::{Op, ReduceOp};
 use crate::types::{Bindings, Layout, TensorType};
 
@@ -502,14 +502,20 @@ impl<'w> Interpreter<'w> {
                 Tensor::new(out_shape, out)
             }
             Op::KvConcat { state } => {
+                let decl = g.state(state).ok_or_else(|| IrError::Interp(format!("state @{state} is not declared")))?;
                 let x = &ins[0];
                 let row: usize = x.shape[1..].iter().product();
                 let st = self
                     .state
                     .get_mut(state)
                     .ok_or_else(|| IrError::Interp(format!("state @{state} is not declared")))?;
-                st[b.p * row..(b.p + b.s) * row].copy_from_slice(&x.data);
-                Tensor::new(out_shape, st[..(b.p + b.s) * row].to_vec())
+                match decl.kind {
+                    // Rows `P..P+S` written, rows `0..T` read, in place.
+                    StateKind::Kv { layout: KvLayout::Contiguous } => {
+                        st[b.p * row..(b.p + b.s) * row].copy_from_slice(&x.data);
+                        Tensor::new(out_shape, st[..(b.p + b.s) * row].to_vec())
+                    }
+                }
             }
         })
     }

@@ -16,7 +16,7 @@ pub mod types;
 pub mod verify;
 
 pub use error::{IrError, Result};
-pub use graph::{Graph, Node, NodeId, StateDecl};
+pub use graph::{Graph, KvLayout, Node, NodeId, StateDecl, StateKind};
 pub use interp::{Interpreter, Prefetch, Tensor, WeightSource};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use parse::parse;
@@ -33,7 +33,7 @@ mod tests {
         use Dim::*;
         let mut g = Graph::new("every-op_1.0");
         g.meta.insert("note".into(), "quotes \" and \\ and\nnewline".into());
-        g.states.push(StateDecl { name: "cache.0.k".into(), ty: TensorType::f32(vec![N(16), N(2), N(4)]) });
+        g.states.push(StateDecl::new("cache.0.k", TensorType::f32(vec![N(16), N(2), N(4)]), StateKind::CONTIGUOUS_KV));
         let f = |shape: Vec<Dim>| TensorType::f32(shape);
         let ids = g.add(Op::Input { name: "ids".into() }, &[], Some(TensorType::new(DType::I32, vec![S]))).unwrap();
         let pos = g.add(Op::Positions, &[], None).unwrap();
@@ -132,6 +132,36 @@ mod tests {
         let bad = text.replace("weight {name = \"w\"}", "weight {name = \"w\", layout = int8}");
         assert_ne!(bad, text);
         assert!(matches!(parse(&bad).and_then(|g| verify(&g).map(|_| g)), Err(IrError::Verify { .. })), "1-D layout accepted");
+    }
+
+    #[test]
+    fn state_kinds_print_parse_and_default_to_contiguous() {
+        let g = every_op();
+        let text = print(&g);
+        assert!(text.contains("  state @cache.0.k : kv<contiguous> f32[16,2,4]\n"), "{text}");
+        // Text written before states had kinds reads as a contiguous KV cache.
+        let old = parse(&text.replace("kv<contiguous> ", "")).unwrap();
+        assert_eq!(old.states, g.states);
+        assert!(old == g);
+        assert_eq!(old.states[0].kind, StateKind::Kv { layout: KvLayout::Contiguous });
+        match parse(&text.replace("kv<contiguous>", "kv<paged>")) {
+            Err(IrError::Parse { msg, .. }) => assert!(msg.contains("unknown KV-cache layout `paged`") && msg.contains("contiguous"), "{msg}"),
+            other => panic!("an unknown layout parsed: {other:?}"),
+        }
+        for bad in ["kv<contiguous f32", "kv contiguous> f32", "kv<> f32", "ring<contiguous> f32"] {
+            assert!(parse(&text.replace("kv<contiguous> f32", bad)).is_err(), "`{bad}` parsed");
+        }
+    }
+
+    #[test]
+    fn kv_state_of_follows_reshapes_to_the_state() {
+        let mut g = every_op();
+        let k = g.g.node_indices().find(|&n| matches!(g.op(n), Op::KvConcat { .. })).unwrap();
+        let r = g.add(Op::Reshape, &[k], Some(TensorType::f32(vec![Dim::T, Dim::N(8)]))).unwrap();
+        assert_eq!(g.kv_state_of(k).map(|s| s.name.as_str()), Some("cache.0.k"));
+        assert_eq!(g.kv_state_of(r).map(|s| s.name.as_str()), Some("cache.0.k"));
+        let q = g.inputs(k)[0];
+        assert!(g.kv_state_of(q).is_none());
     }
 
     #[test]

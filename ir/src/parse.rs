@@ -1,10 +1,12 @@
 //! Parser for the text form written by [`print`](crate::print): `parse(print(g)) == g`.
 //! Comments run from `;` to the end of the line. Value names are any `%word`, defined before use.
+//! A state declaration without a kind (`state @k : f32[16,4]`, the text before Redesign I) is a
+//! contiguous KV cache.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{IrError, Result};
-use crate::graph::{Graph, NodeId, StateDecl};
+use crate::graph::{Graph, KvLayout, NodeId, StateDecl, StateKind};
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, Layout, TensorType};
 
@@ -78,7 +80,7 @@ fn lex(line: &str, ln: usize) -> Result<Vec<Tok>> {
                 i += 1;
             }
             out.push(Tok::Ident(cs[start..i].iter().collect()));
-        } else if "=,:[]{}".contains(c) {
+        } else if "=,:[]{}<>".contains(c) {
             out.push(Tok::Punct(c));
             i += 1;
         } else {
@@ -148,6 +150,24 @@ impl<'a> Cursor<'a> {
         match self.peek() {
             None => Ok(()),
             Some(t) => self.err(format!("unexpected {t:?} at end of line")),
+        }
+    }
+
+    /// A state's kind before its type: `kv<LAYOUT>`, or nothing (a contiguous KV cache).
+    fn state_kind(&mut self) -> Result<StateKind> {
+        match self.peek() {
+            Some(Tok::Ident(w)) if w == "kv" => {
+                self.next();
+                self.expect('<')?;
+                let name = self.ident()?;
+                let Some(layout) = KvLayout::from_name(name) else {
+                    let known: Vec<&str> = KvLayout::ALL.iter().map(|l| l.name()).collect();
+                    return self.err(format!("unknown KV-cache layout `{name}` (known: {})", known.join(", ")));
+                };
+                self.expect('>')?;
+                Ok(StateKind::Kv { layout })
+            }
+            _ => Ok(StateKind::CONTIGUOUS_KV),
         }
     }
 
@@ -431,12 +451,13 @@ pub fn parse(text: &str) -> Result<Graph> {
                     c.next();
                     let name = c.global()?.to_string();
                     c.expect(':')?;
+                    let kind = c.state_kind()?;
                     let ty = c.ty()?;
                     c.end()?;
                     if g.state(&name).is_some() {
                         return c.err(format!("state @{name} declared twice"));
                     }
-                    g.states.push(StateDecl { name, ty });
+                    g.states.push(StateDecl { name, ty, kind });
                 }
                 Some(Tok::Ident(w)) if w == "return" => {
                     c.next();

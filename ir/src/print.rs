@@ -4,7 +4,7 @@
 //! ```text
 //! graph @seedlm {
 //!   meta vocab_size = "4096"
-//!   state @cache.0.k : f32[512,2,32]
+//!   state @cache.0.k : kv<contiguous> f32[512,2,32]
 //!   %0 = input {name = "ids"} : i32[S]
 //!   %1 = weight {name = "model.embed_tokens.weight"} : f32[4096,256]
 //!   %2 = gather %1, %0 : f32[S,256]
@@ -27,7 +27,7 @@ pub fn print(g: &Graph) -> String {
         let _ = writeln!(s, "  meta {k} = {}", quote(v));
     }
     for st in &g.states {
-        let _ = writeln!(s, "  state @{} : {}", st.name, st.ty);
+        let _ = writeln!(s, "  state @{} : {} {}", st.name, st.kind, st.ty);
     }
     let order = match g.topo_order() {
         Ok(o) => o,

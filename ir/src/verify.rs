@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use petgraph::Direction;
 
 use crate::error::{IrError, Result};
-use crate::graph::Graph;
+use crate::graph::{Graph, KvLayout, StateKind};
 use crate::op::Op;
 use crate::types::{DType, Layout};
 
@@ -29,8 +29,13 @@ pub fn verify(g: &Graph) -> Result<()> {
         if !states.insert(s.name.as_str()) {
             return err(format!("@{}", s.name), "declared twice".into());
         }
-        if s.ty.dtype != DType::F32 || s.ty.shape.iter().any(|d| !d.is_const()) || s.ty.rank() == 0 {
-            return err(format!("@{}", s.name), format!("state must be f32 with static shape, got {}", s.ty));
+        match s.kind {
+            // One buffer of `C` rows: f32, every dimension known.
+            StateKind::Kv { layout: KvLayout::Contiguous } => {
+                if s.ty.dtype != DType::F32 || s.ty.shape.iter().any(|d| !d.is_const()) || s.ty.rank() == 0 {
+                    return err(format!("@{}", s.name), format!("state must be f32 with static shape, got {}", s.ty));
+                }
+            }
         }
     }
     let mut writers = HashSet::new();
@@ -54,8 +59,13 @@ pub fn verify(g: &Graph) -> Result<()> {
                 let Some(decl) = g.state(state) else {
                     return err(name, format!("kv_concat names undeclared state @{state}"));
                 };
-                if decl.ty.shape[1..] != node.ty.shape[1..] {
-                    return err(name, format!("kv_concat row shape {} disagrees with @{state} : {}", node.ty, decl.ty));
+                match decl.kind {
+                    // Appends whole rows: the row shape is the state's.
+                    StateKind::Kv { layout: KvLayout::Contiguous } => {
+                        if decl.ty.shape[1..] != node.ty.shape[1..] {
+                            return err(name, format!("kv_concat row shape {} disagrees with @{state} : {}", node.ty, decl.ty));
+                        }
+                    }
                 }
                 if !writers.insert(state.clone()) {
                     return err(name, format!("state @{state} is written twice"));

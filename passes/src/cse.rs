@@ -156,7 +156,7 @@ mod tests {
         // Two identical appends to one state break the verifier's single-writer rule, so no valid
         // graph has them; the guard is checked on such a graph directly.
         let mut g = ir::Graph::new("t");
-        g.states.push(ir::StateDecl { name: "k".into(), ty: ir::TensorType::f32(vec![Dim::N(8), Dim::N(4)]) });
+        g.states.push(ir::StateDecl::new("k", ir::TensorType::f32(vec![Dim::N(8), Dim::N(4)]), ir::StateKind::CONTIGUOUS_KV));
         let (_, x) = embed(&mut g, 8, 4);
         let k1 = g.add(Op::KvConcat { state: "k".into() }, &[x], None).unwrap();
         let k2 = g.add(Op::KvConcat { state: "k".into() }, &[x], None).unwrap();

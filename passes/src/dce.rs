@@ -53,7 +53,7 @@ mod tests {
     #[test]
     fn removes_dead_chain_keeps_live_and_kv_concat() {
         let mut g = ir::Graph::new("t");
-        g.states.push(ir::StateDecl { name: "k".into(), ty: ir::TensorType::f32(vec![Dim::N(8), Dim::N(4)]) });
+        g.states.push(ir::StateDecl::new("k", ir::TensorType::f32(vec![Dim::N(8), Dim::N(4)]), ir::StateKind::CONTIGUOUS_KV));
         let (ids, x) = embed(&mut g, 8, 4);
         let w = weight(&mut g, "w", &[4, 4]);
         let y = g.add(Op::Matmul { transpose_b: false }, &[x, w], None).unwrap();

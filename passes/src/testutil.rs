@@ -153,8 +153,8 @@ fn random_values(rng: &mut Rng, n: usize) -> Vec<f32> {
 pub fn random_graph(seed: u64) -> Graph {
     let mut rng = Rng::new(seed);
     let mut g = Graph::new(format!("rand{seed}"));
-    g.states.push(ir::StateDecl { name: "kv.0".into(), ty: TensorType::f32(dims(&[8, 4])) });
-    g.states.push(ir::StateDecl { name: "kv.1".into(), ty: TensorType::f32(dims(&[8, 2, 2])) });
+    g.states.push(ir::StateDecl::new("kv.0", TensorType::f32(dims(&[8, 4])), ir::StateKind::CONTIGUOUS_KV));
+    g.states.push(ir::StateDecl::new("kv.1", TensorType::f32(dims(&[8, 2, 2])), ir::StateKind::CONTIGUOUS_KV));
     let (ids, x) = embed(&mut g, 8, 4);
     let mut pool = vec![x];
     if rng.chance(0.3) {

@@ -3,18 +3,19 @@
 //!
 //! Loading ([`DeviceModel::load`]) picks each kernel's PTX for the device (the newest variant not
 //! newer than the GPU: `sm_90` on H100/H200, `sm_80` on A100 and other sm_8x parts), JIT-loads it
-//! as a module, and uploads the data section (weights, constants) once. A [`DeviceSession`] owns
-//! the activation arena and the KV-cache states in device memory; a step is one kernel launch
-//! with the buffers' device addresses, then `s` and `p`, on one stream; the grid comes from the
-//! kernel's [`Launch`](crate::artifact::Launch). Token ids are copied in before the first step
-//! and the logits out after the last.
+//! as a module, and uploads the data section (weights, constants) once. A [`DeviceExecutor`] owns
+//! the activation arena in device memory and a [`DeviceCache`] one sequence's KV-cache states;
+//! a step is one kernel launch per step of the entry point with the buffers' device addresses
+//! (the state arguments pointed at the sequence's cache), then `s` and `p`, on one stream; the
+//! grid comes from the kernel's [`Launch`](crate::artifact::Launch). Token ids are copied in
+//! before the first step and the requested logit rows out after the last.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use crate::artifact::{Artifact, BufferDecl, Launch};
+use crate::artifact::{Artifact, BufferDecl, Launch, StateLayout};
 use crate::error::{Result, RuntimeError};
 
 fn driver_err(what: &str, e: impl std::fmt::Display) -> RuntimeError {
@@ -98,66 +99,119 @@ impl DeviceModel {
     }
 }
 
-/// One conversation's device memory and precomputed launch arguments.
-pub struct DeviceSession {
-    model_steps: Vec<(u32, Vec<u64>)>,
-    arena: CudaSlice<u8>,
+/// One sequence's KV cache in device memory: a zeroed buffer per state of the artifact.
+pub struct DeviceCache {
     states: Vec<CudaSlice<u8>>,
-    input_offset: usize,
-    output_offset: usize,
 }
 
-impl DeviceSession {
-    pub fn new(dm: &DeviceModel, artifact: &Artifact) -> Result<DeviceSession> {
-        let h = &artifact.header;
-        let arena = dm.stream.alloc_zeros::<u8>((h.arena_bytes as usize).max(64)).map_err(|e| driver_err("allocating the arena", e))?;
-        let states = h
+impl DeviceCache {
+    pub fn new(dm: &DeviceModel, artifact: &Artifact) -> Result<DeviceCache> {
+        let states = artifact
+            .header
             .states
             .iter()
-            .map(|s| dm.stream.alloc_zeros::<u8>((s.bytes as usize).max(64)))
+            .map(|s| match s.layout {
+                // One buffer of every row, bound whole to the kernels' state arguments.
+                StateLayout::Contiguous => dm.stream.alloc_zeros::<u8>((s.bytes as usize).max(64)),
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| driver_err("allocating the KV cache", e))?;
-        let model_steps: Vec<(u32, Vec<u64>)> = {
-            let (data_base, _g1) = dm.data.device_ptr(&dm.stream);
-            let (arena_base, _g2) = arena.device_ptr(&dm.stream);
-            let state_base: Vec<u64> = states.iter().map(|s| s.device_ptr(&dm.stream).0).collect();
-            let addr = |b: u32| -> u64 {
-                match &h.buffers[b as usize] {
-                    BufferDecl::Data { offset, .. } => data_base + offset,
-                    BufferDecl::Arena { offset, .. } => arena_base + offset,
-                    BufferDecl::State { index } => state_base[*index as usize],
-                    BufferDecl::Microkernels { .. } => 0, // refused in `DeviceModel::load`
-                }
-            };
-            h.steps.iter().map(|s| (s.kernel, s.args.iter().map(|&a| addr(a)).collect())).collect()
-        };
-        let off = |b: u32| match &h.buffers[b as usize] {
-            BufferDecl::Arena { offset, .. } => *offset as usize,
-            _ => 0, // validated at load: input and output are arena buffers
-        };
-        Ok(DeviceSession { model_steps, arena, states, input_offset: off(h.input), output_offset: off(h.output) })
+        Ok(DeviceCache { states })
     }
 
-    /// Zeroes the KV cache.
+    /// Zeroes the buffers.
     pub fn reset(&mut self, dm: &DeviceModel) -> Result<()> {
         for s in &mut self.states {
             dm.stream.memset_zeros(s).map_err(|e| driver_err("clearing the KV cache", e))?;
         }
         Ok(())
     }
+}
 
-    /// Runs every step for `ids` (at most `max_chunk`) after `past` cached tokens and returns the
-    /// logits `[ids.len(), vocab]`.
-    pub fn run(&mut self, dm: &DeviceModel, ids: &[u32], past: usize, vocab: usize) -> Result<Vec<f32>> {
+/// One entry point's launches: per step its kernel and argument addresses.
+struct DeviceEntry {
+    steps: Vec<(u32, Vec<u64>)>,
+    /// `(step, argument, state)` for every argument that is a state buffer, re-pointed at the
+    /// cache of the sequence that runs.
+    state_args: Vec<(usize, usize, usize)>,
+    input_offset: usize,
+    output_offset: usize,
+}
+
+/// The device side of an [`Executor`](crate::step::Executor): the activation arena and every
+/// entry point's precomputed launch arguments. Caches are separate ([`DeviceCache`]).
+pub struct DeviceExecutor {
+    arena: CudaSlice<u8>,
+    entries: Vec<DeviceEntry>,
+}
+
+impl DeviceExecutor {
+    pub fn new(dm: &DeviceModel, artifact: &Artifact) -> Result<DeviceExecutor> {
+        let h = &artifact.header;
+        let arena = dm.stream.alloc_zeros::<u8>((h.arena_bytes as usize).max(64)).map_err(|e| driver_err("allocating the arena", e))?;
+        let entries = {
+            let (data_base, _g1) = dm.data.device_ptr(&dm.stream);
+            let (arena_base, _g2) = arena.device_ptr(&dm.stream);
+            let addr = |b: u32| -> u64 {
+                match &h.buffers[b as usize] {
+                    BufferDecl::Data { offset, .. } => data_base + offset,
+                    BufferDecl::Arena { offset, .. } => arena_base + offset,
+                    BufferDecl::State { .. } => 0,        // bound to a cache before each run
+                    BufferDecl::Microkernels { .. } => 0, // refused in `DeviceModel::load`
+                }
+            };
+            let off = |b: u32| match &h.buffers[b as usize] {
+                BufferDecl::Arena { offset, .. } => *offset as usize,
+                _ => 0, // validated at load: input and output are arena buffers
+            };
+            h.entries
+                .iter()
+                .map(|e| {
+                    let steps: Vec<(u32, Vec<u64>)> =
+                        e.step_indices().map(|i| (h.steps[i].kernel, h.steps[i].args.iter().map(|&a| addr(a)).collect())).collect();
+                    let mut state_args = Vec::new();
+                    for (c, i) in e.step_indices().enumerate() {
+                        for (a, &b) in h.steps[i].args.iter().enumerate() {
+                            if let BufferDecl::State { index } = h.buffers[b as usize] {
+                                state_args.push((c, a, index as usize));
+                            }
+                        }
+                    }
+                    DeviceEntry { steps, state_args, input_offset: off(e.input), output_offset: off(e.output) }
+                })
+                .collect()
+        };
+        Ok(DeviceExecutor { arena, entries })
+    }
+
+    /// Runs entry point `entry`'s steps for `ids` (at most `max_chunk`) after `past` tokens
+    /// cached in `cache`, and returns the logit rows `rows` (indices into `ids`) in that order,
+    /// `[rows.len(), vocab]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &mut self,
+        dm: &DeviceModel,
+        entry: usize,
+        cache: &DeviceCache,
+        ids: &[u32],
+        past: usize,
+        vocab: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let e = &mut self.entries[entry];
+        let state_base: Vec<u64> = cache.states.iter().map(|s| s.device_ptr(&dm.stream).0).collect();
+        for &(c, a, st) in &e.state_args {
+            e.steps[c].1[a] = state_base[st];
+        }
         let s = ids.len();
         let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let bytes: Vec<u8> = ids_i32.iter().flat_map(|v| v.to_le_bytes()).collect();
         {
-            let mut dst = self.arena.slice_mut(self.input_offset..self.input_offset + bytes.len());
+            let mut dst = self.arena.slice_mut(e.input_offset..e.input_offset + bytes.len());
             dm.stream.memcpy_htod(&bytes, &mut dst).map_err(|e| driver_err("copying token ids", e))?;
         }
         let (si, pi) = (s as i64, past as i64);
-        for (kernel, args) in &self.model_steps {
+        for (kernel, args) in &e.steps {
             let l = dm.launches[*kernel as usize];
             let grid = l.grid(s as u64, past as u64);
             if grid == 0 {
@@ -173,13 +227,18 @@ impl DeviceSession {
             b.arg(&si);
             b.arg(&pi);
             // SAFETY: the kernel was generated for exactly this argument list (its buffers' device
-            // addresses, then s and p); every buffer is sized for the largest step.
+            // addresses, then s and p); every buffer is sized for the largest step, the state
+            // arguments point at `cache`'s buffers.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("kernel launch", e))?;
         }
-        let n = s * vocab * 4;
-        let mut out = vec![0u8; n];
-        let src = self.arena.slice(self.output_offset..self.output_offset + n);
-        dm.stream.memcpy_dtoh(&src, &mut out).map_err(|e| driver_err("copying logits", e))?;
+        // Only the rows asked for come back.
+        let row = vocab * 4;
+        let mut out = vec![0u8; rows.len() * row];
+        for (k, &r) in rows.iter().enumerate() {
+            let at = e.output_offset + r * row;
+            let src = self.arena.slice(at..at + row);
+            dm.stream.memcpy_dtoh(&src, &mut out[k * row..(k + 1) * row]).map_err(|e| driver_err("copying logits", e))?;
+        }
         dm.stream.synchronize().map_err(|e| driver_err("running the steps", e))?;
         let _ = &dm.ctx;
         Ok(out.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -28,6 +28,9 @@ pub enum RuntimeError {
     ContextOverflow { needed: usize, max_context: usize },
     #[error("empty input: at least one token id is needed")]
     EmptyInput,
+    /// Sequence `index` of a step's batch (of more than one) was refused; nothing ran.
+    #[error("sequence {index} of the batch: {source}")]
+    Sequence { index: usize, source: Box<RuntimeError> },
     /// Text could not be tokenized or decoded, the artifact carries no tokenizer, or a chat
     /// template failed; the message names what.
     #[error("{0}")]

@@ -1,19 +1,18 @@
 //! A loaded model and its sessions.
 //!
 //! A [`Model`] is an opened artifact with its code mapped executable; it is immutable and shared.
-//! A [`Session`] owns what one conversation mutates: the activation arena (sized by the compile-time
-//! memory plan) and the KV-cache state. Running a step is a walk over the compile-time step list,
-//! each step one call of a compiled kernel with precomputed buffer pointers.
+//! A [`Session`] is one conversation: an [`Executor`] (activation arena, thread pool, kernel
+//! calls) and one [`KvCache`]; its `forward` is a step of the step contract ([`crate::step`])
+//! with a batch of one.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::artifact::{Artifact, BufferDecl, Header};
+use crate::artifact::{Artifact, Header, FORWARD_ENTRY};
 use crate::error::{Result, RuntimeError};
 use crate::exec::{CodeMemory, KernelFn};
-use crate::pool::{Call, Pool};
+use crate::step::{check_sequence, EntryId, Executor, KvCache, Logits, StepInput};
 
 /// All cores this process may use.
 pub fn default_threads() -> usize {
@@ -23,12 +22,14 @@ use crate::sample::argmax;
 
 /// A loaded, verified, executable model.
 pub struct Model {
-    artifact: Artifact,
+    pub(crate) artifact: Artifact,
     _code: CodeMemory,
-    kernels: Vec<KernelFn>,
+    pub(crate) kernels: Vec<KernelFn>,
+    /// The `forward` entry point's index.
+    forward: usize,
     /// A CUDA artifact's kernels and weights on the GPU.
     #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::DeviceModel>,
+    pub(crate) gpu: Option<crate::cuda::DeviceModel>,
 }
 
 // SAFETY: the model is immutable after loading; kernels are pure functions of their buffers.
@@ -49,8 +50,11 @@ impl Model {
 
     /// Maps the code of a verified artifact.
     pub fn from_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+        let forward = artifact.header.entries.iter().position(|e| e.name == FORWARD_ENTRY).ok_or_else(|| {
+            RuntimeError::Corrupt { path: artifact.path.clone(), msg: format!("no `{FORWARD_ENTRY}` entry point") }
+        })?;
         if artifact.header.target == crate::artifact::TARGET_CUDA {
-            return Self::from_cuda_artifact(artifact);
+            return Self::from_cuda_artifact(artifact, forward);
         }
         let code = CodeMemory::new(artifact.code())?;
         // SAFETY: offsets were validated against the code section and name functions compiled for
@@ -60,19 +64,20 @@ impl Model {
             artifact,
             _code: code,
             kernels,
+            forward,
             #[cfg(feature = "cuda")]
             gpu: None,
         }))
     }
 
     #[cfg(feature = "cuda")]
-    fn from_cuda_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+    fn from_cuda_artifact(artifact: Artifact, forward: usize) -> Result<Arc<Model>> {
         let gpu = crate::cuda::DeviceModel::load(&artifact)?;
-        Ok(Arc::new(Model { _code: CodeMemory::new(&[])?, kernels: Vec::new(), gpu: Some(gpu), artifact }))
+        Ok(Arc::new(Model { _code: CodeMemory::new(&[])?, kernels: Vec::new(), forward, gpu: Some(gpu), artifact }))
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn from_cuda_artifact(artifact: Artifact) -> Result<Arc<Model>> {
+    fn from_cuda_artifact(artifact: Artifact, _forward: usize) -> Result<Arc<Model>> {
         Err(RuntimeError::Gpu {
             path: artifact.path.clone(),
             msg: "this build of llmc has no CUDA support (rebuild with `--features cuda`; see docs/cuda.md)".into(),
@@ -99,6 +104,14 @@ impl Model {
 
     pub fn header(&self) -> &Header {
         &self.artifact.header
+    }
+    /// The entry point called `name` (see [`crate::artifact::EntryPoint`]).
+    pub fn entry(&self, name: &str) -> Option<EntryId> {
+        self.header().entries.iter().position(|e| e.name == name).map(EntryId)
+    }
+    /// The `forward` entry point, which every artifact has.
+    pub fn forward_entry(&self) -> EntryId {
+        EntryId(self.forward)
     }
     pub fn vocab_size(&self) -> usize {
         self.header().vocab_size as usize
@@ -133,35 +146,6 @@ impl Model {
     }
 }
 
-/// 64-byte aligned, zeroed heap memory.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    fn new(bytes: usize) -> Result<Self> {
-        let layout = Layout::from_size_align(bytes.max(64), 64).map_err(|e| RuntimeError::Other(e.to_string()))?;
-        // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(RuntimeError::Other(format!("out of memory allocating {bytes} bytes")));
-        }
-        Ok(AlignedBuf { ptr, layout })
-    }
-    fn zero(&mut self) {
-        // SAFETY: ptr is valid for layout.size() bytes.
-        unsafe { std::ptr::write_bytes(self.ptr, 0, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated with this layout in `new`.
-        unsafe { dealloc(self.ptr, self.layout) }
-    }
-}
-
 /// Timings of a [`Session::generate`] call.
 #[derive(Clone, Debug, Default)]
 pub struct GenerateStats {
@@ -189,25 +173,14 @@ fn rate(n: usize, s: f64) -> f64 {
     }
 }
 
-/// One conversation: activation arena, KV cache, and the number of cached tokens.
+/// One conversation: an [`Executor`] and one [`KvCache`]. Its [`forward`](Self::forward) is a
+/// step of the `forward` entry point with a batch of one; `generate`, speculative decoding,
+/// embeddings, evaluation and the C API all run through it.
 pub struct Session {
-    model: Arc<Model>,
-    _arena: AlignedBuf,
-    states: Vec<AlignedBuf>,
-    /// Per step, the kernel-ABI pointer array (`calls` points into these).
-    _ptrs: Vec<Vec<*mut u8>>,
-    calls: Vec<Call>,
-    pool: Pool,
-    input: *mut i32,
-    output: *const f32,
-    past: usize,
-    #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::DeviceSession>,
+    exec: Executor,
+    cache: KvCache,
+    forward: EntryId,
 }
-
-// SAFETY: the raw pointers point into memory the session owns (arena, states) or the model's
-// read-only map, which the session keeps alive through its Arc.
-unsafe impl Send for Session {}
 
 impl Session {
     /// A session running kernels on all available cores.
@@ -217,144 +190,53 @@ impl Session {
 
     /// A session running each kernel split across `threads` threads (1: the caller's alone).
     pub fn with_threads(model: Arc<Model>, threads: usize) -> Result<Session> {
-        #[cfg(feature = "cuda")]
-        if let Some(dm) = &model.gpu {
-            let gpu = crate::cuda::DeviceSession::new(dm, &model.artifact)?;
-            return Ok(Session {
-                _arena: AlignedBuf::new(64)?,
-                states: Vec::new(),
-                _ptrs: Vec::new(),
-                calls: Vec::new(),
-                pool: Pool::new(1),
-                input: std::ptr::null_mut(),
-                output: std::ptr::null(),
-                past: 0,
-                gpu: Some(gpu),
-                model,
-            });
-        }
-        let h = model.header();
-        let arena = AlignedBuf::new(h.arena_bytes as usize)?;
-        let states = h.states.iter().map(|s| AlignedBuf::new(s.bytes as usize)).collect::<Result<Vec<_>>>()?;
-        let data = model.artifact.data().as_ptr();
-        let buf_ptr = |i: u32| -> *mut u8 {
-            match &h.buffers[i as usize] {
-                // SAFETY (all three): offsets were validated against their regions at load.
-                BufferDecl::Data { offset, .. } => unsafe { data.add(*offset as usize) as *mut u8 },
-                BufferDecl::Arena { offset, .. } => unsafe { arena.ptr.add(*offset as usize) },
-                BufferDecl::State { index } => states[*index as usize].ptr,
-                // Read only: kernels load function pointers from it.
-                BufferDecl::Microkernels { .. } => crate::ukernel::table().as_ptr() as *mut u8,
-            }
-        };
-        let ptrs: Vec<Vec<*mut u8>> = h.steps.iter().map(|s| s.args.iter().map(|&a| buf_ptr(a)).collect()).collect();
-        let calls = h.steps.iter().zip(&ptrs).map(|(s, p)| Call { kernel: model.kernels[s.kernel as usize], args: p.as_ptr() }).collect();
-        let input = buf_ptr(h.input) as *mut i32;
-        let output = buf_ptr(h.output) as *const f32;
-        let pool = Pool::new(threads);
-        Ok(Session {
-            model,
-            _arena: arena,
-            states,
-            _ptrs: ptrs,
-            calls,
-            pool,
-            input,
-            output,
-            past: 0,
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
+        let cache = KvCache::new(&model)?;
+        let forward = model.forward_entry();
+        Ok(Session { exec: Executor::new(model, threads)?, cache, forward })
     }
 
     /// Threads each kernel is split across.
     pub fn threads(&self) -> usize {
-        self.pool.threads()
+        self.exec.threads()
     }
 
     pub fn model(&self) -> &Arc<Model> {
-        &self.model
+        self.exec.model()
     }
 
     /// Tokens in the KV cache.
     pub fn past(&self) -> usize {
-        self.past
+        self.cache.len()
     }
 
-    /// Forgets all but the first `len` cached tokens (no effect when `len >= past`), as when
-    /// speculative decoding rejects drafted tokens. Nothing is cleared: the next forward writes
-    /// its KV rows from position `len` on, and no kernel reads rows at or past `past + S`.
+    /// The session's executor and cache, for steps of other entry points or with more
+    /// sequences (other caches of the same model) in the batch.
+    pub fn parts(&mut self) -> (&mut Executor, &mut KvCache) {
+        (&mut self.exec, &mut self.cache)
+    }
+
+    /// Forgets all but the first `len` cached tokens (see [`KvCache::truncate`]).
     pub fn truncate(&mut self, len: usize) {
-        self.past = self.past.min(len);
+        self.cache.truncate(len);
     }
 
     /// Forgets the conversation.
     pub fn reset(&mut self) {
-        for s in &mut self.states {
-            s.zero();
-        }
-        #[cfg(feature = "cuda")]
-        if let (Some(g), Some(dm)) = (&mut self.gpu, &self.model.gpu) {
-            // A failed clear leaves stale rows that no kernel reads (rows past `past + S`).
-            let _ = g.reset(dm);
-        }
-        self.past = 0;
+        self.cache.reset();
     }
 
     /// Checks ids against the vocabulary and the context before anything runs.
     pub fn check_input(&self, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
-            return Err(RuntimeError::EmptyInput);
-        }
-        let vocab = self.model.token_vocab_size();
-        if let Some((index, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-            return Err(RuntimeError::TokenOutOfRange { id: id as i64, index, vocab });
-        }
-        let needed = self.past + ids.len();
-        if needed > self.model.max_context() {
-            return Err(RuntimeError::ContextOverflow { needed, max_context: self.model.max_context() });
-        }
-        Ok(())
+        check_sequence(self.exec.model(), self.cache.len(), ids, &Logits::Last)
     }
 
     /// Appends `ids` to the conversation and returns logits: every position's (`[n, vocab]`) when
     /// `all_logits`, else only the last position's (`[vocab]`). Long inputs run in chunks.
     pub fn forward(&mut self, ids: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        self.check_input(ids)?;
-        let vocab = self.model.vocab_size();
-        let chunk = self.model.header().max_chunk as usize;
-        let mut out = Vec::with_capacity(if all_logits { ids.len() * vocab } else { vocab });
-        for (ci, part) in ids.chunks(chunk).enumerate() {
-            let s = part.len();
-            #[cfg(feature = "cuda")]
-            if let (Some(g), Some(dm)) = (&mut self.gpu, &self.model.gpu) {
-                let logits = g.run(dm, part, self.past, vocab)?;
-                self.past += s;
-                if all_logits {
-                    out.extend_from_slice(&logits);
-                } else if (ci + 1) * chunk >= ids.len() {
-                    out.extend_from_slice(&logits[(s - 1) * vocab..]);
-                }
-                continue;
-            }
-            // SAFETY: the input buffer holds max_chunk i32s (validated at load); s <= max_chunk.
-            unsafe {
-                for (i, &id) in part.iter().enumerate() {
-                    *self.input.add(i) = id as i32;
-                }
-            }
-            // SAFETY: pointers cover each buffer at its largest size; s + past <= max_context.
-            unsafe { self.pool.run(&self.calls, s as i64, self.past as i64) };
-            self.past += s;
-            // SAFETY: the output buffer holds s * vocab f32s after the steps ran.
-            let logits = unsafe { std::slice::from_raw_parts(self.output, s * vocab) };
-            if all_logits {
-                out.extend_from_slice(logits);
-            } else if (ci + 1) * chunk >= ids.len() {
-                out.extend_from_slice(&logits[(s - 1) * vocab..]);
-            }
-        }
-        Ok(out)
+        let logits = if all_logits { Logits::All } else { Logits::Last };
+        let mut batch = [StepInput { cache: &mut self.cache, tokens: ids, logits }];
+        let out = self.exec.step(self.forward, &mut batch)?;
+        Ok(out.into_logits().into_iter().next().unwrap_or_default())
     }
 
     /// Runs `ids` (at most `max_chunk` tokens) as one forward step like [`forward`](Self::forward),
@@ -362,28 +244,7 @@ impl Session {
     /// up to a little more than a normal step). Returns `(step label, kernel name, seconds)` in
     /// step order; the conversation advances as with `forward`.
     pub fn profile_step(&mut self, ids: &[u32]) -> Result<Vec<(String, String, f64)>> {
-        self.check_input(ids)?;
-        let chunk = self.model.header().max_chunk as usize;
-        if ids.len() > chunk {
-            return Err(RuntimeError::Other(format!("profile_step takes at most {chunk} tokens, got {}", ids.len())));
-        }
-        // SAFETY: as in `forward`.
-        unsafe {
-            for (i, &id) in ids.iter().enumerate() {
-                *self.input.add(i) = id as i32;
-            }
-        }
-        let h = self.model.header();
-        let mut out = Vec::with_capacity(self.calls.len());
-        for (i, step) in h.steps.iter().enumerate() {
-            let t = Instant::now();
-            // SAFETY: as in `forward`; steps run in order, one at a time.
-            unsafe { self.pool.run(&self.calls[i..i + 1], ids.len() as i64, self.past as i64) };
-            let name = h.kernels[step.kernel as usize].name.clone();
-            out.push((step.label.clone(), name, t.elapsed().as_secs_f64()));
-        }
-        self.past += ids.len();
-        Ok(out)
+        self.exec.profile(self.forward, &mut self.cache, ids)
     }
 
     /// Greedy generation: runs `prompt`, then up to `max_new` tokens, stopping after any id in
@@ -396,12 +257,13 @@ impl Session {
         want_prompt_logits: bool,
         mut on_token: impl FnMut(u32),
     ) -> Result<(Vec<u32>, Option<Vec<f32>>, GenerateStats)> {
-        let vocab = self.model.vocab_size();
+        let vocab = self.model().vocab_size();
         let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
         // The last new token is never fed back, so generation needs `max_new - 1` more rows.
-        let needed = self.past + prompt.len() + max_new.saturating_sub(1);
-        if needed > self.model.max_context() {
-            return Err(RuntimeError::ContextOverflow { needed, max_context: self.model.max_context() });
+        let needed = self.past() + prompt.len() + max_new.saturating_sub(1);
+        let max_context = self.model().max_context();
+        if needed > max_context {
+            return Err(RuntimeError::ContextOverflow { needed, max_context });
         }
         let t0 = Instant::now();
         let logits = self.forward(prompt, want_prompt_logits)?;
@@ -431,7 +293,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{ArtifactWriter, CodeVariant, KernelEntry, Launch, TARGET_CUDA};
+    use crate::artifact::{ArtifactWriter, BufferDecl, CodeVariant, KernelEntry, Launch, TARGET_CUDA};
 
     /// A CUDA artifact opens (its checks pass) but loading it where it cannot run is an error
     /// naming the file and the reason, never a panic.
@@ -471,8 +333,7 @@ mod tests {
             buffers: vec![BufferDecl::Arena { offset: 0, bytes: 64 }, BufferDecl::Arena { offset: 64, bytes: 64 }],
             states: vec![],
             steps: vec![crate::artifact::Step { kernel: 0, args: vec![0, 1], label: String::new() }],
-            input: 0,
-            output: 1,
+            entries: vec![crate::artifact::EntryPoint { name: "forward".into(), steps: vec![0..1], input: 0, output: 1 }],
             arena_bytes: 128,
             blobs: vec![],
         };

@@ -1,5 +1,7 @@
 //! Flash-style attention with grouped KV heads: `(q [S, NH, D], k [K, NKV, D],
-//! v [K, NKV, D]) -> [S, NH, D]`, never materializing an `S x K` score matrix. Causal attention
+//! v [K, NKV, D]) -> [S, NH, D]`, never materializing an `S x K` score matrix. Keys and values
+//! come from contiguous KV caches (row `t` at `t * NKV * D`) or this step's values; a state of
+//! another layout is refused, naming it. Causal attention
 //! reads `K = T` cached keys up to the query's position; bidirectional attention (encoders) reads
 //! all `K` keys (`S` of this step, or `T`) for every query.
 //!
@@ -85,6 +87,10 @@ pub(crate) fn attention(
     };
     if d == 0 || nkv == 0 || nh % nkv != 0 {
         return Err(unsupported(g, n, format!("unsupported head layout NH={nh} NKV={nkv} D={d}")));
+    }
+    // Key row `t` at `t * kstride` below: a contiguous cache (or this step's keys).
+    for kv in &ins[1..3] {
+        crate::plan::require_contiguous_kv_of(g, *kv, "the CPU attention kernel")?;
     }
     // A bidirectional attention's keys are this step's (`[S, ..]`) or the whole cache (`[T, ..]`).
     let keys_are_step = kt.shape[0] == Dim::S;

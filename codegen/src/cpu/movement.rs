@@ -95,6 +95,8 @@ pub(crate) fn slice(kb: &mut Kb, g: &Graph, n: NodeId, axis: usize, start: usize
 /// would overflow the state's `C` rows writes nothing (the runtime never asks for one; this keeps
 /// a bug from corrupting memory).
 pub(crate) fn kv_concat(kb: &mut Kb, g: &Graph, n: NodeId, state: &str) -> Result<()> {
+    // Rows `P..P+S` at `P * row`: a contiguous cache.
+    crate::plan::require_contiguous_kv_of(g, n, "the CPU kv_concat kernel")?;
     let cap = g.state(state).and_then(|d| d.ty.shape.first().and_then(|d| d.as_const())).ok_or_else(|| {
         CodegenError::Unsupported {
             node: format!("kv_concat (node {})", n.index()),

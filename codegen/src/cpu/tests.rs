@@ -241,7 +241,7 @@ impl Gb {
         let mut shape = self.g.ty(x).shape.clone();
         shape[0] = Dim::N(cap);
         let name = format!("cache{}", self.g.states.len());
-        self.g.states.push(StateDecl { name: name.clone(), ty: TensorType::f32(shape) });
+        self.g.states.push(StateDecl::new(name.clone(), TensorType::f32(shape), llmc_ir::StateKind::CONTIGUOUS_KV));
         self.op(Op::KvConcat { state: name }, &[x])
     }
 }

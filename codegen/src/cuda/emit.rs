@@ -13,7 +13,10 @@ use abi::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Header, 
 use super::kernels::{kernel, GpuKernel};
 use super::lower::{Lowerer, ARCHS};
 use super::text::Elem;
-use crate::emit::{data_bytes, data_name, f32_bytes, graph_io, state_entries, place_packed, place_values, retain_used_indexed, CompileOptions, CompileReport, GraphIo};
+use crate::emit::{
+    data_bytes, data_name, f32_bytes, forward_entry, graph_io, place_packed, place_values, retain_used_indexed, state_entries, CompileOptions,
+    CompileReport, GraphIo,
+};
 use crate::error::{CodegenError, Result};
 use crate::plan::{plan, Place};
 
@@ -224,7 +227,8 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
             Place::Panels { .. } | Place::Microkernels => BufferDecl::Arena { offset: 0, bytes: 0 },
         })
         .collect();
-    let states = state_entries(g);
+    let states = state_entries(g)?;
+    let entries = vec![forward_entry(steps.len(), input_buf, output_buf)?];
     let mut meta = g.meta.clone();
     meta.insert("gpu_dtype".into(), dtype.name());
     let mut header = Header {
@@ -244,8 +248,7 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
         buffers: buffers.clone(),
         states,
         steps,
-        input: input_buf,
-        output: output_buf,
+        entries,
         arena_bytes,
         blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };

@@ -544,8 +544,9 @@ pub fn run_artifact(a: &abi::Artifact, mlir: &[String], chunks: &[&[u32]]) -> Ve
             BufferDecl::Microkernels { .. } => panic!("a CUDA artifact has no CPU microkernel table"),
         }
     };
-    let (_, in_off, _) = region(h.input);
-    let (_, out_off, _) = region(h.output);
+    let forward = h.entry(abi::artifact::FORWARD_ENTRY).expect("a verified artifact has a forward entry");
+    let (_, in_off, _) = region(forward.input);
+    let (_, out_off, _) = region(forward.output);
     let vocab = h.vocab_size as usize;
     let mut past = 0usize;
     let mut out = Vec::new();
@@ -554,7 +555,7 @@ pub fn run_artifact(a: &abi::Artifact, mlir: &[String], chunks: &[&[u32]]) -> Ve
         for (i, id) in ids.iter().enumerate() {
             arena[in_off + 4 * i..in_off + 4 * i + 4].copy_from_slice(&(*id as i32).to_le_bytes());
         }
-        for st in &h.steps {
+        for st in forward.step_indices().map(|i| &h.steps[i]) {
             let k = st.kernel as usize;
             let regions: Vec<(u8, usize, usize)> = st.args.iter().map(|&b| region(b)).collect();
             let mut bufs: Vec<Vec<u8>> = regions

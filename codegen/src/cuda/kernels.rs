@@ -604,6 +604,8 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
             launch(&out, 1, 1, BLOCK)
         }
         Op::KvConcat { .. } => {
+            // Rows `P..P+S` at `P * row`: a contiguous cache.
+            crate::plan::require_contiguous_kv_of(g, n, "the CUDA kv_concat kernel")?;
             let xs = shapes[0].clone();
             let inner: i64 = xs[1..].iter().map(|d| d.as_const().unwrap_or(0) as i64).product();
             per_element(&mut k, &xs, |k, gid, _| {
@@ -958,6 +960,10 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
             })
         }
         Op::Attention { scale, window, causal } => {
+            // Key row `t` at `t * NKV * D`: a contiguous cache (or this step's keys).
+            for kv in &g.inputs(n)[1..3] {
+                crate::plan::require_contiguous_kv_of(g, *kv, "the CUDA attention kernel")?;
+            }
             let causal = *causal;
             let (scale, window) = (*scale, *window);
             let (nh, d) = (shapes[0][1].as_const().unwrap_or(1), shapes[0][2].as_const().unwrap_or(0));

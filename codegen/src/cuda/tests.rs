@@ -255,7 +255,7 @@ mod numerics {
         fn state(&mut self, name: &str, inner: Vec<usize>) {
             let mut shape = vec![N(CTX)];
             shape.extend(inner.into_iter().map(N));
-            self.g.states.push(llmc_ir::StateDecl { name: name.into(), ty: TensorType::f32(shape) });
+            self.g.states.push(llmc_ir::StateDecl::new(name, TensorType::f32(shape), llmc_ir::StateKind::CONTIGUOUS_KV));
         }
 
         /// Runs the interpreter over `chunks` of ids and the kernel for `n` on the last chunk
