@@ -87,7 +87,7 @@ fn quantized_compile_with_calibration_and_report_rows() {
     let model = repo().join("models/seedlm");
     let config = CompileConfig {
         output: d.join("q.llmc"),
-        max_context: Some(64),
+        max_context: Some(128),
         quant: QuantConfig {
             quant: Some("int4:g32".into()),
             keep_fp: vec!["lm_head".into()],
