@@ -68,3 +68,23 @@ fn unknown_pass_is_named() {
     c.arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg("dce,fuse-everything");
     fails_with(&mut c, &["fuse-everything"]);
 }
+
+/// The binary holds CLI concerns only: it reaches the compiler through `llmc-compiler` and
+/// imports no frontend, passes, codegen or IR item itself (tests may, as dev-dependencies).
+#[test]
+fn binary_uses_the_compile_library_and_the_runtime_only() {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let deps = manifest.split("\n[dependencies]\n").nth(1).expect("a [dependencies] table");
+    let deps = deps.split("\n[").next().unwrap();
+    assert!(deps.contains("llmc-compiler") && deps.contains("llmc-runtime"), "{deps}");
+    for c in ["llmc-frontend", "llmc-passes", "llmc-codegen", "llmc-ir"] {
+        assert!(!deps.contains(c), "the llmc binary depends on {c}:\n{deps}");
+    }
+    for e in std::fs::read_dir(repo().join("src")).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        for c in ["llmc_frontend", "llmc_passes", "llmc_codegen", "llmc_ir"] {
+            assert!(!text.contains(c), "{} names {c}", p.display());
+        }
+    }
+}
