@@ -13,7 +13,9 @@ use crate::{progress, quant, CliError};
 
 #[derive(Args)]
 pub(crate) struct PipelineArgs {
-    /// Comma-separated pass pipeline (default: the standard pipeline; `llmc passes` lists them).
+    /// Pass pipeline, comma-separated, each pass with optional options in braces:
+    /// `dce,optimize{target=cuda},quantize{format=int4:g64}` (default: the standard pipeline;
+    /// `llmc passes` lists the passes and their options).
     #[arg(long)]
     passes: Option<String>,
     /// Print the IR after the named pass (repeatable).
@@ -77,9 +79,12 @@ pub(crate) struct DumpIrArgs {
     /// `all` prints the IR before and after every pass; a pass name prints after that pass.
     #[arg(long)]
     after: Option<String>,
-    /// Comma-separated pass pipeline (default: the standard pipeline).
+    /// Pass pipeline, as `llmc compile --passes` takes it (default: the standard pipeline).
     #[arg(long)]
     passes: Option<String>,
+    /// The target whose cost model `optimize` uses unless an entry says `optimize{target=...}`.
+    #[arg(long, default_value = "cpu")]
+    target: String,
     #[arg(long = "max-context")]
     max_context: Option<usize>,
     /// Print one JSON object {"passes": [...], "ir": TEXT} instead of the text.
@@ -243,10 +248,6 @@ fn print_summary(r: &CompileReport) {
 }
 
 pub(crate) fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
-    if let Some(value) = &a.explain {
-        print!("{}", compiler::explain(&a.model, a.passes.as_deref(), a.max_context, value)?);
-        return Ok(());
-    }
     let cfg = compiler::DumpIrConfig {
         passes: a.passes.clone(),
         after: match a.after.as_deref() {
@@ -254,13 +255,19 @@ pub(crate) fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
             Some("all") => compiler::DumpAfter::All,
             Some(p) => compiler::DumpAfter::Pass(p.to_string()),
         },
+        target: Target::by_name(&a.target)?,
         max_context: a.max_context,
     };
+    let entries = compiler::pipeline(a.passes.as_deref())?;
+    if let Some(value) = &a.explain {
+        print!("{}", compiler::explain(&a.model, &cfg, value)?);
+        return Ok(());
+    }
     if a.json {
         let mut buf = Vec::new();
         compiler::dump_ir(&a.model, &cfg, &mut buf)?;
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let j = serde_json::json!({ "passes": compiler::pipeline(a.passes.as_deref()), "after": a.after, "ir": text });
+        let j = serde_json::json!({ "passes": entries, "after": a.after, "ir": text });
         println!("{j}");
         return Ok(());
     }
@@ -277,7 +284,14 @@ pub(crate) fn list_passes(a: PassesArgs) -> Result<(), CliError> {
     if a.json {
         let list: Vec<serde_json::Value> = passes
             .iter()
-            .map(|p| serde_json::json!({ "name": p.name, "summary": p.summary, "default": p.default }))
+            .map(|p| {
+                let options: Vec<serde_json::Value> = p
+                    .options
+                    .iter()
+                    .map(|o| serde_json::json!({ "name": o.name, "values": o.values, "default": o.default, "summary": o.summary }))
+                    .collect();
+                serde_json::json!({ "name": p.name, "summary": p.summary, "default": p.default, "options": options })
+            })
             .collect();
         println!("{}", serde_json::json!({ "passes": list, "default_pipeline": default }));
         return Ok(());
@@ -285,7 +299,12 @@ pub(crate) fn list_passes(a: PassesArgs) -> Result<(), CliError> {
     for p in &passes {
         let mark = if p.default { "*" } else { " " };
         println!("{mark} {:<18} {}", p.name, p.summary);
+        for o in p.options {
+            println!("      {}={}\n          {}; default: {}", o.name, o.values, o.summary, o.default);
+        }
     }
     println!("\n* in the default pipeline: {}", default.join(","));
+    println!("Options go in braces after a pass: --passes 'dce,optimize{{target=cuda,iterations=12}},quantize{{format=int4:g64}}';");
+    println!("quote a value that holds whitespace or any of , {{ }} = \" \\ (keep-fp=\"a,b\").");
     Ok(())
 }

@@ -88,3 +88,88 @@ fn binary_uses_the_compile_library_and_the_runtime_only() {
         }
     }
 }
+
+/// The entries the `; ---- IR after ... ----` headers of a `--print-ir-after-all` output name.
+fn header_entries(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("; ---- IR after "))
+        .map(|l| l.strip_suffix(" ----").expect("a whole header").to_string())
+        .collect()
+}
+
+#[test]
+fn passes_with_options_round_trip_through_print_ir_after_all() {
+    let spec = "dce, cse, optimize{target=cuda, iterations=12}, dce, quantize{format=int4:g64,keep-fp=\"lm_head;a,b\"}";
+    let out = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg(spec).arg("--after").arg("all"));
+    let entries = header_entries(&out);
+    assert_eq!(
+        entries,
+        ["dce", "cse", "optimize{target=cuda,iterations=12}", "dce", "quantize{format=int4:g64,keep-fp=\"lm_head;a,b\"}"]
+    );
+    let want = llmc_passes::Pipeline::parse(spec).unwrap();
+    assert_eq!(llmc_passes::Pipeline::parse(&entries.join(",")).unwrap(), want);
+    // The canonical spelling runs the same passes: the same output.
+    let again = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg(want.to_string()).arg("--after").arg("all"));
+    assert_eq!(again, out);
+    // `dump-ir --target cuda` is `optimize{target=cuda}` for every bare `optimize`.
+    let bare = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).args(["--target", "cuda", "--passes", "dce,optimize"]));
+    let explicit = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).args(["--passes", "dce,optimize{target=cuda}"]));
+    assert_eq!(bare, explicit);
+}
+
+#[test]
+fn pipeline_errors_name_the_pass_the_option_and_the_allowed_values() {
+    let fails = |spec: &str, needles: &[&str]| {
+        fails_with(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg(spec), needles);
+    };
+    fails("dce,optimize{targte=cuda}", &["pass `optimize` has no option `targte`", "target=cpu|cuda", "iterations="]);
+    fails("optimize{target=tpu}", &["option `target=tpu`", "allowed: cpu|cuda"]);
+    fails("optimize{iterations=0}", &["option `iterations=0`", "a positive integer"]);
+    fails("dce,optimize{target=cuda", &["column 13", "`{` of pass `optimize` is never closed"]);
+    fails("dce{x=1}", &["pass `dce` has no option `x`; it takes no options"]);
+    fails("quantize", &["pass `quantize`: needs `format` or `sparsity`"]);
+    fails("quantize{format=int2}", &["option `format=int2`", "unknown format", "int4[:gN][:asym]"]);
+    fails("quantize{keep-fp=a b,format=int8}", &["option `keep-fp`", "quote"]);
+    fails_with(llmc().arg("dump-ir").arg(fixture("llama_mha")).args(["--target", "tpu"]), &["target `tpu`", "cpu, cuda"]);
+}
+
+#[test]
+fn passes_lists_each_pass_with_its_options() {
+    let out = ok(llmc().arg("passes"));
+    for p in llmc_passes::all_passes() {
+        for o in p.options() {
+            assert!(out.contains(&format!("{}={}", o.name, o.values)) && out.contains(o.summary), "{}: {} missing:\n{out}", p.name(), o.name);
+        }
+    }
+    assert!(out.contains("target=cpu|cuda") && out.contains("format=int8|int4[:gN][:asym]|w8a8|w4a8[:gN]"), "{out}");
+    let j = last_json(&ok(llmc().args(["passes", "--json"])));
+    let opt = j["passes"].as_array().unwrap().iter().find(|p| p["name"] == "optimize").unwrap();
+    let names: Vec<&str> = opt["options"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["target", "node-limit", "iterations"]);
+}
+
+/// `--quant`/`--keep-fp` append a `quantize{...}` entry: the same artifact as writing that entry
+/// in `--passes`, its header among the `--print-ir-after-all` dumps, and both at once an error.
+#[test]
+fn quant_flags_are_a_quantize_entry_of_the_pipeline() {
+    let d = tmpdir("cli-quant-entry");
+    let (a, b) = (d.join("flags.llmc"), d.join("passes.llmc"));
+    let out = ok(llmc()
+        .arg("compile")
+        .arg(fixture("llama_mha"))
+        .arg("-o")
+        .arg(&a)
+        .args(["--quant", "int4:g32:asym", "--keep-fp", "lm_head", "--print-ir-after-all"]));
+    let entries = header_entries(&out);
+    let mut want: Vec<String> = llmc_passes::default_pipeline().iter().map(|p| p.to_string()).collect();
+    want.push("quantize{format=int4:g32:asym,keep-fp=lm_head}".into());
+    assert_eq!(entries, want);
+    let spec = format!("{},quantize{{format=int4:g32:asym,keep-fp=lm_head}}", llmc_passes::default_pipeline());
+    ok(llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(&b).arg("--passes").arg(&spec));
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "the two artifacts differ");
+    fails_with(
+        llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(d.join("x.llmc")).arg("--passes").arg(&spec).args(["--quant", "int8"]),
+        &["--passes already has a quantize entry"],
+    );
+    assert!(!d.join("x.llmc").exists());
+}

@@ -1,14 +1,16 @@
 //! Filetests, in the manner of Cranelift's filetests and MLIR's FileCheck: each file under
 //! `tests/filetests/` holds cases separated by a line `; -----`. A case starts with a header,
-//! `; test pass <pass>[,<pass>...]` or `; test roundtrip`, then the input IR, then directives:
+//! `; test pass <pipeline>` (a pipeline spec with options, as `--passes` takes it:
+//! `; test pass dce,optimize{target=cuda}`) or `; test roundtrip`, then the input IR, then
+//! directives:
 //!
 //! - `; check: <text>` matches the next output line (searching forward, in order) that equals
 //!   `<text>` after trimming both;
 //! - `; check-not: <text>`: no output line between the previous match (or the start) and the next
 //!   match (or the end) contains `<text>`.
 //!
-//! `test pass` runs the pipeline through the `PassManager` (verifier before and after every pass)
-//! and checks the printed result, which must also parse back to the same graph. `test roundtrip`
+//! `test pass` runs the pipeline through the `PassManager` (verifier before and after every pass,
+//! the default `cpu` context unless an entry says otherwise) and checks the printed result, which must also parse back to the same graph. `test roundtrip`
 //! checks `parse(print(g)) == g` and `print(parse(print(g))) == print(g)`, then checks the print.
 //!
 //! `LLMC_BLESS=1 cargo test --test filetests` rewrites each case's `; check:` lines from the actual
@@ -18,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use llmc_ir as ir;
-use llmc_passes::{PassManager, PrintAfter};
+use llmc_passes::{PassContext, PassManager, Pipeline, PrintAfter};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Directive {
@@ -29,7 +31,7 @@ enum Directive {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Mode {
-    Pass(Vec<String>),
+    Pass(Pipeline),
     Roundtrip,
 }
 
@@ -75,7 +77,7 @@ fn parse_file(text: &str) -> Result<Vec<Case>, String> {
         };
         let h = header.trim();
         let mode = if let Some(rest) = h.strip_prefix("; test pass ") {
-            let pipeline = llmc_passes::parse_pipeline(rest);
+            let pipeline = Pipeline::parse(rest).map_err(|e| format!("line {hln}: {e}"))?;
             if pipeline.is_empty() {
                 return Err(format!("line {hln}: `; test pass` names no pass"));
             }
@@ -135,7 +137,8 @@ fn run_case(case: &Case) -> Result<String, String> {
     let mut g = ir::parse(&text).map_err(|e| format!("input does not parse: {e}"))?;
     match &case.mode {
         Mode::Pass(pipeline) => {
-            let pm = PassManager::new(pipeline).map_err(|e| e.to_string())?.print_after(PrintAfter::None);
+            let pm =
+                PassManager::new(pipeline, &PassContext::default()).map_err(|e| e.to_string())?.print_after(PrintAfter::None);
             pm.run(&mut g, &mut std::io::sink()).map_err(|e| e.to_string())?;
             let out = ir::print(&g);
             let back = ir::parse(&out).map_err(|e| format!("output does not parse: {e}\n{out}"))?;
@@ -392,7 +395,7 @@ graph @u {
 fn a_failing_case_fails_the_file_and_bless_fixes_it() {
     let cases = parse_file(CASE).unwrap();
     assert_eq!(cases.len(), 2);
-    assert_eq!(cases[0].mode, Mode::Pass(vec!["dce".into()]));
+    assert_eq!(cases[0].mode, Mode::Pass(Pipeline::parse("dce").unwrap()));
     assert_eq!(cases[1].mode, Mode::Roundtrip);
     let outputs: Vec<String> = cases.iter().map(|c| run_case(c).unwrap()).collect();
     assert!(check(&outputs[0], &cases[0].directives).is_err());
@@ -438,4 +441,12 @@ fn bad_input_or_unknown_pass_fails_the_case() {
     let text = "; test pass no-such-pass\ngraph @t {\n}\n";
     let e = run_case(&parse_file(text).unwrap()[0]).unwrap_err();
     assert!(e.contains("unknown pass `no-such-pass`"), "{e}");
+    // Options in the header: a bad one fails the case, a malformed header fails the file.
+    let text = "; test pass optimize{target=tpu}\ngraph @t {\n}\n";
+    let e = run_case(&parse_file(text).unwrap()[0]).unwrap_err();
+    assert!(e.contains("pass `optimize`, option `target=tpu`"), "{e}");
+    let e = parse_file("; test pass dce,optimize{target=cuda\ngraph @t {\n}\n").unwrap_err();
+    assert!(e.starts_with("line 1: pipeline `dce,optimize{target=cuda`") && e.contains("never closed"), "{e}");
+    let cases = parse_file("; test pass dce, optimize{ target = cuda }\ngraph @t {\n}\n").unwrap();
+    assert_eq!(cases[0].mode, Mode::Pass(Pipeline::parse("dce,optimize{target=cuda}").unwrap()));
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ir::{Graph, Op, WeightSource};
-use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, Header, KernelEntry, StateEntry, Step, TARGET_X86_64};
+use abi::artifact::{ArtifactWriter, BlobEntry, BufferDecl, Header, KernelEntry, StateEntry, Step, TARGET_X86_64};
 
 use crate::cpu::{compile_kernel, host_isa, KernelCode, KernelCtx};
 use crate::error::{CodegenError, Result};
@@ -203,7 +203,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
             Place::Arena { offset, bytes } => BufferDecl::Arena { offset: *offset, bytes: *bytes },
             Place::State { index } => BufferDecl::State { index: *index as u32 },
             Place::Panels { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
-            Place::Microkernels => BufferDecl::Microkernels { abi: runtime::ukernel::ABI_VERSION },
+            Place::Microkernels => BufferDecl::Microkernels { abi: abi::ukernel::ABI_VERSION },
         })
         .collect();
     let states = state_entries(g);
@@ -229,7 +229,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         arena_bytes: mp.arena_bytes,
         blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };
-    let reserve = runtime::artifact::header_size_bound(&header);
+    let reserve = abi::artifact::header_size_bound(&header);
 
     // Stream: code, then each data buffer (one weight in memory at a time), then the header.
     let t1 = Instant::now();
@@ -394,7 +394,7 @@ pub(crate) fn place_values(p: &Place, weights: &dyn WeightSource) -> Result<Vec<
         }
         Place::Panels { rows, k, groups, .. } => {
             let rows_of = PanelRows::load(p, weights)?;
-            runtime::ukernel::pack_panels_with(*rows, *k, *groups, |r| rows_of.row(r))
+            abi::panel::pack_panels_with(*rows, *k, *groups, |r| rows_of.row(r))
         }
         Place::Arena { .. } | Place::State { .. } | Place::Microkernels => {
             return Err(CodegenError::Target(format!("bug: {p:?} has no compile-time value")))
@@ -450,7 +450,7 @@ pub(crate) fn place_packed(p: &Place, weights: &dyn WeightSource) -> Result<Vec<
             let v = weights.load(name, ty)?;
             let k = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
             let rows = ir::quant::rows_of(weights, name, *layout, &v, k);
-            crate::cpu::quant::pack_rows(*layout, &v, &rows, k)
+            crate::packed::pack_rows(*layout, &v, &rows, k)?
         }
         Place::WeightConcat { parts, axis: 0, .. } => {
             let mut out = Vec::new();
@@ -487,7 +487,7 @@ struct Sink {
 
 impl Sink {
     fn push(&mut self, p: Payload) -> Result<u64> {
-        let off = runtime::artifact::round_up(self.pos, runtime::artifact::DATA_ALIGN);
+        let off = abi::artifact::round_up(self.pos, abi::artifact::DATA_ALIGN);
         self.pos = off + p.as_bytes().len() as u64;
         // A closed channel means the writer stopped on an error, which the caller reports.
         self.tx.send((p, off)).map_err(|_| CodegenError::Target("the artifact writer stopped".into()))?;
@@ -507,17 +507,17 @@ fn push_place(w: &mut Sink, p: &Place, weights: &dyn WeightSource) -> Result<u64
         return w.push(Payload::Bytes(bytes));
     }
     if let Place::Panels { rows, k, groups, bytes, .. } = p {
-        let count = runtime::ukernel::panel_count(*rows, *k, *groups);
-        let panel_bytes = (runtime::ukernel::PANEL * k * 4) as u64;
+        let count = abi::panel::panel_count(*rows, *k, *groups);
+        let panel_bytes = (abi::panel::PANEL * k * 4) as u64;
         // Pieces of whole panels are multiples of 64 bytes (PANEL * 4): laid end to end they
         // are exactly the whole buffer, at the writer's alignment.
-        if *bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(runtime::artifact::DATA_ALIGN) {
+        if *bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(abi::artifact::DATA_ALIGN) {
             let rows_of = PanelRows::load(p, weights)?;
             let per = (PANEL_PIECE_BYTES / panel_bytes).max(1) as usize;
             let mut start = None;
             let mut end = 0;
             for q in (0..count).step_by(per) {
-                let piece = runtime::ukernel::pack_panels_part(*rows, *k, *groups, |r| rows_of.row(r), q..(q + per).min(count));
+                let piece = abi::panel::pack_panels_part(*rows, *k, *groups, |r| rows_of.row(r), q..(q + per).min(count));
                 let len = piece.len() as u64 * 4;
                 let off = w.push(Payload::F32(piece))?;
                 if start.is_some() && off != end {

@@ -23,8 +23,9 @@ pub enum CodegenError {
     Isa(String),
     #[error(transparent)]
     Ir(#[from] llmc_ir::IrError),
+    /// Writing the artifact or packing a weight failed (the error names the file or the row).
     #[error(transparent)]
-    Runtime(#[from] llmc_runtime::RuntimeError),
+    Abi(#[from] llmc_abi::AbiError),
 }
 
 pub type Result<T, E = CodegenError> = std::result::Result<T, E>;

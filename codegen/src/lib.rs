@@ -2,14 +2,15 @@
 //! loads. `cpu`: x86-64 machine code through Cranelift, one kernel per graph node ([`cpu`]), driven
 //! by [`emit`] over the memory [`plan`].
 
+extern crate llmc_abi as abi;
 extern crate llmc_ir as ir;
-extern crate llmc_runtime as runtime;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod emit;
 pub mod error;
+pub mod packed;
 pub mod plan;
 
 pub use emit::{compile_cpu, CompileOptions, CompileReport};

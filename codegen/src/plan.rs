@@ -21,7 +21,8 @@ use crate::error::{CodegenError, Result};
 pub enum Place {
     /// A weight loaded from the checkpoint by name, under its layout (the dequantized values of a
     /// packed layout: `ir::quant::fake_quant`).
-    /// `packed`: stored in the layout's packed byte format (`cpu::quant`), else as f32.
+    /// `packed`: stored in the layout's packed byte format (`abi::QFormat`, see `crate::packed`),
+    /// else as f32.
     Weight { name: String, ty: ir::TensorType, layout: ir::Layout, packed: bool, bytes: u64 },
     /// An inline constant.
     Const { values: Vec<f32> },
@@ -34,7 +35,7 @@ pub enum Place {
     /// A KV-cache state (index into `graph.states`).
     State { index: usize },
     /// A `Weight` or `WeightConcat` (`inner`, row-major `[rows, k]`) stored in the runtime's panel
-    /// layout in `groups` row groups (`llmc_runtime::ukernel::pack_panels`); `bytes` in all.
+    /// layout in `groups` row groups (`abi::panel`); `bytes` in all.
     Panels { inner: Box<Place>, rows: usize, k: usize, groups: usize, bytes: u64 },
     /// The runtime's microkernel function table (`BufferDecl::Microkernels`).
     Microkernels,
@@ -111,7 +112,7 @@ impl Arena {
 /// Bytes of a `[N, K]` value stored packed as `layout`.
 fn packed_bytes(layout: Option<ir::Layout>, ty: &ir::TensorType) -> Option<u64> {
     let (n, k) = (ty.shape.first()?.as_const()?, ty.shape.get(1)?.as_const()?);
-    Some((n * crate::cpu::quant::row_bytes(layout?, k)) as u64)
+    Some((n * crate::packed::qformat(layout?)?.row_bytes(k)) as u64)
 }
 
 /// Plans memory for `g` with steps of at most `max_chunk` tokens and a context of `max_context`;
@@ -183,7 +184,7 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize, panels: bool) -> Re
             }
             let t = g.ty(n);
             let (rows, k) = (t.shape[0].as_const().unwrap_or(0), t.shape[1].as_const().unwrap_or(0));
-            let bytes = (groups * runtime::ukernel::panel_group_len(rows / groups, k) * 4) as u64;
+            let bytes = (groups * abi::panel::panel_group_len(rows / groups, k) * 4) as u64;
             let inner = Box::new(places[b].clone());
             places[b] = Place::Panels { inner, rows, k, groups, bytes };
         }

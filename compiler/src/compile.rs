@@ -18,7 +18,7 @@ use crate::calibrate::MatrixReport;
 use crate::config::{CompileConfig, Emit};
 use crate::emit_lib::{self, LibOutput};
 use crate::error::{Error, Result};
-use crate::pipeline::{optimize, PassRecord};
+use crate::pipeline::{run_pipeline, PassRecord};
 use crate::quant::{self, QuantSummary};
 
 /// A phase of [`compile`] finished (or, for `Tensor`, advanced). Events come in this order;
@@ -49,7 +49,7 @@ pub enum Progress<'a> {
 pub struct Timings {
     pub load: f64,
     pub passes: f64,
-    /// Quantization layouts, calibration and the `--report` rows.
+    /// Calibration and the `--report` rows (the pipeline's `quantize` entry sets the layouts).
     pub quantize: f64,
     /// Code generation and writing the artifact.
     pub codegen: f64,
@@ -161,16 +161,11 @@ pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Pr
         }
     };
 
-    let o = optimize(model, config.max_context, &config.pipeline, ir_out)?;
+    let o = run_pipeline(model, config.max_context, &checked.pipeline, &checked.ctx, &config.pipeline, ir_out)?;
     progress(Progress::Loaded { nodes: o.loaded_nodes, seconds: o.load_seconds });
     progress(Progress::PassesDone { nodes: o.model.graph.node_count(), seconds: o.passes_seconds, passes: &o.passes });
     let (mut m, passes) = (o.model, o.passes);
 
-    let tq = Instant::now();
-    let quantized = match checked.layout {
-        Some(layout) => Some((layout, quant::set_layouts(&config.quant, layout, &mut m)?)),
-        None => None,
-    };
     let vocab = vocab_of(&m.graph);
     let assets = if config.no_tokenizer { Default::default() } else { crate::assets::text_assets(&mut m, vocab)? };
     let mut opts = codegen::CompileOptions {
@@ -199,10 +194,13 @@ pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Pr
     let tensors = weights.len();
     drop(weights);
 
-    let plan = match quantized {
-        Some((layout, counts)) => {
+    // The pipeline's quantize entry, with the counts its run reported.
+    let tq = Instant::now();
+    let plan = match &checked.quantize {
+        Some((at, quantize)) => {
+            let counts = passes.get(*at).map_or((0, 0), |r| (r.counter("quantized"), r.counter("quantized-params")));
             let tc = Instant::now();
-            let plan = quant::calibrate(&config.quant, &m, layout, checked.wanda, counts)?;
+            let plan = quant::calibrate(&config.quant, &m, quantize, &checked.pipeline[*at], counts)?;
             if let Some(s) = plan.summary.as_ref().filter(|_| plan.source.is_some()) {
                 progress(Progress::Calibrated { method: s.method, windows: s.calib_windows, seconds: tc.elapsed().as_secs_f64() });
             }

@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 
 use llmc_codegen as codegen;
-use llmc_ir as ir;
 use llmc_passes as passes;
 
 use crate::error::{Error, Result};
@@ -37,11 +36,24 @@ impl Target {
         }
     }
 
-    /// The target named `name` (`--target`); an unknown name, or `cuda` in a build without the
-    /// `cuda` feature, is an error listing the targets this build has.
+    /// The target named `name` that this build can compile for (`llmc compile --target`); an
+    /// unknown name, or `cuda` in a build without the `cuda` feature, is an error listing the
+    /// targets this build has.
     pub fn parse(name: &str) -> Result<Target> {
         let b = codegen::backend(name)?;
         Ok(if b.name() == "cuda" { Target::Cuda } else { Target::Cpu })
+    }
+
+    /// The target named `name` whose cost model the passes know (`llmc dump-ir --target`), in any
+    /// build; an unknown name is an error listing the known ones.
+    pub fn by_name(name: &str) -> Result<Target> {
+        let ctx = passes::PassContext::for_target(name)?;
+        Ok(if ctx.target.name == "cuda" { Target::Cuda } else { Target::Cpu })
+    }
+
+    /// What every pass of a pipeline for this target shares.
+    pub(crate) fn pass_context(self) -> Result<passes::PassContext> {
+        Ok(passes::PassContext::for_target(self.name())?)
     }
 
     /// Names of the targets this build can compile for.
@@ -64,7 +76,10 @@ pub enum Emit {
     Ptx(PathBuf),
 }
 
-/// Weight quantization and sparsity (`llmc compile --quant ...`); off by default.
+/// Weight quantization and sparsity (`llmc compile --quant ...`); off by default. `quant`,
+/// `sparsity` and `keep_fp` spell a `quantize{format=...,sparsity=...,keep-fp=...}` entry that is
+/// appended to the pipeline; a pipeline may instead name that entry itself (then these three stay
+/// unset). `calib`, `calib_tokens`, `smooth_alpha` and `report` apply to whichever entry it is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantConfig {
     /// `--quant`: `int8`, `int4[:gN][:asym]`, `w8a8` or `w4a8[:gN]`.
@@ -102,8 +117,9 @@ impl Default for QuantConfig {
 /// The pass pipeline and what to show of it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PipelineConfig {
-    /// `--passes`: the pipeline in its text form (`dce,cse,optimize`); `None`: the default
-    /// pipeline ([`crate::default_pipeline`]).
+    /// `--passes`: the pipeline in its text form, entries with options in braces
+    /// (`dce,optimize{target=cuda},quantize{format=int4:g64}`); `None`: the default pipeline
+    /// ([`crate::default_pipeline`]).
     pub passes: Option<String>,
     /// `--print-ir-after`: print the IR after each run of these passes (to the caller's writer).
     pub print_ir_after: Vec<String>,
@@ -117,18 +133,24 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The pass names of the pipeline, in order.
-    pub fn pipeline(&self) -> Vec<String> {
-        pipeline(self.passes.as_deref())
+    /// The parsed pipeline (the default one when `passes` is `None`).
+    pub(crate) fn parsed(&self) -> Result<passes::Pipeline> {
+        parse_pipeline(self.passes.as_deref())
     }
 }
 
-/// The pass names of `spec` (`--passes` syntax), or of the default pipeline when `None`.
-pub fn pipeline(spec: Option<&str>) -> Vec<String> {
-    match spec {
-        Some(s) => passes::parse_pipeline(s),
-        None => passes::default_pipeline().iter().map(|s| s.to_string()).collect(),
-    }
+fn parse_pipeline(spec: Option<&str>) -> Result<passes::Pipeline> {
+    Ok(match spec {
+        Some(s) => passes::Pipeline::parse(s)?,
+        None => passes::default_pipeline(),
+    })
+}
+
+/// The entries of the pipeline `spec` (`--passes` syntax; the default pipeline when `None`), each
+/// in its canonical spelling (`optimize{target=cuda}`); a spec that does not parse is an error
+/// pointing at the column.
+pub fn pipeline(spec: Option<&str>) -> Result<Vec<String>> {
+    Ok(parse_pipeline(spec)?.iter().map(|p| p.to_string()).collect())
 }
 
 /// Everything [`crate::compile`] needs besides the checkpoint.
@@ -176,10 +198,12 @@ impl Default for CompileConfig {
 /// A validated config's derived settings.
 pub(crate) struct Checked {
     pub backend: Box<dyn codegen::Backend>,
-    /// The quantization layout, `None` without `--quant`/`--sparsity`.
-    pub layout: Option<ir::Layout>,
-    /// `--sparsity 2:4:wanda`.
-    pub wanda: bool,
+    /// The pipeline's shared context: the compile target.
+    pub ctx: passes::PassContext,
+    /// The pipeline to run, with the `quantize` entry the quantization flags spell appended.
+    pub pipeline: passes::Pipeline,
+    /// The pipeline's `quantize` entry (at most one), built.
+    pub quantize: Option<(usize, passes::Quantize)>,
 }
 
 impl CompileConfig {
@@ -201,30 +225,51 @@ impl CompileConfig {
         if self.emit == Emit::Lib && backend.name() != "cpu" {
             return Err(Error::Config("--emit lib links the CPU runtime: use it with --target cpu".into()));
         }
-        let (layout, wanda) = self.quant.check()?;
-        Ok(Checked { backend, layout, wanda })
+        // The pipeline's passes see the compile target.
+        let ctx = passes::PassContext::for_target(backend.name())?;
+        let mut pipeline = self.pipeline.parsed()?;
+        let quantize = self.quant.add_to_pipeline(&mut pipeline, &ctx)?;
+        Ok(Checked { backend, ctx, pipeline, quantize })
     }
 }
 
 impl QuantConfig {
-    /// Parses and checks the quantization options: the layout (`None` when neither `quant` nor
-    /// `sparsity` is set) and whether 2:4 pruning is Wanda's.
-    pub(crate) fn check(&self) -> Result<(Option<ir::Layout>, bool)> {
-        let quant = self.quant.as_deref().map(passes::Quantize::parse_spec).transpose()?;
-        let wanda = self.sparsity.as_deref().map(passes::Quantize::parse_sparsity).transpose()?;
-        let layout = passes::Quantize::combine(quant, wanda.is_some())?;
-        if layout.is_none() {
-            for (set, flag) in [(!self.keep_fp.is_empty(), "--keep-fp"), (self.calib.is_some(), "--calib"), (self.report, "--report")] {
+    /// Appends the `quantize` entry `quant`/`sparsity`/`keep_fp` spell to `pipeline` (an error when
+    /// the pipeline names one too) and checks the options that go with quantization. Returns the
+    /// pipeline's `quantize` entry, built, and its index, if it has one.
+    pub(crate) fn add_to_pipeline(
+        &self,
+        pipeline: &mut passes::Pipeline,
+        ctx: &passes::PassContext,
+    ) -> Result<Option<(usize, passes::Quantize)>> {
+        use passes::RegisteredPass;
+        let from_flags = passes::Quantize::spec_from_flags(self.quant.as_deref(), self.sparsity.as_deref(), &self.keep_fp)?;
+        let named = pipeline.iter().filter(|p| p.name == passes::Quantize::NAME).count();
+        if named > 1 {
+            return Err(Error::Config(format!("--passes `{pipeline}` quantizes {named} times; give one quantize entry")));
+        }
+        if let Some(spec) = from_flags {
+            if named > 0 {
+                return Err(Error::Config(format!(
+                    "--quant/--sparsity/--keep-fp append `{spec}` to the pipeline, and --passes already has a quantize entry: \
+                     give the quantization options in one place"
+                )));
+            }
+            pipeline.push(spec);
+        }
+        let Some(at) = pipeline.iter().position(|p| p.name == passes::Quantize::NAME) else {
+            for (set, flag) in [(self.calib.is_some(), "--calib"), (self.report, "--report")] {
                 if set {
                     return Err(Error::Config(format!("{flag} needs --quant or --sparsity")));
                 }
             }
-            return Ok((None, false));
-        }
+            return Ok(None);
+        };
+        let quantize = passes::Quantize::from_spec(&pipeline[at], ctx)?;
         if !(0.0..=1.0).contains(&self.smooth_alpha) {
             return Err(Error::Config(format!("--smooth-alpha {}: must be within 0..=1", self.smooth_alpha)));
         }
-        if wanda == Some(true) && self.calib.is_none() {
+        if quantize.wanda && self.calib.is_none() {
             return Err(Error::Config("--sparsity 2:4:wanda needs --calib FILE (Wanda weighs |w| by activation norms)".into()));
         }
         if let Some(p) = &self.calib {
@@ -235,13 +280,14 @@ impl QuantConfig {
                 return Err(Error::Config(format!("--calib-tokens {} is below one window of {CALIB_WINDOW}", self.calib_tokens)));
             }
         }
-        Ok((layout, wanda == Some(true)))
+        Ok(Some((at, quantize)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmc_ir as ir;
 
     fn err_of(c: &CompileConfig) -> String {
         match c.validate() {
@@ -254,13 +300,25 @@ mod tests {
         CompileConfig { quant: q, ..Default::default() }
     }
 
+    fn q(quant: Option<&str>, sparsity: Option<&str>) -> QuantConfig {
+        QuantConfig { quant: quant.map(String::from), sparsity: sparsity.map(String::from), ..Default::default() }
+    }
+
+    /// The checked pipeline's entries and its quantize entry's index and layout.
+    fn checked(c: &CompileConfig) -> (Vec<String>, Option<(usize, ir::Layout, bool)>) {
+        let k = c.check().unwrap_or_else(|e| panic!("{e}"));
+        (k.pipeline.iter().map(|p| p.to_string()).collect(), k.quantize.map(|(i, q)| (i, q.layout, q.wanda)))
+    }
+
     #[test]
     fn defaults_are_valid_and_match_the_cli() {
         let c = CompileConfig::default();
-        c.validate().unwrap();
+        let (entries, quantize) = checked(&c);
+        assert_eq!((entries, quantize), (crate::default_pipeline(), None));
         assert_eq!((c.target, &c.emit, c.quant.calib_tokens, c.quant.smooth_alpha), (Target::Cpu, &Emit::Artifact, 2048, 0.5));
-        assert_eq!(c.pipeline.pipeline(), passes::default_pipeline());
-        assert_eq!(pipeline(Some(" dce, ,cse")), vec!["dce", "cse"]);
+        assert_eq!(pipeline(Some(" dce, optimize{ target = cuda }")).unwrap(), vec!["dce", "optimize{target=cuda}"]);
+        let e = pipeline(Some("dce,optimize{target=cuda")).unwrap_err().to_string();
+        assert!(e.contains("never closed"), "{e}");
     }
 
     #[test]
@@ -273,6 +331,10 @@ mod tests {
             Err(e) => assert!(!cfg!(feature = "cuda") && e.to_string().contains("not available in this build"), "{e}"),
         }
         assert_eq!(Target::available().contains(&"cuda"), cfg!(feature = "cuda"));
+        // The passes know both cost models in every build.
+        assert_eq!((Target::by_name("cpu").unwrap(), Target::by_name("cuda").unwrap()), (Target::Cpu, Target::Cuda));
+        let e = Target::by_name("tpu").unwrap_err().to_string();
+        assert!(e.contains("target `tpu`") && e.contains("cpu, cuda"), "{e}");
     }
 
     #[test]
@@ -286,34 +348,55 @@ mod tests {
         let e = err_of(&lib_cuda);
         if cfg!(feature = "cuda") {
             assert_eq!(e, "--emit lib links the CPU runtime: use it with --target cpu");
-            CompileConfig { target: Target::Cuda, emit: Emit::Ptx("p".into()), gpu_dtype: Some("f32".into()), ..Default::default() }
-                .validate()
-                .unwrap();
+            let ok = CompileConfig { target: Target::Cuda, emit: Emit::Ptx("p".into()), gpu_dtype: Some("f32".into()), ..Default::default() };
+            // The pipeline's passes see the compile target.
+            assert_eq!(ok.check().unwrap().ctx.target.name, "cuda");
         } else {
             assert!(e.contains("target `cuda` is not available"), "{e}");
         }
+        assert_eq!(CompileConfig::default().check().unwrap().ctx.target.name, "cpu");
     }
 
     #[test]
-    fn quantization_flags_need_a_format() {
+    fn quantization_options_need_a_quantize_entry() {
+        let keep = QuantConfig { keep_fp: vec!["lm_head".into()], ..Default::default() };
+        assert_eq!(err_of(&quant(keep)), "quantize: --keep-fp needs --quant or --sparsity");
         for (q, flag) in [
-            (QuantConfig { keep_fp: vec!["lm_head".into()], ..Default::default() }, "--keep-fp"),
             (QuantConfig { calib: Some("c.txt".into()), ..Default::default() }, "--calib"),
             (QuantConfig { report: true, ..Default::default() }, "--report"),
         ] {
             assert_eq!(err_of(&quant(q)), format!("{flag} needs --quant or --sparsity"));
         }
-        // Without a format, the other values are not looked at.
+        // Without quantization, the other values are not looked at.
         quant(QuantConfig { smooth_alpha: 7.0, calib_tokens: 0, ..Default::default() }).validate().unwrap();
+        // A quantize entry in the pipeline is quantization too.
+        let entry = CompileConfig {
+            quant: QuantConfig { report: true, ..Default::default() },
+            pipeline: PipelineConfig { passes: Some("dce,quantize{format=int8}".into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(checked(&entry), (vec!["dce".into(), "quantize{format=int8}".into()], Some((1, ir::Layout::Int8, false))));
+    }
+
+    #[test]
+    fn quantization_flags_append_one_quantize_entry() {
+        let c = CompileConfig { quant: QuantConfig { keep_fp: vec!["lm_head".into(), "emb*".into()], ..q(Some("int4:g64"), None) }, ..Default::default() };
+        let (entries, quantize) = checked(&c);
+        let last = entries.last().unwrap();
+        assert!(last.starts_with("quantize{format=int4:g64,keep-fp=") && last.contains("lm_head;emb*"), "{last}");
+        assert_eq!(quantize, Some((entries.len() - 1, ir::Layout::Int4 { group: 64, asym: false }, false)));
+        let both = CompileConfig { pipeline: PipelineConfig { passes: Some("quantize{format=int8}".into()), ..Default::default() }, ..c };
+        let e = err_of(&both);
+        assert!(e.contains("--passes already has a quantize entry"), "{e}");
+        let twice = CompileConfig {
+            pipeline: PipelineConfig { passes: Some("quantize{format=int8},quantize{format=int8}".into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(err_of(&twice), "--passes `quantize{format=int8},quantize{format=int8}` quantizes 2 times; give one quantize entry");
     }
 
     #[test]
     fn quantization_specs_and_values_are_checked() {
-        let q = |quant: Option<&str>, sparsity: Option<&str>| QuantConfig {
-            quant: quant.map(String::from),
-            sparsity: sparsity.map(String::from),
-            ..Default::default()
-        };
         let e = err_of(&quant(q(Some("int3"), None)));
         assert!(e.contains("--quant `int3`") && e.contains("unknown format"), "{e}");
         let e = err_of(&quant(q(Some("w4a8:g16"), None)));
@@ -334,8 +417,9 @@ mod tests {
         let few = QuantConfig { calib: Some(here.clone()), calib_tokens: 100, ..q(Some("int8"), None) };
         assert_eq!(err_of(&quant(few)), "--calib-tokens 100 is below one window of 128");
         let ok = QuantConfig { calib: Some(here), keep_fp: vec!["lm_head".into()], report: true, ..q(None, Some("2:4:wanda")) };
-        let (layout, wanda) = ok.check().unwrap();
-        assert_eq!((layout, wanda), (Some(ir::Layout::Sparse24 { int8: false }), true));
-        assert_eq!(q(Some("int8"), Some("2:4")).check().unwrap(), (Some(ir::Layout::Sparse24 { int8: true }), false));
+        let (entries, quantize) = checked(&quant(ok));
+        assert_eq!(quantize, Some((entries.len() - 1, ir::Layout::Sparse24 { int8: false }, true)));
+        let (_, quantize) = checked(&quant(q(Some("int8"), Some("2:4"))));
+        assert_eq!(quantize.map(|(_, l, w)| (l, w)), Some((ir::Layout::Sparse24 { int8: true }, false)));
     }
 }

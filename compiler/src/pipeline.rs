@@ -10,10 +10,11 @@ use llmc_frontend as frontend;
 use llmc_passes as passes;
 use tracing::info;
 
-use crate::config::{pipeline, PipelineConfig};
+use crate::config::{PipelineConfig, Target};
 use crate::error::{Error, Result};
 
 pub use frontend::Model;
+pub use passes::PassOption;
 
 /// What one pass of the pipeline did.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +31,13 @@ pub struct PassRecord {
     pub notes: Vec<String>,
 }
 
+impl PassRecord {
+    /// The value of counter `name`, 0 when the pass did not report it.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v)
+    }
+}
+
 /// A loaded and optimized model with what it took.
 #[derive(Debug)]
 pub struct Optimized {
@@ -43,10 +51,24 @@ pub struct Optimized {
 }
 
 /// Loads the checkpoint at `model` (a directory, a `.safetensors` file with `config.json` beside
-/// it, or a sharded index) with the context capped at `max_context`, and runs the pipeline.
+/// it, or a sharded index) with the context capped at `max_context`, and runs the pipeline of `p`
+/// with `target`'s pass context (`optimize` uses its cost model unless an entry says otherwise).
 /// `--print-ir-after[-all]` text and the `--pass-stats` table go to `ir_out` as the passes run
 /// (a graph the verifier rejects is printed before the error).
-pub fn optimize(model: &Path, max_context: Option<usize>, p: &PipelineConfig, ir_out: &mut dyn Write) -> Result<Optimized> {
+pub fn optimize(model: &Path, target: Target, max_context: Option<usize>, p: &PipelineConfig, ir_out: &mut dyn Write) -> Result<Optimized> {
+    run_pipeline(model, max_context, &p.parsed()?, &target.pass_context()?, p, ir_out)
+}
+
+/// [`optimize`] with the pipeline parsed and its context built: `p` says only what to print,
+/// dump and count.
+pub(crate) fn run_pipeline(
+    model: &Path,
+    max_context: Option<usize>,
+    pipeline: &passes::Pipeline,
+    ctx: &passes::PassContext,
+    p: &PipelineConfig,
+    ir_out: &mut dyn Write,
+) -> Result<Optimized> {
     let t0 = Instant::now();
     let mut m = frontend::load(model, &frontend::Options { max_context })?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -59,7 +81,7 @@ pub fn optimize(model: &Path, max_context: Option<usize>, p: &PipelineConfig, ir
     } else {
         passes::PrintAfter::None
     };
-    let pm = passes::PassManager::new(&p.pipeline())?.print_after(print).dump_dir(p.dump_ir.clone()).stats(p.pass_stats);
+    let pm = passes::PassManager::new(pipeline, ctx)?.print_after(print).dump_dir(p.dump_ir.clone()).stats(p.pass_stats);
     let t1 = Instant::now();
     let stats = pm.run(&mut m.graph, ir_out)?;
     let passes_seconds = t1.elapsed().as_secs_f64();
@@ -89,6 +111,8 @@ pub struct DumpIrConfig {
     /// The pipeline in `--passes` syntax; `None`: the default pipeline.
     pub passes: Option<String>,
     pub after: DumpAfter,
+    /// Whose cost model `optimize` uses unless an entry says `optimize{target=...}`.
+    pub target: Target,
     pub max_context: Option<usize>,
 }
 
@@ -105,7 +129,7 @@ pub fn dump_ir(model: &Path, cfg: &DumpIrConfig, out: &mut dyn Write) -> Result<
         dump_ir: None::<PathBuf>,
         pass_stats: false,
     };
-    let o = optimize(model, cfg.max_context, &p, out)?;
+    let o = optimize(model, cfg.target, cfg.max_context, &p, out)?;
     if cfg.after == DumpAfter::Pipeline {
         out.write_all(llmc_ir::print(&o.model.graph).as_bytes()).map_err(Error::Output)?;
     }
@@ -113,13 +137,20 @@ pub fn dump_ir(model: &Path, cfg: &DumpIrConfig, out: &mut dyn Write) -> Result<
 }
 
 /// Why the optimizer's extracted form of `value` (`%42`, a value of the IR as it reaches the
-/// `optimize` pass, i.e. after the passes before it in `passes`) won: its cost against the
-/// alternatives in its e-class, as text.
-pub fn explain(model: &Path, passes_spec: Option<&str>, max_context: Option<usize>, value: &str) -> Result<String> {
-    let before: Vec<String> = pipeline(passes_spec).into_iter().take_while(|p| p != "optimize").collect();
-    let mut m = frontend::load(model, &frontend::Options { max_context })?;
-    passes::PassManager::new(&before)?.run(&mut m.graph, &mut std::io::sink())?;
-    Ok(passes::explain(&m.graph, value)?)
+/// first `optimize` entry of `cfg.passes`, i.e. after the passes before it) won: its cost against
+/// the alternatives in its e-class, as text, under that entry's options (a bare `optimize` when
+/// the pipeline has none). `cfg.after` is not used.
+pub fn explain(model: &Path, cfg: &DumpIrConfig, value: &str) -> Result<String> {
+    use passes::RegisteredPass;
+    let ctx = cfg.target.pass_context()?;
+    let pipeline = PipelineConfig { passes: cfg.passes.clone(), ..Default::default() }.parsed()?;
+    let at = pipeline.iter().position(|p| p.name == "optimize");
+    let before = &pipeline[..at.unwrap_or(pipeline.len())];
+    let spec = at.map_or_else(|| passes::PassSpec::new("optimize"), |i| pipeline[i].clone());
+    let opt = passes::Optimize::from_spec(&spec, &ctx)?;
+    let mut m = frontend::load(model, &frontend::Options { max_context: cfg.max_context })?;
+    passes::PassManager::new(before, &ctx)?.run(&mut m.graph, &mut std::io::sink())?;
+    Ok(opt.explain(&m.graph, value)?)
 }
 
 /// A pass `--passes` can name.
@@ -130,6 +161,8 @@ pub struct PassInfo {
     pub summary: &'static str,
     /// Whether the default pipeline runs it.
     pub default: bool,
+    /// The options it takes in braces (`optimize{target=cuda}`).
+    pub options: &'static [PassOption],
 }
 
 /// Every pass, in registry order.
@@ -137,11 +170,16 @@ pub fn passes() -> Vec<PassInfo> {
     let default = passes::default_pipeline();
     passes::all_passes()
         .iter()
-        .map(|p| PassInfo { name: p.name(), summary: p.summary(), default: default.contains(&p.name()) })
+        .map(|p| PassInfo {
+            name: p.name(),
+            summary: p.summary(),
+            default: default.iter().any(|e| e.name == p.name()),
+            options: p.options(),
+        })
         .collect()
 }
 
-/// The pipeline a compile runs when none is given.
-pub fn default_pipeline() -> Vec<&'static str> {
-    passes::default_pipeline()
+/// The entries of the pipeline a compile runs when none is given, in order.
+pub fn default_pipeline() -> Vec<String> {
+    passes::default_pipeline().iter().map(|p| p.to_string()).collect()
 }

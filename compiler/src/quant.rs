@@ -1,8 +1,8 @@
-//! The quantization phase of a compile (`--quant`, `--sparsity`, `--keep-fp`, `--calib`,
-//! `--report`): runs the `quantize` pass (layouts only), captures calibration activations, builds
-//! the calibrated weight source the artifact is written from (GPTQ rows, Wanda-pruned values,
-//! SmoothQuant-scaled weights) and the per-matrix error rows. The algorithms are in
-//! [`crate::calibrate`].
+//! The quantization phase of a compile (`--calib`, `--report`), after the pipeline's `quantize`
+//! entry (the one `--quant`/`--sparsity`/`--keep-fp` append, or one `--passes` names) has set the
+//! layouts: captures calibration activations, builds the calibrated weight source the artifact is
+//! written from (GPTQ rows, Wanda-pruned values, SmoothQuant-scaled weights) and the per-matrix
+//! error rows. The algorithms are in [`crate::calibrate`].
 
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 /// What quantization did, for the compile report.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantSummary {
-    /// `--quant` and `--sparsity` as given.
+    /// The `format` and `sparsity` options of the quantize entry (`--quant`/`--sparsity` as given).
     pub format: Option<String>,
     pub sparsity: Option<String>,
     /// The layout set on the quantized weights (`int4_g32`, `sparse24_int8`, ...).
@@ -40,25 +40,21 @@ pub(crate) struct Plan<'a> {
     pub acts: Option<Activations>,
 }
 
-/// Runs the quantize pass on `m.graph` (layouts only): the weights and parameters quantized.
-pub(crate) fn set_layouts(q: &QuantConfig, layout: ir::Layout, m: &mut frontend::Model) -> Result<(u64, u64)> {
-    let pass = passes::Quantize { layout, keep_fp: q.keep_fp.clone() };
-    let stats = passes::PassManager::from_passes(vec![Box::new(pass)]).run(&mut m.graph, &mut std::io::sink())?;
-    Ok(stats.first().map_or((0, 0), |(_, st, _)| (st.get("quantized"), st.get("quantized-params"))))
-}
-
-/// Captures calibration activations and builds the calibrated weight source when `q.calib`.
+/// Captures calibration activations and builds the calibrated weight source when `q.calib`, for
+/// the layouts the pipeline's `quantize` entry `spec` (built as `quantize`) set on `tensors`
+/// weights of `params` parameters.
 pub(crate) fn calibrate<'a>(
     q: &QuantConfig,
     m: &'a frontend::Model,
-    layout: ir::Layout,
-    wanda: bool,
+    quantize: &passes::Quantize,
+    spec: &passes::PassSpec,
     (tensors, params): (u64, u64),
 ) -> Result<Plan<'a>> {
+    let (layout, wanda) = (quantize.layout, quantize.wanda);
     let sparse = matches!(layout, ir::Layout::Sparse24 { .. });
     let mut summary = QuantSummary {
-        format: q.quant.clone(),
-        sparsity: q.sparsity.clone(),
+        format: spec.option("format").map(String::from),
+        sparsity: spec.option("sparsity").map(String::from),
         layout,
         method: if sparse { "magnitude" } else { "rtn" },
         tensors,

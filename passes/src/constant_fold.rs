@@ -12,6 +12,7 @@ use llmc_ir::{self as ir, BinaryOp, Graph, NodeId, Op};
 
 use crate::error::Result;
 use crate::manager::{Pass, PassStats};
+use crate::registry::{PassContext, PassOptions, RegisteredPass};
 
 /// The largest result (in elements) that is folded into a `const`.
 pub const MAX_FOLD_ELEMENTS: usize = 4096;
@@ -161,12 +162,20 @@ fn evaluate(g: &Graph, n: NodeId) -> Result<Vec<f32>> {
     Ok(res.remove(0).data)
 }
 
+impl RegisteredPass for ConstantFold {
+    const NAME: &'static str = "constant-fold";
+    const SUMMARY: &'static str = "evaluate ops on consts (<= 4096 elements); exact identities (x*1, x+-0, reshape/transpose chains)";
+    fn from_options(_: &PassOptions<'_>, _: &PassContext) -> Result<Self> {
+        Ok(ConstantFold)
+    }
+}
+
 impl Pass for ConstantFold {
     fn name(&self) -> &'static str {
-        "constant-fold"
+        Self::NAME
     }
     fn summary(&self) -> &'static str {
-        "evaluate ops on consts (<= 4096 elements); exact identities (x*1, x+-0, reshape/transpose chains)"
+        Self::SUMMARY
     }
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
         let mut st = PassStats::default();

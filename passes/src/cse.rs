@@ -10,6 +10,7 @@ use llmc_ir::{self as ir, NodeId, Op, TensorType};
 
 use crate::error::Result;
 use crate::manager::{Pass, PassStats};
+use crate::registry::{PassContext, PassOptions, RegisteredPass};
 
 /// Merges structurally identical nodes.
 pub struct Cse;
@@ -29,12 +30,20 @@ fn op_key(op: &Op) -> OpKey {
     }
 }
 
+impl RegisteredPass for Cse {
+    const NAME: &'static str = "cse";
+    const SUMMARY: &'static str = "merge identical nodes (same op, attributes, operands, type); never kv_concat";
+    fn from_options(_: &PassOptions<'_>, _: &PassContext) -> Result<Self> {
+        Ok(Cse)
+    }
+}
+
 impl Pass for Cse {
     fn name(&self) -> &'static str {
-        "cse"
+        Self::NAME
     }
     fn summary(&self) -> &'static str {
-        "merge identical nodes (same op, attributes, operands, type); never kv_concat"
+        Self::SUMMARY
     }
     fn run(&self, g: &mut ir::Graph) -> Result<PassStats> {
         let mut seen: HashMap<(OpKey, Vec<NodeId>, TensorType), NodeId> = HashMap::new();

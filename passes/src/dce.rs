@@ -5,16 +5,25 @@ use llmc_ir as ir;
 
 use crate::error::Result;
 use crate::manager::{Pass, PassStats};
+use crate::registry::{PassContext, PassOptions, RegisteredPass};
 
 /// Removes nodes no output or side effect depends on.
 pub struct Dce;
 
+impl RegisteredPass for Dce {
+    const NAME: &'static str = "dce";
+    const SUMMARY: &'static str = "remove values that no output or side effect (kv_concat) depends on";
+    fn from_options(_: &PassOptions<'_>, _: &PassContext) -> Result<Self> {
+        Ok(Dce)
+    }
+}
+
 impl Pass for Dce {
     fn name(&self) -> &'static str {
-        "dce"
+        Self::NAME
     }
     fn summary(&self) -> &'static str {
-        "remove values that no output or side effect (kv_concat) depends on"
+        Self::SUMMARY
     }
     fn run(&self, g: &mut ir::Graph) -> Result<PassStats> {
         let mut live = std::collections::HashSet::new();

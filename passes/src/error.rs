@@ -8,9 +8,27 @@ use thiserror::Error;
 /// Everything that can go wrong while building or running a pipeline.
 #[derive(Debug, Error)]
 pub enum PassError {
+    /// A pipeline spec that does not follow the grammar (`crate::pipeline`): an unbalanced brace,
+    /// an option without a value, an unquoted value holding `,`, ...; `column` is 1-based.
+    #[error("pipeline `{pipeline}`, column {column}: {why}")]
+    Syntax { pipeline: String, column: usize, why: String },
     /// A pipeline names a pass the registry does not have.
     #[error("unknown pass `{name}`; known passes: {known}")]
     UnknownPass { name: String, known: String },
+    /// A pipeline entry gives an option its pass does not declare; `known` lists the declared
+    /// ones with their values (`its options: target=cpu|cuda, ...`).
+    #[error("pass `{pass}` has no option `{option}`; {known}")]
+    UnknownOption { pass: String, option: String, known: String },
+    /// A pipeline entry gives an option a value the pass rejects.
+    #[error("pass `{pass}`, option `{option}={value}`: {why} (allowed: {allowed})")]
+    BadOption { pass: String, option: String, value: String, why: String, allowed: String },
+    /// A pipeline entry's options as a whole are wrong (a required one missing, two that do not
+    /// combine, one given twice).
+    #[error("pass `{pass}`: {why}")]
+    PassOptions { pass: String, why: String },
+    /// A target with no cost model (`--target`, `optimize{target=...}`).
+    #[error("no cost model for target `{name}` (known: cpu, cuda)")]
+    UnknownTarget { name: String },
     /// `--print-ir-after` names a pass that is unknown or not in the pipeline.
     #[error("--print-ir-after names `{name}`, {why}")]
     PrintAfter { name: String, why: String },

@@ -1,7 +1,10 @@
 //! llmc's graph passes and the pass manager that runs them.
 //!
-//! [`manager`] holds the [`Pass`] trait, the registry ([`all_passes`]), the default pipeline and
-//! the [`PassManager`] (verifier after every pass, `--print-ir-after`, `--dump-ir`, statistics).
+//! [`pipeline`] parses and prints pipeline specs in MLIR's spelling
+//! (`dce,optimize{target=cuda},quantize{format=int4:g64}`); [`registry`] builds each entry from its
+//! options and the [`PassContext`] (the target) and lists every pass with its options
+//! ([`all_passes`]) and the default pipeline; [`manager`] holds the [`Pass`] trait and the
+//! [`PassManager`] (verifier after every pass, `--print-ir-after`, `--dump-ir`, statistics).
 //! One file per pass: [`dce`], [`cse`], [`constant_fold`]; the e-graph optimizer `optimize` is
 //! [`egraph`] with its rule tables in [`rules`]. Each pass is checked by unit tests and
 //! by a soundness test: random graphs evaluate to the same bits in the reference interpreter
@@ -13,7 +16,9 @@ pub mod dce;
 pub mod egraph;
 pub mod error;
 pub mod manager;
+pub mod pipeline;
 pub mod quantize;
+pub mod registry;
 pub mod rules;
 #[cfg(test)]
 mod testutil;
@@ -24,4 +29,6 @@ pub use dce::Dce;
 pub use egraph::{explain, Optimize};
 pub use error::{PassError, Result};
 pub use quantize::Quantize;
-pub use manager::{all_passes, default_pipeline, lookup, parse_pipeline, Pass, PassManager, PassStats, PrintAfter};
+pub use manager::{Pass, PassManager, PassStats, PrintAfter};
+pub use pipeline::{PassSpec, Pipeline};
+pub use registry::{all_passes, default_pipeline, lookup, PassContext, PassDef, PassOption, PassOptions, RegisteredPass};

@@ -1,11 +1,13 @@
-//! The pass manager: a named pipeline of [`Pass`] trait objects, run with the verifier after every
-//! pass, optional IR printing after chosen passes (`; ---- IR after <pass> ----`, MLIR's header),
-//! numbered dumps (`DIR/00-input.ir`, `DIR/01-<pass>.ir`, ...) and per-pass statistics.
+//! The pass manager: a pipeline of [`Pass`] trait objects, run with the verifier after every
+//! pass, optional IR printing after chosen passes (`; ---- IR after <entry> ----`, MLIR's header,
+//! the entry printed with its options: `optimize{target=cuda}`), numbered dumps
+//! (`DIR/00-input.ir`, `DIR/01-<pass>.ir`, ...) and per-pass statistics.
 //!
-//! Passes are looked up by their kebab-case name in [`all_passes`]; a pass that needs
-//! configuration (the e-graph optimizer's limits, say) can be handed over ready-made with
-//! [`PassManager::from_passes`]. Statistics counters are free-form `(name, count)` pairs so a new
-//! pass reports whatever it counts without touching the manager.
+//! A manager is built from a [`Pipeline`] (parsed from `dce,optimize{target=cuda}`) and a
+//! [`PassContext`] through the [registry](crate::registry), or from ready-made pass objects with
+//! [`PassManager::from_passes`]. The headers of `--print-ir-after-all` spell each entry
+//! canonically, so they parse back to the pipeline that ran. Statistics counters are free-form
+//! `(name, count)` pairs so a new pass reports whatever it counts without touching the manager.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use llmc_ir as ir;
 
 use crate::error::{PassError, Result};
+use crate::pipeline::{PassSpec, Pipeline};
+use crate::registry::{self, PassContext};
 
 /// A graph-to-graph transformation. Implementations are stateless or carry only configuration;
 /// `run` must leave a graph the verifier accepts (the manager checks).
@@ -53,32 +57,6 @@ impl PassStats {
     }
 }
 
-/// Every pass the command line can name, in the order `llmc passes` lists them.
-pub fn all_passes() -> Vec<Box<dyn Pass>> {
-    vec![
-        Box::new(crate::dce::Dce),
-        Box::new(crate::cse::Cse),
-        Box::new(crate::constant_fold::ConstantFold),
-        Box::new(crate::egraph::Optimize::default()),
-        Box::new(crate::quantize::Quantize::default()),
-    ]
-}
-
-/// The pass named `name`, if the registry has it.
-pub fn lookup(name: &str) -> Option<Box<dyn Pass>> {
-    all_passes().into_iter().find(|p| p.name() == name)
-}
-
-/// The pipeline `llmc compile` runs when none is given.
-pub fn default_pipeline() -> Vec<&'static str> {
-    vec!["dce", "cse", "constant-fold", "dce", "optimize", "dce", "cse"]
-}
-
-/// Splits a comma-separated pipeline (`"dce, cse"`), dropping empty items.
-pub fn parse_pipeline(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
-}
-
 /// Which passes print the IR after they run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum PrintAfter {
@@ -91,32 +69,30 @@ pub enum PrintAfter {
 
 /// Runs a pipeline; see the module docs.
 pub struct PassManager {
-    passes: Vec<Box<dyn Pass>>,
+    /// Each pass with the entry it was built from (printed in headers).
+    passes: Vec<(PassSpec, Box<dyn Pass>)>,
     print_after: PrintAfter,
     dump_dir: Option<PathBuf>,
     stats: bool,
 }
 
-fn known_names() -> String {
-    all_passes().iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-}
-
 impl PassManager {
-    /// A manager for `pipeline`, a list of registry names; an unknown name is an error naming it
-    /// and listing the known ones.
-    pub fn new(pipeline: &[String]) -> Result<Self> {
-        let mut passes = Vec::with_capacity(pipeline.len());
-        for name in pipeline {
-            match lookup(name) {
-                Some(p) => passes.push(p),
-                None => return Err(PassError::UnknownPass { name: name.clone(), known: known_names() }),
-            }
-        }
-        Ok(Self::from_passes(passes))
+    /// A manager for `pipeline`, each entry built by the registry with `ctx`: an unknown pass,
+    /// an unknown option or a bad value is an error naming it.
+    pub fn new(pipeline: &[PassSpec], ctx: &PassContext) -> Result<Self> {
+        let passes = pipeline.iter().map(|spec| Ok((spec.clone(), registry::build(spec, ctx)?))).collect::<Result<_>>()?;
+        Ok(PassManager { passes, print_after: PrintAfter::None, dump_dir: None, stats: false })
     }
 
-    /// A manager for ready-made pass objects (for passes that carry configuration).
+    /// [`PassManager::new`] for a pipeline spec such as `dce,optimize{target=cuda}`.
+    pub fn parse(spec: &str, ctx: &PassContext) -> Result<Self> {
+        Self::new(&Pipeline::parse(spec)?, ctx)
+    }
+
+    /// A manager for ready-made pass objects (for configurations no pipeline entry spells, such
+    /// as a rule subset); their headers print the bare pass name.
     pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> Self {
+        let passes = passes.into_iter().map(|p| (PassSpec::new(p.name()), p)).collect();
         PassManager { passes, print_after: PrintAfter::None, dump_dir: None, stats: false }
     }
 
@@ -137,34 +113,37 @@ impl PassManager {
         self
     }
 
-    /// Names of the pipeline's passes, in order.
-    pub fn pipeline(&self) -> Vec<&'static str> {
-        self.passes.iter().map(|p| p.name()).collect()
+    /// The pipeline this manager runs, each entry as given (with its options).
+    pub fn pipeline(&self) -> Pipeline {
+        self.passes.iter().map(|(spec, _)| spec.clone()).collect()
     }
 
     fn check_print_after(&self) -> Result<()> {
         let PrintAfter::Passes(names) = &self.print_after else { return Ok(()) };
         let pipeline = self.pipeline();
         for name in names {
-            if pipeline.contains(&name.as_str()) {
+            if pipeline.iter().any(|p| p.name == *name) {
                 continue;
             }
-            let why = if lookup(name).is_none() {
-                format!("which is not a known pass; known passes: {}", known_names())
+            let why = if registry::lookup(name).is_none() {
+                format!("which is not a known pass; known passes: {}", registry::known_names())
             } else {
-                format!("which is not in the pipeline ({})", pipeline.join(","))
+                format!("which is not in the pipeline ({pipeline})")
             };
             return Err(PassError::PrintAfter { name: name.clone(), why });
         }
         Ok(())
     }
 
-    fn dump(&self, idx: usize, label: &str, g: &ir::Graph) -> Result<()> {
+    /// Writes `DIR/NN-<label>.ir`; the header names `spec` (none: the input).
+    fn dump(&self, idx: usize, label: &str, spec: Option<&PassSpec>, g: &ir::Graph) -> Result<()> {
         let Some(dir) = &self.dump_dir else { return Ok(()) };
         std::fs::create_dir_all(dir).map_err(|source| PassError::Dump { path: dir.clone(), source })?;
         let path = dir.join(format!("{idx:02}-{label}.ir"));
-        let header =
-            if idx == 0 { "; ---- input IR ----".to_string() } else { format!("; ---- IR after {label} ----") };
+        let header = match spec {
+            None => "; ---- input IR ----".to_string(),
+            Some(spec) => format!("; ---- IR after {spec} ----"),
+        };
         let text = format!("{header}\n{}", ir::print(g));
         std::fs::write(&path, text).map_err(|source| PassError::Dump { path, source })
     }
@@ -175,10 +154,10 @@ impl PassManager {
     pub fn run(&self, g: &mut ir::Graph, out: &mut dyn Write) -> Result<Vec<(String, PassStats, Duration)>> {
         self.check_print_after()?;
         ir::verify(g).map_err(|source| PassError::InvalidInput { source })?;
-        self.dump(0, "input", g)?;
+        self.dump(0, "input", None, g)?;
         let mut results = Vec::with_capacity(self.passes.len());
         let mut counts = Vec::with_capacity(self.passes.len());
-        for (i, pass) in self.passes.iter().enumerate() {
+        for (i, (spec, pass)) in self.passes.iter().enumerate() {
             let name = pass.name();
             let before = g.node_count();
             let t0 = Instant::now();
@@ -191,9 +170,9 @@ impl PassManager {
                 PrintAfter::Passes(ps) => ps.iter().any(|p| p == name),
             };
             if print {
-                write!(out, "; ---- IR after {name} ----\n{}", ir::print(g)).map_err(PassError::Output)?;
+                write!(out, "; ---- IR after {spec} ----\n{}", ir::print(g)).map_err(PassError::Output)?;
             }
-            self.dump(i + 1, name, g)?;
+            self.dump(i + 1, name, Some(spec), g)?;
             // Printed and dumped first, so a graph the verifier rejects can be read.
             ir::verify(g).map_err(|source| PassError::Verify { pass: name.to_string(), source })?;
             results.push((name.to_string(), stats, dt));
@@ -234,11 +213,17 @@ fn stats_table(results: &[(String, PassStats, Duration)], counts: &[(usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::default_pipeline;
     use crate::testutil::*;
     use ir::{BinaryOp, Op, UnaryOp};
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The manager for pipeline `spec` on the default (cpu) context.
+    fn pm(spec: &str) -> PassManager {
+        PassManager::parse(spec, &PassContext::default()).unwrap_or_else(|e| panic!("{spec}: {e}"))
     }
 
     /// `exp(x)` twice (a CSE target), a dead `tanh`, `1 * 2` on consts.
@@ -274,27 +259,19 @@ mod tests {
     }
 
     #[test]
-    fn registry_names_are_unique_kebab_case_and_default_pipeline_resolves() {
-        let all = all_passes();
-        let mut seen = std::collections::HashSet::new();
-        for p in &all {
-            assert!(p.name().chars().all(|c| c.is_ascii_lowercase() || c == '-'), "{}", p.name());
-            assert!(seen.insert(p.name()), "duplicate pass {}", p.name());
-            assert!(!p.summary().is_empty());
-        }
-        let pipeline: Vec<String> = default_pipeline().iter().map(|s| s.to_string()).collect();
-        assert_eq!(PassManager::new(&pipeline).unwrap().pipeline(), default_pipeline());
-    }
-
-    #[test]
-    fn parse_pipeline_splits_and_trims() {
-        assert_eq!(parse_pipeline("dce, cse,,constant-fold "), names(&["dce", "cse", "constant-fold"]));
-        assert!(parse_pipeline("").is_empty());
+    fn default_pipeline_resolves_and_the_manager_keeps_each_entry() {
+        let ctx = PassContext::default();
+        assert_eq!(PassManager::new(&default_pipeline(), &ctx).unwrap().pipeline(), default_pipeline());
+        let spec = "dce, optimize{ iterations = 3 ,target=cuda}";
+        assert_eq!(pm(spec).pipeline().to_string(), "dce,optimize{iterations=3,target=cuda}");
+        // A syntax error is reported before any pass is built.
+        let e = PassManager::parse("dce,fuse-everything{", &ctx).err().unwrap();
+        assert!(matches!(e, PassError::Syntax { column: 20, .. }), "{e:?}");
     }
 
     #[test]
     fn unknown_pass_is_an_error_listing_known_ones() {
-        let e = PassManager::new(&names(&["dce", "fuse-everything"])).err().unwrap();
+        let e = PassManager::parse("dce,fuse-everything", &PassContext::default()).err().unwrap();
         let msg = e.to_string();
         assert!(matches!(e, PassError::UnknownPass { ref name, .. } if name == "fuse-everything"));
         assert!(msg.contains("fuse-everything") && msg.contains("dce, cse, constant-fold"), "{msg}");
@@ -304,12 +281,12 @@ mod tests {
     fn print_after_names_are_checked() {
         let mut g = sample();
         let mut out = Vec::new();
-        let pm = PassManager::new(&names(&["dce"])).unwrap().print_after(PrintAfter::Passes(names(&["nope"])));
-        let e = pm.run(&mut g, &mut out).unwrap_err();
+        let m = pm("dce").print_after(PrintAfter::Passes(names(&["nope"])));
+        let e = m.run(&mut g, &mut out).unwrap_err();
         assert!(e.to_string().contains("`nope`, which is not a known pass"), "{e}");
-        let pm = PassManager::new(&names(&["dce"])).unwrap().print_after(PrintAfter::Passes(names(&["cse"])));
-        let e = pm.run(&mut g, &mut out).unwrap_err();
-        assert!(e.to_string().contains("`cse`, which is not in the pipeline (dce)"), "{e}");
+        let m = pm("dce,optimize{target=cuda}").print_after(PrintAfter::Passes(names(&["cse"])));
+        let e = m.run(&mut g, &mut out).unwrap_err();
+        assert!(e.to_string().contains("`cse`, which is not in the pipeline (dce,optimize{target=cuda})"), "{e}");
         assert!(out.is_empty());
     }
 
@@ -318,9 +295,8 @@ mod tests {
         let before = sample();
         let mut g = before.clone();
         let mut out = Vec::new();
-        let pipeline = names(&["dce", "cse", "constant-fold", "dce"]);
-        let pm = PassManager::new(&pipeline).unwrap().print_after(PrintAfter::Passes(names(&["cse"])));
-        let res = pm.run(&mut g, &mut out).unwrap();
+        let pipeline = "dce,cse,constant-fold,dce";
+        let res = pm(pipeline).print_after(PrintAfter::Passes(names(&["cse"]))).run(&mut g, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(res.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), vec!["dce", "cse", "constant-fold", "dce"]);
         assert_eq!(res[0].1.get("removed"), 1);
@@ -334,7 +310,7 @@ mod tests {
 
         let mut g = before.clone();
         let mut out = Vec::new();
-        PassManager::new(&pipeline).unwrap().print_after(PrintAfter::All).run(&mut g, &mut out).unwrap();
+        pm(pipeline).print_after(PrintAfter::All).run(&mut g, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("; ----")).collect();
         assert_eq!(
@@ -367,7 +343,7 @@ mod tests {
     fn invalid_input_is_rejected_before_any_pass() {
         let mut g = sample();
         g.outputs.clear();
-        let e = PassManager::new(&names(&["dce"])).unwrap().run(&mut g, &mut Vec::new()).unwrap_err();
+        let e = pm("dce").run(&mut g, &mut Vec::new()).unwrap_err();
         assert!(matches!(e, PassError::InvalidInput { .. }), "{e:?}");
         assert!(e.to_string().contains("has no outputs"), "{e}");
     }
@@ -378,11 +354,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut g = sample();
         let mut out = Vec::new();
-        let pm = PassManager::new(&names(&["dce", "cse", "constant-fold", "dce"]))
-            .unwrap()
-            .dump_dir(Some(dir.clone()))
-            .stats(true);
-        pm.run(&mut g, &mut out).unwrap();
+        pm("dce,cse,constant-fold,dce").dump_dir(Some(dir.clone())).stats(true).run(&mut g, &mut out).unwrap();
         let mut files: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         files.sort();
@@ -407,8 +379,7 @@ mod tests {
         let file = std::env::temp_dir().join(format!("llmc-passes-notadir-{}", std::process::id()));
         std::fs::write(&file, "x").unwrap();
         let mut g = sample();
-        let e = PassManager::new(&names(&["dce"]))
-            .unwrap()
+        let e = pm("dce")
             .dump_dir(Some(file.clone()))
             .run(&mut g, &mut Vec::new())
             .unwrap_err();

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use llmc_ir::{self as ir, Graph};
-use llmc_passes::{PassManager, PassStats};
+use llmc_passes::{PassContext, PassManager, PassStats};
 
 const TOL: f32 = 2e-3;
 
@@ -42,9 +42,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-fn run_pipeline(g: &mut Graph, passes: &[&str]) -> Vec<(String, PassStats)> {
-    let names: Vec<String> = passes.iter().map(|s| s.to_string()).collect();
-    let res = PassManager::new(&names).unwrap().run(g, &mut std::io::sink()).unwrap();
+fn run_pipeline(g: &mut Graph, passes: &str) -> Vec<(String, PassStats)> {
+    let res = PassManager::parse(passes, &PassContext::default()).unwrap().run(g, &mut std::io::sink()).unwrap();
     res.into_iter().map(|(n, s, _)| (n, s)).collect()
 }
 
@@ -57,7 +56,7 @@ fn check_case(case: &str) {
     let m = llmc_frontend::load(&dir, &llmc_frontend::Options::default()).unwrap();
     let layers: usize = m.graph.meta["num_layers"].parse().unwrap();
     let mut g = m.graph.clone();
-    let stats = run_pipeline(&mut g, &["dce", "cse", "constant-fold", "dce", "optimize", "dce", "cse"]);
+    let stats = run_pipeline(&mut g, "dce,cse,constant-fold,dce,optimize,dce,cse");
     let opt = &stats[4].1;
     assert_eq!(count(&g, "attention"), layers, "{case}:\n{}", ir::print(&g));
     assert_eq!(count(&g, "softmax"), 0, "{case}");
@@ -90,7 +89,7 @@ fn check_encoder(case: &str) {
     let m = llmc_frontend::load(&dir, &llmc_frontend::Options::default()).unwrap();
     let layers: usize = m.graph.meta["num_layers"].parse().unwrap();
     let mut g = m.graph.clone();
-    run_pipeline(&mut g, &["dce", "cse", "constant-fold", "dce", "optimize", "dce", "cse"]);
+    run_pipeline(&mut g, "dce,cse,constant-fold,dce,optimize,dce,cse");
     let printed = ir::print(&g);
     assert_eq!(count(&g, "attention"), layers, "{case}:\n{printed}");
     assert_eq!(printed.matches("bidirectional").count(), layers, "{case}:\n{printed}");

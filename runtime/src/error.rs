@@ -41,3 +41,19 @@ pub enum RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// The format's errors as the runtime's, variant for variant (the same messages).
+impl From<llmc_abi::AbiError> for RuntimeError {
+    fn from(e: llmc_abi::AbiError) -> Self {
+        use llmc_abi::AbiError as A;
+        match e {
+            A::Io { path, source } => RuntimeError::Io { path, source },
+            A::Corrupt { path, msg } => RuntimeError::Corrupt { path, msg },
+            A::Checksum { path, section } => RuntimeError::Checksum { path, section },
+            A::Version { path, found, expected } => RuntimeError::Version { path, found, expected },
+            A::Target { path, target } => RuntimeError::Target { path, target },
+            A::CpuFeature { path, feature } => RuntimeError::CpuFeature { path, feature },
+            e @ (A::Header(_) | A::Row { .. }) => RuntimeError::Other(e.to_string()),
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! llmc's runtime: loads a compiled artifact and executes it.
 //!
 //! It depends on no compiler crate, so an application that links a compiled model pulls in this
-//! crate alone. Order of use: [`artifact`] (the file format, read and verified before any of its
-//! code runs), [`exec`] (mapping code executable), [`model`] (a loaded model, sessions with their
-//! KV cache and activation arena), [`sample`] (token choice), [`generate`] and [`speculative`]
-//! (decoding loops), [`ukernel`] (matrix-product microkernels that generated kernels call), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
+//! crate (and `llmc-abi`, the format contract it shares with the compiler, without its writer)
+//! alone. Order of use: [`artifact`] (the file format, read and verified before any of its code
+//! runs), [`exec`] (mapping code executable), [`model`] (a loaded model, sessions with their KV
+//! cache and activation arena), [`sample`] (token choice), [`generate`] and [`speculative`]
+//! (decoding loops), [`ukernel`] and [`qkernel`] (matrix-product microkernels that generated
+//! kernels call), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
 //! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
 pub mod artifact;

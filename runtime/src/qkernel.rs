@@ -10,197 +10,13 @@
 //! returned sums. A slot is null when this CPU lacks the features: the generated kernel then runs
 //! its own 128-bit loops instead.
 //!
-//! ## Row format ([`QFormat`])
-//! The compiler packs a `[N, K]` weight as `N` self-contained row records of
-//! [`QFormat::row_bytes`] bytes: the scales (one f32 per row, or per group for int4), then for
-//! asymmetric int4 one f32 zero point per group, then the codes ([`QFormat::codes_at`]):
-//! - int8: `K` signed bytes, padded to 4; `w = q * scale`.
-//! - int4: blocks of 32 elements in 16 bytes, byte `i` of a block holding element `i` in its low
-//!   nibble and element `16 + i` in its high nibble; symmetric codes stored as `q + 8`, so
-//!   `w = (c - 8) * scale` (asymmetric: `w = (c - zero) * scale`). A partial last block is padded
-//!   with code 0.
-//! - 2:4: the two kept values of each aligned group of 4 in element order (f32, or int8 codes
-//!   padded to 4 bytes after the row's one scale), then one byte per two groups: the kept indices
-//!   `a < b` of the even group as `a | b << 2` in bits 0..4, the odd group's in bits 4..8.
-//! - W8A8: the scale, the row's code sum (i32), then the int8 codes padded to 16.
-//! - W4A8: exactly a symmetric int4 row (groups a multiple of 32).
+//! The packed row format ([`QFormat`]) and the kernels' signatures ([`QGemvFn`], [`QGemmFn`]) are
+//! defined in `llmc-abi` ([`llmc_abi::qformat`], [`llmc_abi::ukernel`]).
 
 use std::cell::UnsafeCell;
 
-/// A packed row format (the compiler's `Layout`s that are stored packed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QFormat {
-    Int8,
-    Int4 { group: usize, asym: bool },
-    Sparse24 { int8: bool },
-    W8A8,
-    W4A8 { group: usize },
-}
-
-impl QFormat {
-    /// Scales per row (`ceil(K / group)` for int4, else 1).
-    pub fn groups(self, k: usize) -> usize {
-        match self {
-            QFormat::Int4 { group, .. } | QFormat::W4A8 { group } => k.div_ceil(group.max(1)),
-            _ => 1,
-        }
-    }
-
-    /// Byte offset of the codes in a row record.
-    pub fn codes_at(self, k: usize) -> usize {
-        match self {
-            QFormat::Sparse24 { int8 } => 4 * int8 as usize,
-            QFormat::W8A8 => 8, // scale, then the row's code sum (i32)
-            QFormat::Int4 { asym, .. } => 4 * self.groups(k) * (1 + asym as usize),
-            QFormat::W4A8 { .. } => 4 * self.groups(k),
-            QFormat::Int8 => 4,
-        }
-    }
-
-    /// Bytes of a row's codes.
-    pub fn code_bytes(self, k: usize) -> usize {
-        match self {
-            QFormat::Int4 { .. } | QFormat::W4A8 { .. } => k.div_ceil(32) * 16,
-            QFormat::W8A8 => k.div_ceil(16) * 16,
-            QFormat::Sparse24 { int8 } => Self::sparse_idx_at(int8, k) + (k / 4).div_ceil(2).div_ceil(4) * 4,
-            QFormat::Int8 => k.div_ceil(4) * 4,
-        }
-    }
-
-    /// Byte offset, from the codes, of a 2:4 row's index bytes: after the `K / 2` kept values
-    /// (f32, or int8 padded to 4 bytes).
-    pub fn sparse_idx_at(int8: bool, k: usize) -> usize {
-        if int8 { (k / 2).div_ceil(4) * 4 } else { 4 * (k / 2) }
-    }
-
-    /// Bytes of one packed row of `k` elements.
-    pub fn row_bytes(self, k: usize) -> usize {
-        self.codes_at(k) + self.code_bytes(k)
-    }
-
-    /// Whether the activations are quantized too (the [`crate::ukernel::QGEMV_A8`] kernel).
-    pub fn a8(self) -> bool {
-        matches!(self, QFormat::W8A8 | QFormat::W4A8 { .. })
-    }
-
-    /// The format as the `fmt` argument of a [`QGemvFn`]: a tag in bits 0..8, the asymmetric
-    /// flag in bit 8, the group from bit 16.
-    pub fn encode(self) -> i64 {
-        let (tag, asym, group) = match self {
-            QFormat::Int8 => (0, false, 0),
-            QFormat::Int4 { group, asym } => (1, asym, group),
-            QFormat::Sparse24 { int8: false } => (2, false, 0),
-            QFormat::Sparse24 { int8: true } => (3, false, 0),
-            QFormat::W8A8 => (4, false, 0),
-            QFormat::W4A8 { group } => (5, false, group),
-        };
-        tag | (asym as i64) << 8 | (group as i64) << 16
-    }
-
-    /// The inverse of [`encode`](Self::encode) (`None` for a value no format encodes to).
-    pub fn decode(v: i64) -> Option<QFormat> {
-        let group = (v >> 16) as usize;
-        let asym = v >> 8 & 1 == 1;
-        let f = match v & 0xff {
-            0 => QFormat::Int8,
-            1 if group > 0 && group.is_multiple_of(16) => QFormat::Int4 { group, asym },
-            2 => QFormat::Sparse24 { int8: false },
-            3 => QFormat::Sparse24 { int8: true },
-            4 => QFormat::W8A8,
-            5 if group > 0 && group.is_multiple_of(32) => QFormat::W4A8 { group },
-            _ => return None,
-        };
-        (f.encode() == v).then_some(f)
-    }
-}
-
-/// `qgemv(fmt, x, aux, b, rb, k, rows, out)`: for `j < rows`, `out[j]` is the product of the
-/// activation row `x` with the packed row at `b + j * rb` (format [`QFormat::decode`]`(fmt)`,
-/// `k` elements):
-/// - weight-only formats: `x` is `k` f32s; `out[j] = Σ_e w_j[e] · x[e]` with the dequantized
-///   weights (up to f32 rounding order);
-/// - W8A8: `x` holds the activation codes stored as `q + 128` (u8), padded to a multiple of 32
-///   with 128; `out[j] = (Σ_e w_j[e] · q[e]) · scale_j` (the integer sum is exact), without the
-///   activation scale;
-/// - W4A8: `x` holds the signed activation codes (i8), padded to a multiple of 32 with 0, and
-///   `aux[b] = -8 · Σ` of 32-block `b`'s codes; `out[j] = Σ_b scale(b) · (Σ_{e in b} c_e · q_e + aux[b])`
-///   over the stored nibbles `c`, without the activation scale.
-pub type QGemvFn = unsafe extern "sysv64" fn(
-    fmt: i64,
-    x: *const u8,
-    aux: *const i32,
-    b: *const u8,
-    rb: i64,
-    k: i64,
-    rows: i64,
-    out: *mut f32,
-);
-
-/// `t = qgemm(fmt, a, lda, m, b, rb, k, rows, up)`: the products of rows `0..m` of `a` (f32, row
-/// stride `lda`) with the `rows <= 64` weight-only packed rows at `b` (`rb` bytes apart), and when
-/// `up` is not null with as many rows at `up`: the rows are dequantized (exactly as the
-/// interpreter rounds them) into the panel layout and multiplied by the runtime's panel GEMM
-/// ([`crate::ukernel::GEMM_PANELS`]). Returns that GEMM's tile (see [`crate::ukernel::GemmPanelsFn`]:
-/// row stride `rows` rounded up to 16, the `up` tile `m` rows on), valid until this thread's next
-/// call.
-pub type QGemmFn = unsafe extern "sysv64" fn(
-    fmt: i64,
-    a: *const f32,
-    lda: i64,
-    m: i64,
-    b: *const u8,
-    rb: i64,
-    k: i64,
-    rows: i64,
-    up: *const u8,
-) -> *mut f32;
-
-/// Activation rows from which a weight-only product takes [`QGemmFn`] instead of a GEMV per row.
-pub const QGEMM_MIN_ROWS: i64 = 4;
-
-/// The dequantized values of one weight-only packed row (`(q - zero) * scale` in f32, zeros where
-/// 2:4 dropped an element), as the interpreter computes them.
-pub fn dequant_row(fmt: QFormat, row: &[u8], k: usize, out: &mut [f32]) {
-    let f32_at = |i: usize| f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]);
-    let c = fmt.codes_at(k);
-    match fmt {
-        QFormat::Int8 | QFormat::W8A8 => {
-            let s = f32_at(0);
-            for (o, &q) in out[..k].iter_mut().zip(&row[c..c + k]) {
-                *o = (q as i8) as f32 * s;
-            }
-        }
-        QFormat::Int4 { group, asym } => {
-            // By 16-element halves of the 32-element blocks (groups are multiples of 16).
-            let ng = fmt.groups(k);
-            for (h, o) in out[..k].chunks_mut(16).enumerate() {
-                let g = 16 * h / group;
-                let (s, z) = (f32_at(g), if asym { f32_at(ng + g) as i32 } else { 8 });
-                let codes = &row[c + 16 * (h / 2)..c + 16 * (h / 2) + 16];
-                let shift = 4 * (h % 2);
-                for (o, &byte) in o.iter_mut().zip(codes) {
-                    *o = ((byte >> shift & 15) as i32 - z) as f32 * s;
-                }
-            }
-        }
-        QFormat::W4A8 { group } => dequant_row(QFormat::Int4 { group, asym: false }, row, k, out),
-        QFormat::Sparse24 { int8 } => {
-            out[..k].fill(0.0);
-            let idx = c + QFormat::sparse_idx_at(int8, k);
-            let s = if int8 { f32_at(0) } else { 1.0 };
-            for gi in 0..k / 4 {
-                let byte = row[idx + gi / 2] >> (4 * (gi % 2));
-                for (t, l) in [(2 * gi, byte & 3), (2 * gi + 1, byte >> 2 & 3)] {
-                    out[4 * gi + l as usize] = if int8 {
-                        (row[c + t] as i8) as f32 * s
-                    } else {
-                        f32::from_le_bytes([row[c + 4 * t], row[c + 4 * t + 1], row[c + 4 * t + 2], row[c + 4 * t + 3]])
-                    };
-                }
-            }
-        }
-    }
-}
+pub use llmc_abi::qformat::QFormat;
+pub use llmc_abi::ukernel::{QGemmFn, QGemvFn};
 
 struct PanelScratch(UnsafeCell<Vec<f32>>);
 
@@ -225,7 +41,7 @@ unsafe extern "sysv64" fn qgemm(
     up: *const u8,
 ) -> *mut f32 {
     let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
-    let Some(f) = QFormat::decode(fmt) else {
+    let Some(f) = QFormat::from_arg(fmt) else {
         return std::ptr::null_mut();
     };
     let groups = 1 + !up.is_null() as usize;
@@ -237,20 +53,23 @@ unsafe extern "sysv64" fn qgemm(
             v.resize(groups * glen, 0.0);
         }
         let mut row = vec![0.0f32; k];
+        use llmc_abi::panel::{store_panel_column, PANEL};
         for g in 0..groups {
             let base = if g == 0 { b } else { up };
             let dst = &mut v[g * glen..(g + 1) * glen];
-            for r in 0..rows.div_ceil(crate::ukernel::PANEL) * crate::ukernel::PANEL {
-                let (p, j) = (r / crate::ukernel::PANEL, r % crate::ukernel::PANEL);
+            for r in 0..rows.div_ceil(PANEL) * PANEL {
+                let (p, j) = (r / PANEL, r % PANEL);
                 if r < rows {
                     // SAFETY: row `r` of `rows` packed rows.
                     let packed = unsafe { std::slice::from_raw_parts(base.add(r * rb), rb) };
-                    dequant_row(f, packed, k, &mut row);
+                    if f.dequant_row(packed, k, &mut row).is_err() {
+                        // `rb` shorter than a record: not a call the contract allows.
+                        return std::ptr::null_mut();
+                    }
                 } else {
                     row.fill(0.0);
                 }
-                let panel = &mut dst[p * crate::ukernel::PANEL * k..(p + 1) * crate::ukernel::PANEL * k];
-                crate::ukernel::store_panel_column(panel, j, &row);
+                store_panel_column(&mut dst[p * PANEL * k..(p + 1) * PANEL * k], j, &row);
             }
         }
         let gemm: crate::ukernel::GemmPanelsFn =
@@ -264,26 +83,26 @@ unsafe extern "sysv64" fn qgemm(
 
 /// The weight-only tiled product, a [`QGemmFn`] (portable: dequantization in Rust, the product in
 /// whichever panel GEMM this CPU has).
-pub(crate) fn select_qgemm() -> usize {
-    qgemm as QGemmFn as usize
+pub(crate) fn select_qgemm() -> QGemmFn {
+    qgemm
 }
 
-/// The weight-only kernel for this CPU, or null (0) without AVX-512F.
-pub(crate) fn select_qgemv() -> usize {
+/// The weight-only kernel for this CPU, or none without AVX-512F.
+pub(crate) fn select_qgemv() -> Option<QGemvFn> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        return avx512::qgemv as QGemvFn as usize;
+        return Some(avx512::qgemv);
     }
-    0
+    None
 }
 
-/// The W8A8 / W4A8 kernel for this CPU, or null (0) without AVX-512F, BW, VL and VNNI.
-pub(crate) fn select_qgemv_a8() -> usize {
+/// The W8A8 / W4A8 kernel for this CPU, or none without AVX-512F, BW, VL and VNNI.
+pub(crate) fn select_qgemv_a8() -> Option<QGemvFn> {
     #[cfg(target_arch = "x86_64")]
     if has_vnni512() {
-        return avx512::qgemv_a8 as QGemvFn as usize;
+        return Some(avx512::qgemv_a8);
     }
-    0
+    None
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -350,7 +169,7 @@ mod avx512 {
     /// once for all of them, and `R` streams of codes are in flight.
     #[target_feature(enable = "avx512f")]
     unsafe fn dot_int8<const R: usize>(rows: [*const u8; R], x: *const f32, k: usize) -> [f32; R] {
-        let c = rows.map(|r| r.add(4));
+        let c = rows.map(|r| r.add(QFormat::Int8.codes_at(k)));
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let mut e = 0;
         while e + 32 <= k {
@@ -481,7 +300,7 @@ mod avx512 {
     /// 32 activations (`vpermt2ps`).
     #[target_feature(enable = "avx512f")]
     unsafe fn dot_sparse24(row: *const u8, x: *const f32, k: usize, int8: bool) -> f32 {
-        let codes = row.add(4 * int8 as usize);
+        let codes = row.add(QFormat::Sparse24 { int8 }.codes_at(k));
         let idx = codes.add(QFormat::sparse_idx_at(int8, k));
         let ng = k / 4;
         let shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -542,7 +361,7 @@ mod avx512 {
     ) {
         let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
         let x = x as *const f32;
-        match QFormat::decode(fmt) {
+        match QFormat::from_arg(fmt) {
             Some(QFormat::Int8) => {
                 let mut j = 0;
                 while j + 4 <= rows {
@@ -595,7 +414,7 @@ mod avx512 {
     /// `(Σ_e w[e] · (u[e] - 128)) · scale` for a W8A8 row (`k16` = codes padded to 16).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn dot_w8a8(row: *const u8, u: *const u8, k16: usize) -> f32 {
-        let w = row.add(8);
+        let w = row.add(QFormat::W8A8.codes_at(k16));
         let ld = |e: usize| (_mm512_loadu_si512(u.add(e) as *const __m512i), _mm512_loadu_si512(w.add(e) as *const __m512i));
         let (mut acc0, mut acc1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
         let mut e = 0;
@@ -692,7 +511,7 @@ mod avx512 {
         out: *mut f32,
     ) {
         let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
-        match QFormat::decode(fmt) {
+        match QFormat::from_arg(fmt) {
             Some(QFormat::W8A8) => {
                 let k16 = k.div_ceil(16) * 16;
                 for j in 0..rows {
@@ -756,125 +575,60 @@ mod tests {
         (*seed >> 33) as u32
     }
 
-    /// A random row record of `fmt` (scales positive, codes in range) and its dequantized
-    /// weights (`None` for the A8 formats, whose reference is integer).
+    /// A random row record of `fmt` (scales positive, codes in range), written by the format's
+    /// encoder.
     fn random_row(fmt: QFormat, k: usize, seed: &mut u64) -> Vec<u8> {
-        let mut r = vec![0u8; fmt.row_bytes(k)];
-        let ng = fmt.groups(k);
         let f = |s: &mut u64| 0.01 + (lcg(s) % 1000) as f32 * 1e-4;
-        match fmt {
-            QFormat::Int8 | QFormat::W8A8 => {
-                r[..4].copy_from_slice(&f(seed).to_le_bytes());
-                let c = fmt.codes_at(k);
-                let mut sum = 0i32;
-                for e in 0..k {
-                    let q = (lcg(seed) % 255) as i32 - 127;
-                    sum += q;
-                    r[c + e] = q as i8 as u8;
-                }
-                if fmt == QFormat::W8A8 {
-                    r[4..8].copy_from_slice(&sum.to_le_bytes());
-                }
-            }
-            QFormat::Int4 { .. } | QFormat::W4A8 { .. } => {
-                let asym = matches!(fmt, QFormat::Int4 { asym: true, .. });
-                for g in 0..ng {
-                    r[4 * g..4 * g + 4].copy_from_slice(&f(seed).to_le_bytes());
-                    if asym {
-                        let z = (lcg(seed) % 16) as f32;
-                        r[4 * (ng + g)..4 * (ng + g) + 4].copy_from_slice(&z.to_le_bytes());
-                    }
-                }
-                let c = fmt.codes_at(k);
-                for e in 0..k {
-                    let (blk, i) = (e / 32, e % 32);
-                    let nib = (lcg(seed) % 16) as u8;
-                    r[c + 16 * blk + i % 16] |= if i < 16 { nib } else { nib << 4 };
-                }
-            }
-            QFormat::Sparse24 { int8 } => {
-                if int8 {
-                    r[..4].copy_from_slice(&f(seed).to_le_bytes());
-                }
-                let c = fmt.codes_at(k);
-                let idx = c + QFormat::sparse_idx_at(int8, k);
-                for gi in 0..k / 4 {
-                    let a = (lcg(seed) % 3) as u8;
-                    let b = a + 1 + (lcg(seed) % (3 - a as u32)) as u8;
-                    r[idx + gi / 2] |= (a | b << 2) << (4 * (gi % 2));
-                    for s in 0..2 {
-                        if int8 {
-                            r[c + 2 * gi + s] = ((lcg(seed) % 255) as i32 - 127) as i8 as u8;
-                        } else {
-                            let v = (lcg(seed) % 2001) as f32 * 1e-3 - 1.0;
-                            r[c + 4 * (2 * gi + s)..c + 4 * (2 * gi + s) + 4].copy_from_slice(&v.to_le_bytes());
-                        }
-                    }
-                }
-            }
-        }
-        r
-    }
-
-    /// The GEMV behind table entry `f`, or `None` (with a SKIP line) when this CPU lacks `needs`.
-    fn gemv_or_skip(f: usize, needs: &str) -> Option<QGemvFn> {
-        if f == 0 {
-            eprintln!("SKIP: no {needs} on this CPU (generated code runs these products)");
-            return None;
-        }
-        // SAFETY: the table's GEMV entries have this signature.
-        Some(unsafe { std::mem::transmute::<usize, QGemvFn>(f) })
-    }
-
-    fn f32_at(r: &[u8], i: usize) -> f32 {
-        f32::from_le_bytes(r[4 * i..4 * i + 4].try_into().unwrap())
-    }
-
-    /// The reference: dequantize element by element in f64.
-    fn reference(fmt: QFormat, r: &[u8], k: usize, x: &[f32]) -> f64 {
-        let c = fmt.codes_at(k);
         let ng = fmt.groups(k);
-        let w = |e: usize| -> f64 {
-            match fmt {
-                QFormat::Int8 => (r[c + e] as i8) as f64 * f32_at(r, 0) as f64,
-                QFormat::Int4 { group, asym } => {
-                    let byte = r[c + 16 * (e / 32) + e % 16];
-                    let nib = if e % 32 < 16 { byte & 15 } else { byte >> 4 } as f64;
-                    let z = if asym { f32_at(r, ng + e / group) as f64 } else { 8.0 };
-                    (nib - z) * f32_at(r, e / group) as f64
-                }
-                QFormat::Sparse24 { int8 } => {
-                    let gi = e / 4;
-                    let byte = r[c + QFormat::sparse_idx_at(int8, k) + gi / 2] >> (4 * (gi % 2));
-                    let (a, b) = ((byte & 3) as usize, (byte >> 2 & 3) as usize);
-                    let t = match e % 4 {
-                        l if l == a => 2 * gi,
-                        l if l == b => 2 * gi + 1,
-                        _ => return 0.0,
-                    };
-                    if int8 { (r[c + t] as i8) as f64 * f32_at(r, 0) as f64 } else { f32_at(&r[c..], t) as f64 }
-                }
-                _ => unreachable!(),
-            }
+        let (lo, n) = match fmt {
+            QFormat::Int4 { asym: true, .. } => (0, 16),
+            QFormat::Int4 { .. } | QFormat::W4A8 { .. } => (-8, 16),
+            _ => (-127, 255),
         };
-        (0..k).map(|e| w(e) * x[e] as f64).sum()
+        let codes: Vec<i8> = (0..k).map(|_| (lo + (lcg(seed) % n) as i32) as i8).collect();
+        let mut r = llmc_abi::RowBuf::default();
+        match fmt {
+            QFormat::Sparse24 { int8 } => {
+                r.kept = (0..k / 4)
+                    .map(|_| {
+                        let a = (lcg(seed) % 3) as u8;
+                        (a, a + 1 + (lcg(seed) % (3 - a as u32)) as u8)
+                    })
+                    .collect();
+                if int8 {
+                    r.scales.push(f(seed));
+                    r.codes = codes;
+                } else {
+                    r.values = (0..k).map(|_| (lcg(seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+                }
+            }
+            _ => {
+                r.scales = (0..ng).map(|_| f(seed)).collect();
+                if let QFormat::Int4 { asym: true, .. } = fmt {
+                    r.zeros = (0..ng).map(|_| (lcg(seed) % 16) as i8).collect();
+                }
+                r.codes = codes;
+            }
+        }
+        let mut out = Vec::new();
+        fmt.encode_row(k, &r.as_row(), &mut out).unwrap();
+        out
     }
 
-    #[test]
-    fn format_codes_round_trip() {
-        for f in [
-            QFormat::Int8,
-            QFormat::Int4 { group: 32, asym: false },
-            QFormat::Int4 { group: 48, asym: true },
-            QFormat::Sparse24 { int8: false },
-            QFormat::Sparse24 { int8: true },
-            QFormat::W8A8,
-            QFormat::W4A8 { group: 128 },
-        ] {
-            assert_eq!(QFormat::decode(f.encode()), Some(f));
+    /// The GEMV behind a table entry, or `None` (with a SKIP line) when this CPU lacks `needs`.
+    fn gemv_or_skip(f: Option<QGemvFn>, needs: &str) -> Option<QGemvFn> {
+        if f.is_none() {
+            eprintln!("SKIP: no {needs} on this CPU (generated code runs these products)");
         }
-        assert_eq!(QFormat::decode(1 | 8 << 16), None, "int4 group 8 is not a packed format");
-        assert_eq!(QFormat::decode(9), None);
+        f
+    }
+
+    /// The reference: the row's dequantized weights ([`QFormat::dequant_row`], the values the
+    /// interpreter computes with) dotted with `x` in f64.
+    fn reference(fmt: QFormat, r: &[u8], k: usize, x: &[f32]) -> f64 {
+        let mut w = vec![0.0f32; k];
+        fmt.dequant_row(r, k, &mut w).unwrap();
+        w.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum()
     }
 
     /// The weight-only kernel against the f64 dequantized product, on `K` that are not multiples
@@ -906,7 +660,7 @@ mod tests {
                 // Rows 1..n (a run starting at a row that is not the buffer's first).
                 unsafe {
                     f(
-                        fmt.encode(),
+                        fmt.arg(),
                         x.as_ptr() as *const u8,
                         std::ptr::null(),
                         packed.as_ptr().add(rb),
@@ -930,8 +684,7 @@ mod tests {
     /// and not, with a partial last panel.
     #[test]
     fn tiled_kernel_matches_dequantized_product() {
-        // SAFETY: the table's entry has this signature.
-        let f: QGemmFn = unsafe { std::mem::transmute(select_qgemm()) };
+        let f = select_qgemm();
         let mut seed = 5u64;
         for fmt in [
             QFormat::Int8,
@@ -953,7 +706,7 @@ mod tests {
                 for gated in [false, true] {
                     let up = if gated { unsafe { flat.as_ptr().add(rows * rb) } } else { std::ptr::null() };
                     let t = unsafe {
-                        f(fmt.encode(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up)
+                        f(fmt.arg(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up)
                     };
                     let ldt = rows.div_ceil(16) * 16;
                     for g in 0..1 + gated as usize {
@@ -1000,7 +753,7 @@ mod tests {
                 let mut out = vec![0.0f32; n];
                 unsafe {
                     f(
-                        fmt.encode(),
+                        fmt.arg(),
                         x.as_ptr(),
                         aux.as_ptr(),
                         packed.as_ptr(),
@@ -1011,23 +764,15 @@ mod tests {
                     )
                 };
                 for (j, r) in rows.iter().enumerate() {
-                    let c = fmt.codes_at(k);
+                    // The exact integer products: Σ_e w[e] · q[e] per scale (the codes as
+                    // `ir::quant` has them; the kernel's stored-nibble sums plus `aux` equal these).
+                    let w = fmt.unpack_row(r, k).unwrap();
+                    let dot = |e: std::ops::Range<usize>| e.map(|e| w.codes[e] as i64 * q[e] as i64).sum::<i64>() as f64;
                     let want: f64 = match fmt {
-                        QFormat::W8A8 => {
-                            (0..k).map(|e| (r[c + e] as i8) as i64 * q[e] as i64).sum::<i64>() as f64
-                                * f32_at(r, 0) as f64
+                        QFormat::W8A8 => dot(0..k) * w.scales[0] as f64,
+                        QFormat::W4A8 { group } => {
+                            (0..nb).map(|b| dot(32 * b..(32 * b + 32).min(k)) * w.scales[32 * b / group] as f64).sum()
                         }
-                        QFormat::W4A8 { group } => (0..nb)
-                            .map(|b| {
-                                let d: i64 = (0..32)
-                                    .map(|i| {
-                                        let byte = r[c + 16 * b + i % 16];
-                                        (if i < 16 { byte & 15 } else { byte >> 4 }) as i64 * q[32 * b + i] as i64
-                                    })
-                                    .sum();
-                                (d + aux[b] as i64) as f64 * f32_at(r, 32 * b / group) as f64
-                            })
-                            .sum(),
                         _ => unreachable!(),
                     };
                     let got = out[j] as f64;
@@ -1058,12 +803,9 @@ fn qkernel_throughput() {
         QFormat::W4A8 { group: 32 },
         QFormat::W4A8 { group: 128 },
     ] {
-        let f = if fmt.a8() { select_qgemv_a8() } else { select_qgemv() };
-        if f == 0 {
+        let Some(f) = (if fmt.a8() { select_qgemv_a8() } else { select_qgemv() }) else {
             continue;
-        }
-        // SAFETY: the table's entry has this signature.
-        let f: QGemvFn = unsafe { std::mem::transmute(f) };
+        };
         let rb = fmt.row_bytes(k);
         let w: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8 & if fmt.a8() { 0x7f } else { 0xff }).collect();
         let x: Vec<f32> = (0..k.div_ceil(32) * 32).map(|i| (i as f32 * 0.1).sin()).collect();
@@ -1073,7 +815,7 @@ fn qkernel_throughput() {
         let c = cpu();
         for _ in 0..reps {
             for c0 in (0..n).step_by(64) {
-                unsafe { f(fmt.encode(), x.as_ptr() as *const u8, aux.as_ptr(), w.as_ptr().add(c0 * rb), rb as i64, k as i64, 64, out.as_mut_ptr()) };
+                unsafe { f(fmt.arg(), x.as_ptr() as *const u8, aux.as_ptr(), w.as_ptr().add(c0 * rb), rb as i64, k as i64, 64, out.as_mut_ptr()) };
             }
         }
         let dt = (cpu() - c) / reps as f64;

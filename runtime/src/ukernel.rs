@@ -2,63 +2,35 @@
 //!
 //! Cranelift's x86-64 backend has 128-bit vectors only, so a GEMM written in generated code runs
 //! at a fraction of an AVX-512 core's peak. Products with a compile-time weight therefore call
-//! into the runtime: the compiler stores such a weight in the **panel layout** ([`pack_panels`])
-//! and the generated kernel calls the table entry [`GEMM_PANELS`], then runs the op's epilogue
-//! (bias, activation, gated product, residual) over the returned tile while it is in cache.
+//! into the runtime: the compiler stores such a weight in the **panel layout**
+//! ([`llmc_abi::panel`]) and the generated kernel calls the table entry [`GEMM_PANELS`], then runs
+//! the op's epilogue (bias, activation, gated product, residual) over the returned tile while it
+//! is in cache.
 //!
-//! The table is a buffer like any other ([`crate::BufferDecl::Microkernels`]): generated code stays
-//! relocation-free, and the implementation (AVX-512F, AVX2+FMA, or portable Rust) is chosen once
-//! per process by run-time feature detection, not at compile time.
-//!
-//! ## Panel layout
-//! A row-major `[R, K]` weight (`R` output columns of `y = x . w^T`) in `groups` equal row groups
-//! (1; 2 for `gated_linear`'s gate and up halves) is stored group after group; a group of `N` rows
-//! is `ceil(N / 16)` panels of `16 x K` floats, panel `p` holding `w[16 p + j, k]` at `16 k + j`
-//! (rows past `N` are zero). A product streams a panel contiguously whatever `M` is.
+//! The table's contract (slots, signatures, [`ABI_VERSION`]) is [`llmc_abi::ukernel`]; this
+//! module holds the implementations and fills the table ([`table`]). The table is a buffer like
+//! any other ([`crate::BufferDecl::Microkernels`]): generated code stays relocation-free, and the
+//! implementation (AVX-512F, AVX2+FMA, or portable Rust) is chosen once per process by run-time
+//! feature detection, not at compile time.
 
 use std::cell::UnsafeCell;
 use std::sync::OnceLock;
 
-/// Columns per panel.
-pub const PANEL: usize = 16;
+pub use llmc_abi::panel::{panel_group_len, PANEL};
+pub use llmc_abi::ukernel::{GemmPanelsFn, ABI_VERSION, GEMM_PANELS, QGEMM, QGEMV, QGEMV_A8, SLOTS};
 
-/// Version of the table's layout and entry signatures; an artifact names the version it was
-/// compiled for, and loading fails on a mismatch.
-pub const ABI_VERSION: u32 = 2;
-
-/// Table slot of the panel GEMM, a [`GemmPanelsFn`].
-pub const GEMM_PANELS: usize = 0;
-/// Table slot of the weight-only quantized GEMV, a [`crate::qkernel::QGemvFn`]; null (0) when
-/// this CPU has no implementation (generated code then runs the product itself).
-pub const QGEMV: usize = 1;
-/// Table slot of the W8A8 / W4A8 GEMV, a [`crate::qkernel::QGemvFn`]; null as [`QGEMV`].
-pub const QGEMV_A8: usize = 2;
-/// Table slot of the weight-only quantized tiled product, a [`crate::qkernel::QGemmFn`].
-pub const QGEMM: usize = 3;
-/// Entries in the table.
-pub const SLOTS: usize = 4;
-
-/// `t = gemm_panels(a, lda, bp, k, m, c0, ncols, up)`: the product of rows `0..m` of `a`
-/// (`f32`, row stride `lda` elements, `k` columns) with columns `c0 .. c0 + ncols` of a panel
-/// weight whose group starts at `bp` (`c0` a multiple of [`PANEL`]). Returns a per-thread scratch
-/// tile `t[m][ldt]`, `ldt = ncols` rounded up to [`PANEL`], holding `a . w^T`; when `up` is not
-/// null (the second group's start) the same product with the `up` group follows at `t + m * ldt`.
-/// The tile stays valid until this thread's next call.
-pub type GemmPanelsFn = unsafe extern "sysv64" fn(
-    a: *const f32,
-    lda: i64,
-    bp: *const f32,
-    k: i64,
-    m: i64,
-    c0: i64,
-    ncols: i64,
-    up: *const f32,
-) -> *mut f32;
-
-/// The function table, filled for this CPU on first use.
+/// The function table, filled for this CPU on first use (the layout of [`llmc_abi::ukernel::Table`]).
 pub fn table() -> &'static [usize; SLOTS] {
     static TABLE: OnceLock<[usize; SLOTS]> = OnceLock::new();
-    TABLE.get_or_init(|| [select_gemm_panels() as usize, crate::qkernel::select_qgemv(), crate::qkernel::select_qgemv_a8(), crate::qkernel::select_qgemm()])
+    TABLE.get_or_init(|| {
+        llmc_abi::ukernel::Table {
+            gemm_panels: select_gemm_panels(),
+            qgemv: crate::qkernel::select_qgemv(),
+            qgemv_a8: crate::qkernel::select_qgemv_a8(),
+            qgemm: crate::qkernel::select_qgemm(),
+        }
+        .addresses()
+    })
 }
 
 /// Which implementation [`table`] uses (for reports): `"avx512f"`, `"avx2+fma"` or `"portable"`.
@@ -106,87 +78,6 @@ fn select_gemm_panels() -> GemmPanelsFn {
     }
     portable::gemm_panels
 }
-
-/// Floats a panel-packed group of `n` rows of length `k` takes.
-pub fn panel_group_len(n: usize, k: usize) -> usize {
-    n.div_ceil(PANEL) * PANEL * k
-}
-
-/// The panel layout of a row-major `[rows, k]` weight in `groups` row groups (see the module
-/// docs). `rows` must be a multiple of `groups`.
-pub fn pack_panels(w: &[f32], rows: usize, k: usize, groups: usize) -> Vec<f32> {
-    pack_panels_with(rows, k, groups, |r| &w[r * k..(r + 1) * k])
-}
-
-/// [`pack_panels`] of the `[rows, k]` matrix whose row `r` is `row(r)` (`k` values): packs a
-/// concatenation of weights without building it first.
-pub fn pack_panels_with<'a>(rows: usize, k: usize, groups: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
-    pack_panels_part(rows, k, groups, row, 0..panel_count(rows, k, groups))
-}
-
-/// Panels in [`pack_panels_with`]'s result (each `PANEL * k` floats, group after group).
-pub fn panel_count(rows: usize, k: usize, groups: usize) -> usize {
-    if k == 0 {
-        return 0;
-    }
-    (rows / groups.max(1)).div_ceil(PANEL) * groups
-}
-
-/// Panels `range` (of [`panel_count`]) of [`pack_panels_with`]'s result: a contiguous part of
-/// it, so that a large weight can be packed and written piece by piece.
-pub fn pack_panels_part<'a>(
-    rows: usize,
-    k: usize,
-    groups: usize,
-    row: impl Fn(usize) -> &'a [f32] + Sync,
-    range: std::ops::Range<usize>,
-) -> Vec<f32> {
-    let n = rows / groups.max(1);
-    let range = range.start.min(range.end)..range.end.min(panel_count(rows, k, groups));
-    let mut out = vec![0.0f32; range.len() * PANEL * k];
-    let per_group = n.div_ceil(PANEL);
-    if out.is_empty() || per_group == 0 {
-        return out;
-    }
-    // Panel `q` (in group `q / per_group`) holds rows PANEL * (q % per_group).. of its group.
-    let fill = |q0: usize, panels: &mut [f32]| {
-        for (dq, panel) in panels.chunks_mut(PANEL * k).enumerate() {
-            let (g, p) = ((q0 + dq) / per_group, (q0 + dq) % per_group);
-            for j in 0..PANEL.min(n - p * PANEL) {
-                store_panel_column(panel, j, &row(g * n + p * PANEL + j)[..k]);
-            }
-        }
-    };
-    // Large weights (a compile packs hundreds of MiB) are split by panels over the cores.
-    let threads = if out.len() * 4 >= PACK_PARALLEL_BYTES { std::thread::available_parallelism().map_or(1, |t| t.get().min(8)) } else { 1 };
-    let per_thread = range.len().div_ceil(threads);
-    if threads <= 1 || per_thread == 0 {
-        fill(range.start, &mut out);
-        return out;
-    }
-    std::thread::scope(|sc| {
-        let mut chunks = out.chunks_mut(per_thread * PANEL * k).enumerate();
-        let first = chunks.next();
-        for (i, c) in chunks {
-            let fill = &fill;
-            sc.spawn(move || fill(range.start + i * per_thread, c));
-        }
-        if let Some((_, c)) = first {
-            fill(range.start, c);
-        }
-    });
-    out
-}
-
-/// Stores the `k` values of a weight row as column `j` of a `PANEL x k` panel (`panel[kk * PANEL + j]`).
-pub(crate) fn store_panel_column(panel: &mut [f32], j: usize, src: &[f32]) {
-    for (kk, &v) in src.iter().enumerate() {
-        panel[kk * PANEL + j] = v;
-    }
-}
-
-/// Packed size from which [`pack_panels_with`] splits the work over threads.
-const PACK_PARALLEL_BYTES: usize = 4 << 20;
 
 struct Scratch(UnsafeCell<Vec<f32>>);
 
@@ -466,37 +357,9 @@ mod portable {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use llmc_abi::panel::pack_panels;
 
-    /// The panel layout element by element, for packs large enough to be split over threads.
-    #[test]
-    fn large_pack_is_the_panel_layout() {
-        for (rows, k, groups) in [(2 * 1000 + 2, 777, 2), (3000, 512, 1), (3 * 35, 20000, 3)] {
-            let w: Vec<f32> = (0..rows * k).map(|i| i as f32).collect();
-            let packed = pack_panels(&w, rows, k, groups);
-            let n = rows / groups;
-            let glen = panel_group_len(n, k);
-            assert_eq!(packed.len(), glen * groups);
-            assert!(packed.len() * 4 >= PACK_PARALLEL_BYTES);
-            let count = panel_count(rows, k, groups);
-            let mut parts = Vec::new();
-            for q in (0..count).step_by(7) {
-                parts.extend(pack_panels_part(rows, k, groups, |r| &w[r * k..(r + 1) * k], q..(q + 7).min(count)));
-            }
-            assert_eq!(parts, packed, "parts of rows {rows} k {k} groups {groups}");
-            for g in 0..groups {
-                for p in 0..n.div_ceil(PANEL) {
-                    for kk in 0..k {
-                        for j in 0..PANEL {
-                            let r = p * PANEL + j;
-                            let want = if r < n { w[(g * n + r) * k + kk] } else { 0.0 };
-                            assert_eq!(packed[g * glen + p * PANEL * k + kk * PANEL + j], want, "rows {rows} k {k} groups {groups}");
-                        }
-                    }
-                }
-            }
-        }
-    }
+    use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -551,9 +414,12 @@ mod tests {
         }
     }
 
+    /// Every slot the contract requires is filled, the optional ones where this CPU has them.
     #[test]
     fn table_is_filled() {
-        assert_ne!(table()[GEMM_PANELS], 0);
+        for s in llmc_abi::ukernel::TABLE {
+            assert!(s.optional || table()[s.index] != 0, "slot `{}` is empty", s.name);
+        }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert_ne!(table()[QGEMV], 0);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-#[allow(unused_imports)] // QuantConfig: tests/cuda.rs only
+#[allow(unused_imports)] // not every test names each
 pub use llmc_compiler::{CompileConfig, CompileReport, QuantConfig};
 
 pub fn llmc() -> Command {
@@ -73,7 +73,7 @@ pub fn compile_with(model: &Path, out: &Path, config: CompileConfig) -> CompileR
 /// The model loaded and run through the default pass pipeline (what `compile` generates code
 /// for), for the reference interpreter.
 pub fn optimized(model: &Path) -> llmc_compiler::Model {
-    llmc_compiler::optimize(model, None, &Default::default(), &mut std::io::sink())
+    llmc_compiler::optimize(model, Default::default(), None, &Default::default(), &mut std::io::sink())
         .unwrap_or_else(|e| panic!("optimizing {}: {e}", model.display()))
         .model
 }

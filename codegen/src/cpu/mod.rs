@@ -64,8 +64,8 @@ pub struct KernelCode {
     /// Constant f32 arrays passed as `bufs[arity + 1 ..]`, in order.
     pub tables: Vec<Vec<f32>>,
     /// The kernel calls runtime microkernels: it takes the runtime's function table
-    /// (`BufferDecl::Microkernels`, [`llmc_runtime::ukernel::table`]) as one more buffer, after
-    /// the tables.
+    /// (`BufferDecl::Microkernels`, the slots of [`abi::ukernel::TABLE`]) as one more buffer,
+    /// after the tables.
     pub ukernels: bool,
 }
 
@@ -79,8 +79,8 @@ pub struct KernelCtx {
     pub panel_weights: bool,
 }
 
-/// The kernel entry point's type.
-pub type KernelFn = unsafe extern "sysv64" fn(bufs: *const *mut u8, s: i64, p: i64, part: i64, nparts: i64);
+/// The kernel entry point's type (defined with the artifact format).
+pub use abi::KernelFn;
 
 /// Required alignment of a kernel's first byte in memory.
 pub const KERNEL_ALIGN: usize = 64;

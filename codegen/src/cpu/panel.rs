@@ -2,10 +2,10 @@
 //!
 //! A weight (or compile-time concat of weights) whose every use is the right-hand side of
 //! `matmul {transpose_b}`, `linear {transpose_b}` or `gated_linear` is stored in the runtime's
-//! panel layout ([`llmc_runtime::ukernel::pack_panels`]; [`panel_groups`] decides, for the memory
-//! plan and for the kernel alike). Its kernels do no arithmetic of their own on the product: for
-//! each column chunk of [`NCH`] columns in this part's share they call the table entry
-//! [`ukernel::GEMM_PANELS`] (AVX-512 or portable, chosen by the runtime) with every row of `a`,
+//! panel layout ([`abi::panel`]; [`panel_groups`] decides, for the memory plan and for the
+//! kernel alike). Its kernels do no arithmetic of their own on the product: for each column chunk
+//! of [`NCH`] columns in this part's share they call the table entry [`GEMM_PANELS`] (AVX-512 or
+//! portable, chosen by the runtime) with every row of `a`,
 //! then apply the epilogue (bias, activation, gate x up, residual) to the returned tile, which is
 //! still in L1/L2, storing each output element once.
 //!
@@ -16,7 +16,8 @@
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
 use llmc_ir::{DType, Graph, NodeId, Op, UnaryOp};
-use llmc_runtime::ukernel::{self, PANEL};
+use abi::panel::{panel_group_len, PANEL};
+use abi::ukernel::{GEMM_PANELS, GEMM_PANELS_SIG};
 
 use super::builder::Kb;
 use super::{math, quant, unsupported};
@@ -106,12 +107,12 @@ pub(crate) fn panel_product(kb: &mut Kb, g: &Graph, n: NodeId, groups: usize) ->
     let table = kb.buf(next + 1);
     let res = res_p.map(|r| kb.sub(r, o));
     let flags = MemFlagsData::trusted().with_readonly();
-    let fptr = kb.b.ins().load(I64, flags, table, (8 * ukernel::GEMM_PANELS) as i32);
-    let sig = kb.microkernel_sig(8, true);
+    let fptr = kb.b.ins().load(I64, flags, table, (8 * GEMM_PANELS) as i32);
+    let sig = kb.microkernel_sig(GEMM_PANELS_SIG.params, GEMM_PANELS_SIG.returns);
 
     let kv = kb.ic(k as i64);
     let up = if gate.is_some() {
-        let glen = ukernel::panel_group_len(nn as usize, k) as i64;
+        let glen = panel_group_len(nn as usize, k) as i64;
         kb.addi(bp, 4 * glen)
     } else {
         kb.ic(0)

@@ -1,14 +1,11 @@
-//! Packed quantized weights: the byte format, which weights are stored packed, and the kernels
-//! for `matmul {transpose_b}`, `linear {transpose_b}` and `gated_linear` whose right-hand side is
-//! a packed `[N, K]` weight.
+//! Packed quantized weights: which weights are stored packed, and the kernels for
+//! `matmul {transpose_b}`, `linear {transpose_b}` and `gated_linear` whose right-hand side is a
+//! packed `[N, K]` weight.
 //!
-//! Format, one self-contained record per row (so a row-wise `concat {axis = 0}` of packed weights
-//! is the concatenation of their bytes): `G` f32 scales (`G = 1` for int8, `ceil(K / group)` for
-//! int4), then for asymmetric int4 `G` f32 zero points, then the codes: int8 as `K` bytes (padded
-//! to 4), int4 in blocks of 32 elements in 16 bytes, byte `i` of a block holding element `i`
-//! (low nibble) and element `16 + i` (high nibble), symmetric codes stored as `q + 8`. A partial
-//! last block is zero-padded. Every value decodes as `(q - zero) as f32 * scale` in f32, exactly
-//! as `ir::quant` (the interpreter) computes it.
+//! The byte format (one self-contained record per row: scales, zero points, codes) is
+//! `llmc_abi::qformat` ([`QFormat`]); [`crate::packed`] maps IR layouts to it and packs weights.
+//! Every value decodes as `(q - zero) as f32 * scale` in f32, exactly as `ir::quant` (the
+//! interpreter) computes it.
 //!
 //! Kernel: parts split the `N` output columns; per column the packed row (rows `j` and `N + j`
 //! when gated) is dequantized in registers (i8 -> i16 -> i32 -> f32 widening; nibble masks and
@@ -16,37 +13,25 @@
 //! with every row of `a` (f32x4 FMAs), the epilogue (bias, activation, residual, gate) applied to
 //! each sum before its store. Decode (`M = 1`) is a GEMV that reads 1 (int8) or ~0.5 (int4)
 //! bytes per weight instead of 4. Int4 layouts with a group that is not a multiple of 16 are not
-//! packed (stored as dequantized f32 and run by the f32 kernels).
+//! packed (stored as dequantized f32 and run by the f32 kernels). Where the runtime has them, the
+//! products go through its quantized microkernels (`abi::ukernel` slots `QGEMV`, `QGEMV_A8`,
+//! `QGEMM`).
 
+use abi::panel::PANEL;
+use abi::ukernel::{self, QGEMM_SIG, QGEMV_SIG};
+use abi::QFormat;
 use cranelift_codegen::ir::types::{F32, I8, I8X16, I16X8, I32, I32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
-use llmc_ir::{Graph, Layout, NodeId, Op, UnaryOp, quant};
-use llmc_runtime::qkernel::QFormat;
-use llmc_runtime::ukernel;
+use llmc_ir::{Graph, Layout, NodeId, Op, UnaryOp};
 
 use super::builder::{Kb, V4};
 use super::math;
+use crate::packed::packable;
 
-/// Whether the kernels can read `layout` packed.
-pub fn packable(layout: Layout) -> bool {
-    match layout {
-        Layout::Dense => false,
-        Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => true,
-        Layout::Int4 { group, .. } => group % 16 == 0,
-        Layout::Sparse24 { .. } => true,
-    }
-}
-
-/// The runtime's name for a packable layout's row format (the one definition of the bytes;
-/// see [`llmc_runtime::qkernel`]).
-pub(crate) fn qformat(layout: Layout) -> QFormat {
-    match layout {
-        Layout::Int8 | Layout::Dense => QFormat::Int8,
-        Layout::Int4 { group, asym } => QFormat::Int4 { group, asym },
-        Layout::Sparse24 { int8 } => QFormat::Sparse24 { int8 },
-        Layout::W8A8 => QFormat::W8A8,
-        Layout::W4A8 { group } => QFormat::W4A8 { group },
-    }
+/// The row format of `layout`; callers here pass only [`packable`] layouts (for any other the
+/// sizes are int8's, and nothing is read).
+fn qformat(layout: Layout) -> QFormat {
+    crate::packed::qformat(layout).unwrap_or(QFormat::Int8)
 }
 
 fn groups(layout: Layout, k: usize) -> usize {
@@ -58,93 +43,18 @@ fn sparse_idx_at(int8: bool, k: usize) -> usize {
 }
 
 /// Byte offset of the codes in a row record.
-pub(crate) fn codes_at(layout: Layout, k: usize) -> usize {
+fn codes_at(layout: Layout, k: usize) -> usize {
     qformat(layout).codes_at(k)
 }
 
 /// Bytes of one packed row of `k` elements.
-pub fn row_bytes(layout: Layout, k: usize) -> usize {
+fn row_bytes(layout: Layout, k: usize) -> usize {
     qformat(layout).row_bytes(k)
 }
 
-/// The packed bytes of a row-major `[n, k]` weight (`data` has `n * k` values), round to nearest.
-#[cfg(test)]
-pub fn pack(layout: Layout, data: &[f32], k: usize) -> Vec<u8> {
-    let rows: Vec<_> = data.chunks(k.max(1)).map(|r| quant::quantize_row(layout, r)).collect();
-    pack_rows(layout, data, &rows, k)
-}
-
-/// The packed bytes of `[n, k]` weight `data` whose quantized rows are `rows` (from
-/// `ir::quant::rows_of`: calibrated or round-to-nearest).
-pub fn pack_rows(layout: Layout, data: &[f32], rows: &[quant::QRow], k: usize) -> Vec<u8> {
-    let n = data.len().checked_div(k).unwrap_or(0);
-    let rb = row_bytes(layout, k);
-    let mut out = Vec::with_capacity(n * rb);
-    for (row, r) in data.chunks(k.max(1)).zip(rows) {
-        let start = out.len();
-        for s in &r.scales {
-            out.extend_from_slice(&s.to_le_bytes());
-        }
-        for z in &r.zeros {
-            out.extend_from_slice(&(*z as f32).to_le_bytes());
-        }
-        match layout {
-            Layout::Sparse24 { int8 } => {
-                // Kept values in element order, then one byte per two groups of 4: the kept
-                // indices `a < b` of the first group in bits 0..4 (`a | b << 2`), the second's in 4..8.
-                let mut idx = Vec::with_capacity((k / 4).div_ceil(2));
-                for (gi, g) in row.chunks(4).enumerate() {
-                    let (a, b) = quant::sparse24_pair(g);
-                    for l in [a, b] {
-                        if int8 {
-                            out.push(r.q[4 * gi + l] as u8);
-                        } else {
-                            out.extend_from_slice(&g[l].to_le_bytes());
-                        }
-                    }
-                    let nib = (a | b << 2) as u8;
-                    if gi % 2 == 0 {
-                        idx.push(nib);
-                    } else if let Some(x) = idx.last_mut() {
-                        *x |= nib << 4;
-                    }
-                }
-                out.resize(start + codes_at(layout, k) + sparse_idx_at(int8, k), 0);
-                out.extend(idx);
-                out.resize(start + rb, 0);
-            }
-            l @ (Layout::Int4 { .. } | Layout::W4A8 { .. }) => {
-                let asym = matches!(l, Layout::Int4 { asym: true, .. });
-                let code = |j: usize| -> u8 {
-                    if j >= k {
-                        0
-                    } else if asym {
-                        r.q[j] as u8
-                    } else {
-                        (r.q[j] + 8) as u8
-                    }
-                };
-                for blk in 0..k.div_ceil(32) {
-                    for i in 0..16 {
-                        out.push(code(32 * blk + i) | (code(32 * blk + 16 + i) << 4));
-                    }
-                }
-            }
-            Layout::W8A8 => {
-                let sum: i32 = r.q.iter().map(|&q| q as i32).sum();
-                out.extend_from_slice(&sum.to_le_bytes());
-                out.extend(r.q.iter().map(|&q| q as u8));
-                out.resize(start + rb, 0);
-            }
-            _ => {
-                out.extend(r.q.iter().map(|&q| q as u8));
-                out.resize(start + rb, 0);
-            }
-        }
-        debug_assert_eq!(out.len() - start, rb);
-    }
-    out
-}
+/// Activation rows from which a weight-only product takes the runtime's tiled product
+/// (`ukernel::QGEMM`) instead of a GEMV per row.
+const QGEMM_MIN_ROWS: i64 = 4;
 
 /// `x` appears among `u`'s operands only as the right-hand side of a row-wise product.
 fn rhs_use(g: &Graph, u: NodeId, x: NodeId) -> bool {
@@ -947,7 +857,7 @@ pub(crate) fn packed_gemm(
             let big = kb.b.ins().icmp_imm_s(
                 cranelift_codegen::ir::condcodes::IntCC::SignedGreaterThanOrEqual,
                 m,
-                llmc_runtime::qkernel::QGEMM_MIN_ROWS,
+                QGEMM_MIN_ROWS,
             );
             chunks(kb, lo, hi, &mut |kb, c, cnt| {
                 kb.if_else(
@@ -992,7 +902,7 @@ fn chunks(kb: &mut Kb, lo: Value, hi: Value, body: &mut dyn FnMut(&mut Kb, Value
 }
 
 /// Columns `c .. c + cnt` of one activation row `x` (`aux` the W4A8 block sums) through the
-/// runtime's quantized GEMV `f` ([`llmc_runtime::qkernel::QGemvFn`]), the gated partner rows
+/// runtime's quantized GEMV `f` ([`abi::ukernel::QGemvFn`]), the gated partner rows
 /// `N + j` too: `emit(j, x, up)` receives each product.
 #[allow(clippy::too_many_arguments)]
 fn qgemv_chunk(
@@ -1010,8 +920,8 @@ fn qgemv_chunk(
     emit: &mut ColumnEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
-    let sig = kb.microkernel_sig(8, false);
-    let fmt = kb.ic(qformat(layout).encode());
+    let sig = kb.microkernel_sig(QGEMV_SIG.params, QGEMV_SIG.returns);
+    let fmt = kb.ic(qformat(layout).arg());
     let rbv = kb.ic(rb);
     let kv = kb.ic(k as i64);
     let mut outs = Vec::new();
@@ -1034,7 +944,7 @@ fn qgemv_chunk(
 }
 
 /// Columns `c .. c + cnt` for every row of `a` through the runtime's tiled weight-only product
-/// `f` ([`llmc_runtime::qkernel::QGemmFn`]): `emit(r, j, x, up)` receives each product.
+/// `f` ([`abi::ukernel::QGemmFn`]): `emit(r, j, x, up)` receives each product.
 #[allow(clippy::too_many_arguments)]
 fn qgemm_chunk(
     kb: &mut Kb,
@@ -1051,8 +961,8 @@ fn qgemm_chunk(
     emit: &mut TileEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
-    let sig = kb.microkernel_sig(9, true);
-    let fmt = kb.ic(qformat(layout).encode());
+    let sig = kb.microkernel_sig(QGEMM_SIG.params, QGEMM_SIG.returns);
+    let fmt = kb.ic(qformat(layout).arg());
     let rbv = kb.ic(rb);
     let kv = kb.ic(k as i64);
     let off = kb.muli(c, rb);
@@ -1067,8 +977,8 @@ fn qgemm_chunk(
     let call = kb.b.ins().call_indirect(sig, f, &[fmt, a, kv, m, pb, rbv, kv, cnt, up]);
     let t = kb.b.inst_results(call)[0];
     // Tile row stride: `cnt` rounded up to a panel; the up tile is `m` rows on.
-    let ldt = kb.addi(cnt, ukernel::PANEL as i64 - 1);
-    let ldt = kb.b.ins().band_imm_s(ldt, !(ukernel::PANEL as i64 - 1));
+    let ldt = kb.addi(cnt, PANEL as i64 - 1);
+    let ldt = kb.b.ins().band_imm_s(ldt, !(PANEL as i64 - 1));
     let ldtb = kb.muli(ldt, 4);
     let upoff = kb.mul(m, ldtb);
     let z = kb.ic(0);
@@ -1197,25 +1107,4 @@ pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout, 
         _ => (rows, Epi::Plain),
     };
     packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk, qgemm);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn row_records_have_the_stated_size() {
-        for (layout, k) in [
-            (Layout::Int8, 13),
-            (Layout::Int4 { group: 32, asym: false }, 688),
-            (Layout::Int4 { group: 64, asym: true }, 100),
-        ] {
-            let data: Vec<f32> = (0..3 * k).map(|i| (i as f32 * 0.37).sin()).collect();
-            let p = pack(layout, &data, k);
-            assert_eq!(p.len(), 3 * row_bytes(layout, k), "{layout}");
-        }
-        // int4 g32 on K = 688: 22 groups, 22 blocks of 16 bytes.
-        assert_eq!(row_bytes(Layout::Int4 { group: 32, asym: false }, 688), 22 * 4 + 22 * 16);
-        assert_eq!(row_bytes(Layout::Int8, 256), 4 + 256);
-    }
 }

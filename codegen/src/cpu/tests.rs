@@ -309,7 +309,7 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
         let groups = panel::panel_groups(g, ops[1]).expect("a panel weight");
         let sh = &g.ty(ops[1]).shape;
         let (rows, k) = (sh[0].as_const().unwrap(), sh[1].as_const().unwrap());
-        let packed = llmc_runtime::ukernel::pack_panels(&outs[1].data, rows, k, groups);
+        let packed = llmc_abi::panel::pack_panels(&outs[1].data, rows, k, groups);
         inputs[1] = packed.iter().map(|x| x.to_bits()).collect();
     }
     let want = &outs[ops.len()];
@@ -1580,7 +1580,7 @@ fn compiled_quantized_layouts_match_the_interpreter() {
         let model = llmc_runtime::Model::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
         // Stored packed: the table and the embedding-like `seq` table stay f32, the rest is packed.
-        let rb = super::quant::row_bytes;
+        let rb = crate::packed::row_bytes;
         let packed = k2 * rb(Layout::Int4 { group: 16, asym: true }, h)
             + 2 * ff * rb(Layout::Int4 { group: 32, asym: false }, k2)
             + VOCAB * rb(Layout::Int8, ff);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ir::{DType, Graph, Layout, Op, WeightSource};
-use runtime::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Header, KernelEntry, Step, TARGET_CUDA};
+use abi::artifact::{ArtifactWriter, BlobEntry, BufferDecl, CodeVariant, Header, KernelEntry, Step, TARGET_CUDA};
 
 use super::kernels::{kernel, GpuKernel};
 use super::lower::{Lowerer, ARCHS};
@@ -249,7 +249,7 @@ pub fn compile_cuda(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions
         arena_bytes,
         blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };
-    let reserve = runtime::artifact::header_size_bound(&header);
+    let reserve = abi::artifact::header_size_bound(&header);
 
     let t1 = Instant::now();
     // Read the weights from disk ahead of the loads below, in their order (advice).

@@ -528,8 +528,8 @@ pub fn launch(k: &Kernel, grid: u64, block: u32, bufs: &mut Vec<Vec<u8>>, s: i64
 /// Runs a CUDA artifact's step list in the emulator, one chunk of ids after another (each at most
 /// `max_chunk`), and returns every chunk's logits (`[len, vocab]`). `mlir[k]` is kernel `k`'s
 /// MLIR text (the `.mlir` files `--emit ptx DIR` writes).
-pub fn run_artifact(a: &runtime::Artifact, mlir: &[String], chunks: &[&[u32]]) -> Vec<Vec<f32>> {
-    use runtime::BufferDecl;
+pub fn run_artifact(a: &abi::Artifact, mlir: &[String], chunks: &[&[u32]]) -> Vec<Vec<f32>> {
+    use abi::BufferDecl;
     let h = &a.header;
     let progs: Vec<Kernel> = mlir.iter().map(|t| parse(t)).collect();
     assert_eq!(progs.len(), h.kernels.len());

@@ -21,7 +21,7 @@
 //! weights widened to f32) and written as f32.
 
 use llmc_ir::{Dim, Graph, Layout, NodeId, Op, ReduceOp, UnaryOp};
-use runtime::artifact::Launch;
+use abi::artifact::Launch;
 
 use super::text::{Elem, Kt};
 use crate::error::{CodegenError, Result};
@@ -233,23 +233,26 @@ fn rhs(k: &mut Kt, b: &str, e: Elem, n: &str, kk: &str, kdim: usize, ndim: usize
     }
 }
 
-/// Element `(n, j)` of a packed `[N, K]` weight (the byte format of `cpu::quant`), dequantized
-/// as `(q - zero) * scale` in f32 exactly as the interpreter computes it.
+/// Element `(n, j)` of a packed `[N, K]` weight (the byte format of [`abi::qformat`]),
+/// dequantized as `(q - zero) * scale` in f32 exactly as the interpreter computes it.
 fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usize) -> Result<String, String> {
-    use crate::cpu::quant;
-    let rb = quant::row_bytes(layout, kdim) as i64;
+    let Some(f) = crate::packed::qformat(layout) else {
+        return Err(format!("the CUDA backend cannot read weight layout `{layout}`"));
+    };
+    let rb = f.row_bytes(kdim) as i64;
+    let codes = f.codes_at(kdim) as i64;
     let base = k.mulc(n, rb);
     match layout {
         Layout::Int8 => {
             let s = k.load_f32_at_byte(b, &base);
-            let at = k.addc(&base, quant::codes_at(layout, kdim) as i64);
+            let at = k.addc(&base, codes);
             let at = k.add(&at, j);
             let q = k.load_i8(b, &at);
             let qf = k.i64_to_f32(&q);
             Ok(k.fmul(&qf, &s))
         }
         Layout::Int4 { group, asym } => {
-            let groups = kdim.div_ceil(group) as i64;
+            let groups = f.groups(kdim) as i64;
             let gv = k.ci(group as i64);
             let c32 = k.ci(32);
             let c16 = k.ci(16);
@@ -260,7 +263,7 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
             let blk = k.div(j, &c32);
             let i = k.rem(j, &c32);
             let i16 = k.rem(&i, &c16);
-            let at = k.addc(&base, quant::codes_at(layout, kdim) as i64);
+            let at = k.addc(&base, codes);
             let bo = k.mulc(&blk, 16);
             let at = k.add(&at, &bo);
             let at = k.add(&at, &i16);
@@ -282,7 +285,7 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
         Layout::W8A8 => {
             // scale, the row's i32 code sum (unused here), then the int8 codes
             let s = k.load_f32_at_byte(b, &base);
-            let at = k.addc(&base, quant::codes_at(layout, kdim) as i64);
+            let at = k.addc(&base, codes);
             let at = k.add(&at, j);
             let q = k.load_i8(b, &at);
             let qf = k.i64_to_f32(&q);
@@ -297,8 +300,7 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
             // [scale (int8)] kept values (2 per group of 4, element order: f32, or int8 padded
             // to 4 bytes), then one index byte per two groups: `a | b << 2` (a < b) of group
             // `2i` in the low nibble, of group `2i + 1` in the high nibble.
-            let codes = quant::codes_at(layout, kdim) as i64;
-            let idx_at = if int8 { (kdim / 2).div_ceil(4) * 4 } else { 4 * (kdim / 2) } as i64;
+            let idx_at = abi::QFormat::sparse_idx_at(int8, kdim) as i64;
             let c4 = k.ci(4);
             let c2 = k.ci(2);
             let c16 = k.ci(16);

@@ -292,7 +292,7 @@ mod numerics {
                 bufs.push(match (self.g.op(x), elems[i]) {
                     (Op::Weight { name, .. }, Elem::Packed(l)) => {
                         let kdim = self.g.ty(x).shape[1].as_const().unwrap();
-                        crate::cpu::quant::pack(l, &self.w[name], kdim)
+                        crate::packed::pack(l, &self.w[name], kdim).unwrap()
                     }
                     (_, Elem::F16) => vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
                     (_, Elem::I32) => vals.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),

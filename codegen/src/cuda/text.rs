@@ -19,7 +19,7 @@ pub enum Elem {
     F16,
     BF16,
     I32,
-    /// Packed quantized rows (the byte format of `cpu::quant`); read through the packed helpers.
+    /// Packed quantized rows (the byte format of `abi::qformat`); read through the packed helpers.
     Packed(llmc_ir::Layout),
 }
 

@@ -33,6 +33,7 @@ use llmc_ir::{Graph, Op, TensorType};
 
 use crate::error::{PassError, Result};
 use crate::manager::{Pass, PassStats};
+use crate::registry::{PassContext, PassOption, PassOptions, RegisteredPass};
 use crate::rules::{self, RuleDef, Rw};
 use analysis::{LeafKind, EG};
 pub use cost::{CostModel, Target};
@@ -164,9 +165,7 @@ impl Optimize {
 
     /// The default configuration for the target named `name` (`cpu`, `cuda`), for `--target`.
     pub fn for_target(name: &str) -> Result<Self> {
-        Target::by_name(name)
-            .map(Optimize::new)
-            .ok_or_else(|| PassError::Optimize(format!("no cost model for target `{name}` (known: cpu, cuda)")))
+        Ok(Optimize::new(PassContext::for_target(name)?.target))
     }
 
     /// The same configuration with only `rules`.
@@ -492,13 +491,64 @@ pub fn explain(g: &Graph, value: &str) -> Result<String> {
     Optimize::default().explain(g, value)
 }
 
+/// A positive integer option value.
+fn positive(v: &str) -> std::result::Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err("not a positive integer".into()),
+    }
+}
+
+impl RegisteredPass for Optimize {
+    const NAME: &'static str = "optimize";
+    const SUMMARY: &'static str =
+        "e-graph optimizer: fuse attention, norms, matmul epilogues; merge projections; cost-based, layers optimized once";
+    const OPTIONS: &'static [PassOption] = &[
+        PassOption {
+            name: "target",
+            values: "cpu|cuda",
+            default: "the pipeline's target (llmc compile --target)",
+            summary: "whose cost model chooses among equivalent forms",
+        },
+        PassOption {
+            name: "node-limit",
+            values: "a positive integer",
+            default: "10000",
+            summary: "e-nodes per distinct region before saturation stops",
+        },
+        PassOption {
+            name: "iterations",
+            values: "a positive integer",
+            default: "24",
+            summary: "rule-application rounds per distinct region",
+        },
+    ];
+
+    /// Costs for the context's target unless `target` says otherwise; the default [`Limits`]
+    /// with `node-limit` and `iterations` replaced when given (the time limits stay).
+    fn from_options(opts: &PassOptions<'_>, ctx: &PassContext) -> Result<Self> {
+        let target = opts
+            .parse("target", |v| Target::by_name(v).ok_or_else(|| format!("no cost model for target `{v}`")))?
+            .unwrap_or_else(|| ctx.target.clone());
+        let mut limits = Limits::default();
+        if let Some(n) = opts.parse("node-limit", positive)? {
+            limits.nodes = n;
+        }
+        if let Some(n) = opts.parse("iterations", positive)? {
+            limits.iterations = n;
+        }
+        Ok(Optimize::new(target).with_limits(limits))
+    }
+}
+
 impl Pass for Optimize {
     fn name(&self) -> &'static str {
-        "optimize"
+        Self::NAME
     }
 
     fn summary(&self) -> &'static str {
-        "e-graph optimizer: fuse attention, norms, matmul epilogues; merge projections; cost-based, layers optimized once"
+        Self::SUMMARY
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
