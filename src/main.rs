@@ -1,24 +1,21 @@
-//! `llmc`: the command-line driver. Thin by design: it parses arguments and calls the crates in
-//! processing order (frontend -> passes -> codegen -> runtime). Progress bars go to stderr (hidden
-//! when it is not a terminal or with `--quiet`), `--json` makes the last stdout line one JSON object
-//! on every command, and `RUST_LOG` turns on `tracing` logs of the main phases.
+//! `llmc`: the command-line driver. Thin by design: it parses arguments, hands the compiler
+//! commands to the compile library (`llmc_compiler`, in [`compile`]) and runs artifacts through
+//! the runtime (`run`, `bench`, [`embed`], [`eval`]). Progress bars go to stderr (hidden when it is
+//! not a terminal or with `--quiet`), `--json` makes the last stdout line one JSON object on every
+//! command, and `RUST_LOG` turns on `tracing` logs of the main phases.
 
+mod compile;
 mod embed;
-mod emit_lib;
 mod eval;
 mod quant;
 
-use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use llmc_codegen as codegen;
-use llmc_frontend as frontend;
-use llmc_passes as passes;
 use llmc_runtime as runtime;
 use runtime::{Sampler, SamplingParams, Session, StopConditions, Tokenizer};
 use tracing::info;
@@ -37,7 +34,7 @@ struct Cli {
 enum Cmd {
     /// Compile a checkpoint (directory, .safetensors file or sharded index) into an artifact, or
     /// with `--emit lib` into a static library and C header.
-    Compile(CompileArgs),
+    Compile(compile::CompileArgs),
     /// Run an artifact: prefill the prompt (ids or text), then decode (greedy unless sampling
     /// options are given; speculative with --draft).
     Run(RunArgs),
@@ -49,79 +46,9 @@ enum Cmd {
     /// Perplexity of an artifact on a text file (and KL / top-1 agreement against --reference).
     Eval(eval::EvalArgs),
     /// Print the text IR of a checkpoint (after the default pipeline unless --after says otherwise).
-    DumpIr(DumpIrArgs),
+    DumpIr(compile::DumpIrArgs),
     /// List the passes with a one-line summary each.
-    Passes(PassesArgs),
-}
-
-#[derive(Args)]
-struct PipelineArgs {
-    /// Pass pipeline, comma-separated, each pass with optional options in braces:
-    /// `dce,optimize{target=cuda},quantize{format=int4:g64}` (default: the standard pipeline;
-    /// `llmc passes` lists the passes and their options).
-    #[arg(long)]
-    passes: Option<String>,
-    /// Print the IR after the named pass (repeatable).
-    #[arg(long = "print-ir-after", value_name = "PASS")]
-    print_ir_after: Vec<String>,
-    /// Print the IR after every pass.
-    #[arg(long = "print-ir-after-all")]
-    print_ir_after_all: bool,
-    /// Write the IR after every pass to DIR, one numbered file per pass.
-    #[arg(long = "dump-ir", value_name = "DIR")]
-    dump_ir: Option<PathBuf>,
-    /// Print per-pass statistics (time, node counts, rewrite counters) to stderr.
-    #[arg(long = "pass-stats")]
-    pass_stats: bool,
-    /// Cap on the compiled context length (KV-cache rows); default min(max_position_embeddings, 4096).
-    #[arg(long = "max-context")]
-    max_context: Option<usize>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Emit {
-    /// One artifact file, run with `llmc run` or loaded through the runtime API.
-    Artifact,
-    /// DIR/libllmc_model.a (runtime + model) and DIR/model.h (C API) for linking into an
-    /// application, plus DIR/model.llmc.
-    Lib,
-}
-
-#[derive(Args)]
-struct CompileArgs {
-    /// Model directory, `.safetensors` file (config.json beside it) or `model.safetensors.index.json`.
-    model: PathBuf,
-    /// Code generation target.
-    #[arg(long, default_value = "cpu")]
-    target: String,
-    /// Output: the artifact file, or with `--emit lib` the directory to write.
-    #[arg(short, long)]
-    output: PathBuf,
-    /// What to write: `artifact` (default), `lib`, or `ptx DIR` (with --target cuda: the artifact
-    /// and every kernel's PTX, for sm_80 and sm_90, plus its MLIR, in DIR).
-    #[arg(long, num_args = 1..=2, value_names = ["KIND", "DIR"], default_values = ["artifact"])]
-    emit: Vec<String>,
-    /// With --target cuda: element type of float weights on the GPU (f16, bf16 or f32;
-    /// activations and accumulation are f32 either way).
-    #[arg(long = "gpu-dtype", value_name = "TYPE")]
-    gpu_dtype: Option<String>,
-    /// Largest number of tokens per forward step; longer prompts are processed in chunks.
-    #[arg(long = "max-chunk")]
-    max_chunk: Option<usize>,
-    /// Leave out the checkpoint's tokenizer.json and chat template (the artifact then takes ids only).
-    #[arg(long = "no-tokenizer")]
-    no_tokenizer: bool,
-    /// Run every product in generated code instead of the runtime's GEMM microkernels (weights
-    /// stay row-major): for comparisons.
-    #[arg(long = "no-microkernels")]
-    no_microkernels: bool,
-    /// Print the compile report as one JSON line.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    q: quant::QuantArgs,
-    #[command(flatten)]
-    pipeline: PipelineArgs,
+    Passes(compile::PassesArgs),
 }
 
 #[derive(Args)]
@@ -239,46 +166,10 @@ struct BenchArgs {
     json: bool,
 }
 
-#[derive(Args)]
-struct DumpIrArgs {
-    /// Model directory, `.safetensors` file or sharded index.
-    model: PathBuf,
-    /// `all` prints the IR before and after every pass; a pass name prints after that pass.
-    #[arg(long)]
-    after: Option<String>,
-    /// Pass pipeline, as `llmc compile --passes` takes it (default: the standard pipeline).
-    #[arg(long)]
-    passes: Option<String>,
-    /// The target whose cost model `optimize` uses unless an entry says `optimize{target=...}`.
-    #[arg(long, default_value = "cpu")]
-    target: String,
-    #[arg(long = "max-context")]
-    max_context: Option<usize>,
-    /// Print one JSON object {"passes": [...], "ir": TEXT} instead of the text.
-    #[arg(long)]
-    json: bool,
-    /// Explain why the optimizer's extracted form of VALUE won (its cost against the alternatives
-    /// in its e-class). VALUE (e.g. `%42`) names a value of the IR as it reaches the `optimize`
-    /// pass: print that IR with `--after` and the pass before `optimize` in the pipeline.
-    #[arg(long, value_name = "VALUE")]
-    explain: Option<String>,
-}
-
-#[derive(Args)]
-struct PassesArgs {
-    /// Print one JSON object: every pass with its summary, and the default pipeline.
-    #[arg(long)]
-    json: bool,
-}
-
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     #[error(transparent)]
-    Frontend(#[from] frontend::FrontendError),
-    #[error(transparent)]
-    Pass(#[from] passes::PassError),
-    #[error(transparent)]
-    Codegen(#[from] codegen::CodegenError),
+    Compile(#[from] llmc_compiler::Error),
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
     #[error("{0}")]
@@ -292,13 +183,13 @@ fn main() -> ExitCode {
     init_tracing();
     let quiet = cli.quiet;
     let res = match cli.cmd {
-        Cmd::Compile(a) => compile(a, quiet),
+        Cmd::Compile(a) => compile::compile(a, quiet),
         Cmd::Run(a) => run(a, quiet),
         Cmd::Bench(a) => bench(a, quiet),
         Cmd::Embed(a) => embed::embed(a),
         Cmd::Eval(a) => eval::eval(a),
-        Cmd::DumpIr(a) => dump_ir(a),
-        Cmd::Passes(a) => list_passes(a),
+        Cmd::DumpIr(a) => compile::dump_ir(a),
+        Cmd::Passes(a) => compile::list_passes(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -338,315 +229,6 @@ fn progress(quiet: bool, len: u64, template: &str) -> ProgressBar {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
-}
-
-fn pipeline(spec: &Option<String>) -> Result<passes::Pipeline, CliError> {
-    match spec {
-        Some(s) => Ok(passes::Pipeline::parse(s)?),
-        None => Ok(passes::default_pipeline()),
-    }
-}
-
-/// What each pass of a run did: its name, statistics and wall time.
-type RunStats = Vec<(String, passes::PassStats, std::time::Duration)>;
-
-/// Loads the model and runs `pipeline` (built with `ctx`), printing IR where `p` asks (to `out`).
-fn optimize(
-    model: &Path,
-    p: &PipelineArgs,
-    pipeline: &passes::Pipeline,
-    ctx: &passes::PassContext,
-    out: &mut dyn Write,
-) -> Result<(frontend::Model, RunStats), CliError> {
-    let t0 = Instant::now();
-    let mut m = frontend::load(model, &frontend::Options { max_context: p.max_context })?;
-    info!(model = %model.display(), nodes = m.graph.node_count(), seconds = t0.elapsed().as_secs_f64(), "checkpoint loaded");
-    let print = if p.print_ir_after_all {
-        passes::PrintAfter::All
-    } else if !p.print_ir_after.is_empty() {
-        passes::PrintAfter::Passes(p.print_ir_after.clone())
-    } else {
-        passes::PrintAfter::None
-    };
-    let pm = passes::PassManager::new(pipeline, ctx)?
-        .print_after(print)
-        .dump_dir(p.dump_ir.clone())
-        .stats(p.pass_stats);
-    let t1 = Instant::now();
-    let stats = pm.run(&mut m.graph, out)?;
-    info!(passes = stats.len(), nodes = m.graph.node_count(), seconds = t1.elapsed().as_secs_f64(), "passes done");
-    if p.pass_stats {
-        for (name, st, dt) in &stats {
-            let counters: Vec<String> = st.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            eprintln!("pass {name:<16} {:>9.3} ms  changed={}  {}", dt.as_secs_f64() * 1e3, st.changed, counters.join(" "));
-        }
-    }
-    Ok((m, stats))
-}
-
-/// A compile allocates and frees a buffer per weight (tens to hundreds of MiB each). glibc hands
-/// buffers that large back to the kernel on every free, so the next one costs fresh page faults
-/// and zeroing (a fifth of the weight pipeline's CPU time): keep them in the heap for reuse
-/// instead. The peak stays that of the largest few weights in flight.
-fn reuse_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before the compile's threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-/// A weight source that advances a progress bar per tensor written.
-struct ProgressWeights<'a> {
-    inner: &'a dyn llmc_ir::WeightSource,
-    bar: &'a ProgressBar,
-}
-
-impl llmc_ir::WeightSource for ProgressWeights<'_> {
-    fn load(&self, name: &str, ty: &llmc_ir::TensorType) -> llmc_ir::Result<Vec<f32>> {
-        let v = self.inner.load(name, ty)?;
-        self.bar.inc(1);
-        Ok(v)
-    }
-    fn quantized(&self, name: &str, layout: llmc_ir::Layout) -> Option<Vec<llmc_ir::quant::QRow>> {
-        self.inner.quantized(name, layout)
-    }
-    fn prefetch(&self, names: &[&str]) -> llmc_ir::Prefetch {
-        self.inner.prefetch(names)
-    }
-}
-
-/// What `compile` carries besides the graph: tokenizer.json, chat template, stop tokens.
-#[derive(Default)]
-struct TextAssets {
-    tokenizer: Option<Vec<u8>>,
-    chat_template: bool,
-}
-
-/// Reads `name` in `dir` as JSON if the file exists.
-fn json_beside(dir: &Path, name: &str) -> Result<Option<serde_json::Value>, CliError> {
-    let p = dir.join(name);
-    match std::fs::read_to_string(&p) {
-        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| CliError::Usage(format!("{}: not valid JSON: {e}", p.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CliError::Usage(format!("{}: {e}", p.display()))),
-    }
-}
-
-/// Collects tokenizer.json (verified to parse), the chat template and special-token strings from
-/// tokenizer_config.json / chat_template.jinja, and generation_config.json's end-of-sequence ids
-/// (merged into the `eos_token_id` meta) from the checkpoint directory.
-fn text_assets(m: &mut frontend::Model, vocab: usize) -> Result<TextAssets, CliError> {
-    use runtime::tokenizer::{BOS_TOKEN_META, CHAT_TEMPLATE_META, EOS_TOKEN_META};
-    let mut assets = TextAssets::default();
-    let dir = m.dir.clone();
-    let tok_path = dir.join("tokenizer.json");
-    if let Ok(bytes) = std::fs::read(&tok_path) {
-        let t = Tokenizer::from_bytes(&tok_path.display().to_string(), &bytes)?;
-        if t.vocab_size() > vocab {
-            eprintln!(
-                "warning: {} has {} tokens, more than the model's vocabulary of {vocab}; ids past it will be refused",
-                tok_path.display(),
-                t.vocab_size()
-            );
-        }
-        assets.tokenizer = Some(bytes);
-    }
-    let meta = &mut m.graph.meta;
-    if let Some(cfg) = json_beside(&dir, "tokenizer_config.json")? {
-        let template = match &cfg["chat_template"] {
-            serde_json::Value::String(s) => Some(s.clone()),
-            // A list of named templates: the "default" one, else the first.
-            serde_json::Value::Array(list) => list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .or(list.first())
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string),
-            _ => None,
-        };
-        if let Some(t) = template {
-            meta.insert(CHAT_TEMPLATE_META.into(), t);
-        }
-        for (key, field) in [(BOS_TOKEN_META, "bos_token"), (EOS_TOKEN_META, "eos_token")] {
-            let v = &cfg[field];
-            if let Some(s) = v.as_str().or_else(|| v["content"].as_str()) {
-                meta.insert(key.into(), s.to_string());
-            }
-        }
-    }
-    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        meta.insert(CHAT_TEMPLATE_META.into(), t);
-    }
-    assets.chat_template = meta.contains_key(CHAT_TEMPLATE_META);
-    if let Some(gen) = json_beside(&dir, "generation_config.json")? {
-        let mut ids: BTreeSet<u64> =
-            meta.get("eos_token_id").map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect()).unwrap_or_default();
-        match &gen["eos_token_id"] {
-            serde_json::Value::Number(n) => ids.extend(n.as_u64()),
-            serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(|v| v.as_u64())),
-            _ => {}
-        }
-        if !ids.is_empty() {
-            meta.insert("eos_token_id".into(), ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
-        }
-    }
-    Ok(assets)
-}
-
-fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
-    reuse_freed_memory();
-    let t0 = Instant::now();
-    let backend = codegen::backend(&a.target)?;
-    let (emit, ptx_dir) = match a.emit.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["artifact"] => (Emit::Artifact, None),
-        ["lib"] => (Emit::Lib, None),
-        ["ptx", dir] if backend.name() == "cuda" => (Emit::Artifact, Some(PathBuf::from(dir))),
-        ["ptx", _] => return Err(CliError::Usage("--emit ptx DIR needs --target cuda".into())),
-        ["ptx"] => return Err(CliError::Usage("--emit ptx needs a directory: --emit ptx DIR".into())),
-        [kind, extra] if kind != "ptx" => {
-            return Err(CliError::Usage(format!("--emit {kind} takes no directory (got `{extra}`); only `--emit ptx DIR` does")))
-        }
-        _ => return Err(CliError::Usage(format!("--emit `{}`: expected artifact, lib or ptx DIR", a.emit.join(" ")))),
-    };
-    if a.gpu_dtype.is_some() && backend.name() != "cuda" {
-        return Err(CliError::Usage("--gpu-dtype applies to --target cuda only".into()));
-    }
-    if emit == Emit::Lib && backend.name() != "cpu" {
-        return Err(CliError::Usage("--emit lib links the CPU runtime: use it with --target cpu".into()));
-    }
-    let artifact_path = match emit {
-        Emit::Artifact => a.output.clone(),
-        Emit::Lib => {
-            std::fs::create_dir_all(&a.output).map_err(|e| CliError::Usage(format!("{}: {e}", a.output.display())))?;
-            a.output.join("model.llmc")
-        }
-    };
-    // The pipeline, with the `quantize` entry --quant/--sparsity/--keep-fp spell appended; its
-    // passes see the compile target.
-    let ctx = passes::PassContext::for_target(backend.name())?;
-    let mut pipeline = pipeline(&a.pipeline.passes)?;
-    let quantize = quant::add_to_pipeline(&a.q, &mut pipeline, &ctx)?;
-    let stdout = std::io::stdout();
-    let (mut m, stats) = optimize(&a.model, &a.pipeline, &pipeline, &ctx, &mut stdout.lock())?;
-    let quant_set = quant::chosen(quantize, &pipeline, &stats);
-    // The token vocabulary: the `vocab_size` meta (an encoder's output is its hidden size), else
-    // the logits' width.
-    let vocab = match m.graph.outputs.first().map(|&o| m.graph.ty(o).shape.clone()).as_deref() {
-        _ if m.graph.meta.contains_key("vocab_size") => m.graph.meta["vocab_size"].parse().unwrap_or(usize::MAX),
-        Some([_, llmc_ir::Dim::N(v)]) => *v,
-        _ => usize::MAX,
-    };
-    let assets = if a.no_tokenizer { TextAssets::default() } else { text_assets(&mut m, vocab)? };
-    let mut opts =
-        codegen::CompileOptions {
-            max_chunk: a.max_chunk,
-            no_microkernels: a.no_microkernels,
-            gpu_dtype: a.gpu_dtype.clone(),
-            ptx_dir,
-            ..Default::default()
-        };
-    if let Some(t) = &assets.tokenizer {
-        opts.blobs.push((runtime::tokenizer::TOKENIZER_BLOB.to_string(), t.clone()));
-    }
-    let weights: BTreeSet<&str> = m
-        .graph
-        .g
-        .node_indices()
-        .filter_map(|n| match m.graph.op(n) {
-            llmc_ir::Op::Weight { name, .. } => Some(name.as_str()),
-            _ => None,
-        })
-        .collect();
-    // Parameters: elements of every distinct weight (bits per weight = stored weight bits / this).
-    let mut params = 0u64;
-    let mut seen = BTreeSet::new();
-    for n in m.graph.g.node_indices() {
-        if let llmc_ir::Op::Weight { name, .. } = m.graph.op(n) {
-            if seen.insert(name.as_str()) {
-                params += m.graph.ty(n).static_numel().unwrap_or(0) as u64;
-            }
-        }
-    }
-    let bar = progress(quiet, weights.len() as u64, "writing weights [{bar:30}] {pos}/{len} tensors {elapsed}");
-    let plan = quant::calibrate(&a.q, &m, quant_set)?;
-    let report = if a.q.report { Some(quant::report(&m, &plan)?) } else { None };
-    let inner: &dyn llmc_ir::WeightSource = match &plan.source {
-        Some(s) => s,
-        None => &m.checkpoint,
-    };
-    let source = ProgressWeights { inner, bar: &bar };
-    let t1 = Instant::now();
-    let r = backend.compile(&m.graph, &source, &opts, &artifact_path)?;
-    bar.finish_and_clear();
-    info!(output = %artifact_path.display(), steps = r.steps, kernels = r.kernels, file_bytes = r.file_bytes, seconds = t1.elapsed().as_secs_f64(), "artifact written");
-    let lib = match emit {
-        Emit::Lib => {
-            let t2 = Instant::now();
-            let lib = emit_lib::write(&a.output, &artifact_path).map_err(CliError::Usage)?;
-            info!(library = %lib.library.display(), runtime = %lib.runtime.display(), seconds = t2.elapsed().as_secs_f64(), "library written");
-            Some(lib)
-        }
-        Emit::Artifact => None,
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    if a.json {
-        let mut j = serde_json::json!({
-            "output": a.output.display().to_string(), "target": backend.name(), "nodes": r.nodes, "steps": r.steps,
-            "kernels": r.kernels, "code_bytes": r.code_bytes, "weight_bytes": r.weight_bytes,
-            "arena_bytes": r.arena_bytes, "kv_cache_bytes": r.state_bytes, "file_bytes": r.file_bytes,
-            "max_chunk": r.max_chunk, "max_context": r.max_context, "seconds": secs,
-            "tokenizer": assets.tokenizer.is_some(), "chat_template": assets.chat_template,
-            "emit": if lib.is_some() { "lib" } else { "artifact" },
-        });
-        j["params"] = params.into();
-        if !r.ptx_files.is_empty() {
-            j["ptx_files"] = r.ptx_files.len().into();
-        }
-        j["bits_per_weight"] = (r.weight_bytes as f64 * 8.0 / params.max(1) as f64).into();
-        if let Some(layout) = plan.layout {
-            j["quant"] = serde_json::json!({
-                "format": plan.format, "sparsity": plan.sparsity, "layout": layout.name(), "method": plan.method,
-                "tensors": plan.tensors, "params": plan.params,
-            });
-        }
-        if let Some(rows) = &report {
-            j["report"] = quant::report_json(rows);
-        }
-        if let Some(l) = &lib {
-            j["artifact"] = artifact_path.display().to_string().into();
-            j["library"] = l.library.display().to_string().into();
-            j["header"] = l.header.display().to_string().into();
-            j["runtime_library"] = l.runtime.display().to_string().into();
-        }
-        println!("{j}");
-    } else if !quiet {
-        eprintln!(
-            "compiled {} -> {} ({} target): {} nodes, {} steps, {} distinct kernels ({} KiB code), {:.1} MiB weights, \
-             peak activations {:.2} MiB (chunk {} tokens), KV cache {:.2} MiB ({} tokens), tokenizer {}, {:.2} s",
-            a.model.display(), artifact_path.display(), backend.name(), r.nodes, r.steps, r.kernels, r.code_bytes / 1024,
-            r.weight_bytes as f64 / 1048576.0, r.arena_bytes as f64 / 1048576.0, r.max_chunk,
-            r.state_bytes as f64 / 1048576.0, r.max_context,
-            match (&assets.tokenizer, assets.chat_template) {
-                (Some(_), true) => "and chat template included",
-                (Some(_), false) => "included",
-                _ => "not included",
-            },
-            secs
-        );
-        if let Some(l) = &lib {
-            eprintln!(
-                "library {} and header {}; link with: cc app.c -I {} -L {} -lllmc_model -lpthread -ldl -lm",
-                l.library.display(), l.header.display(), a.output.display(), a.output.display()
-            );
-        }
-    }
-    if let (Some(rows), false) = (&report, a.json) {
-        quant::print_report(rows);
-        println!("artifact: {:.3} bits/weight over all {params} parameters", r.weight_bytes as f64 * 8.0 / params.max(1) as f64);
-    }
-    Ok(())
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>, CliError> {
@@ -1012,82 +594,5 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         }
         writeln!(out, "{j}")?;
     }
-    Ok(())
-}
-
-fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {
-    let ctx = passes::PassContext::for_target(&a.target)?;
-    let pipeline = pipeline(&a.passes)?;
-    if let Some(value) = &a.explain {
-        // The passes before the first `optimize`, then that entry's optimizer explains.
-        let at = pipeline.iter().position(|p| p.name == "optimize");
-        let before = &pipeline[..at.unwrap_or(pipeline.len())];
-        let spec = at.map_or_else(|| passes::PassSpec::new("optimize"), |i| pipeline[i].clone());
-        let opt = <passes::Optimize as passes::RegisteredPass>::from_spec(&spec, &ctx)?;
-        let mut m = frontend::load(&a.model, &frontend::Options { max_context: a.max_context })?;
-        passes::PassManager::new(before, &ctx)?.run(&mut m.graph, &mut std::io::sink())?;
-        print!("{}", opt.explain(&m.graph, value)?);
-        return Ok(());
-    }
-    let p = PipelineArgs {
-        passes: a.passes.clone(),
-        print_ir_after: match a.after.as_deref() {
-            Some("all") | None => vec![],
-            Some(p) => vec![p.to_string()],
-        },
-        print_ir_after_all: a.after.as_deref() == Some("all"),
-        dump_ir: None,
-        pass_stats: false,
-        max_context: a.max_context,
-    };
-    if a.json {
-        let mut buf = Vec::new();
-        let (m, _) = optimize(&a.model, &p, &pipeline, &ctx, &mut buf)?;
-        let mut text = String::from_utf8_lossy(&buf).into_owned();
-        if a.after.is_none() {
-            text.push_str(&llmc_ir::print(&m.graph));
-        }
-        let names: Vec<String> = pipeline.iter().map(|s| s.to_string()).collect();
-        let j = serde_json::json!({ "passes": names, "after": a.after, "ir": text });
-        println!("{j}");
-        return Ok(());
-    }
-    let stdout = std::io::stdout();
-    let (m, _) = optimize(&a.model, &p, &pipeline, &ctx, &mut stdout.lock())?;
-    if a.after.is_none() {
-        print!("{}", llmc_ir::print(&m.graph));
-    }
-    Ok(())
-}
-
-fn list_passes(a: PassesArgs) -> Result<(), CliError> {
-    let default = passes::default_pipeline();
-    let in_default = |name: &str| default.iter().any(|p| p.name == name);
-    if a.json {
-        let list: Vec<serde_json::Value> = passes::all_passes()
-            .iter()
-            .map(|p| {
-                let options: Vec<serde_json::Value> = p
-                    .options()
-                    .iter()
-                    .map(|o| serde_json::json!({ "name": o.name, "values": o.values, "default": o.default, "summary": o.summary }))
-                    .collect();
-                serde_json::json!({ "name": p.name(), "summary": p.summary(), "default": in_default(p.name()), "options": options })
-            })
-            .collect();
-        let pipeline: Vec<String> = default.iter().map(|p| p.to_string()).collect();
-        println!("{}", serde_json::json!({ "passes": list, "default_pipeline": pipeline }));
-        return Ok(());
-    }
-    for p in passes::all_passes() {
-        let mark = if in_default(p.name()) { "*" } else { " " };
-        println!("{mark} {:<18} {}", p.name(), p.summary());
-        for o in p.options() {
-            println!("      {}={}\n          {}; default: {}", o.name, o.values, o.summary, o.default);
-        }
-    }
-    println!("\n* in the default pipeline: {default}");
-    println!("Options go in braces after a pass: --passes 'dce,optimize{{target=cuda,iterations=12}},quantize{{format=int4:g64}}';");
-    println!("quote a value that holds whitespace or any of , {{ }} = \" \\ (keep-fp=\"a,b\").");
     Ok(())
 }

@@ -1,22 +1,11 @@
-//! `llmc compile` quantization flags: `--quant`, `--sparsity`, `--keep-fp`, `--calib`,
-//! `--report`. Appends the `quantize{...}` entry the first three spell to the pipeline (or takes
-//! the one `--passes` names), captures calibration activations, builds the calibrated weight
-//! source (GPTQ rows, Wanda-pruned values) the artifact is written from, and the per-matrix error
-//! report. The algorithms live in `llmc_passes::calibrate`.
+//! `llmc compile` quantization flags (`--quant`, `--sparsity`, `--keep-fp`, `--calib`,
+//! `--calib-tokens`, `--smooth-alpha`, `--report`) and the printed `--report` table. The
+//! quantization itself is a phase of `llmc_compiler::compile`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
-use llmc_frontend as frontend;
-use llmc_ir as ir;
-use llmc_passes as passes;
-use llmc_runtime as runtime;
-use passes::calibrate::{Activations, Calibrated, MatrixReport};
-use passes::RegisteredPass;
-use tracing::info;
-
-use crate::CliError;
+use llmc_compiler::{MatrixReport, QuantConfig};
 
 #[derive(Args, Clone, Debug, Default)]
 pub(crate) struct QuantArgs {
@@ -50,162 +39,19 @@ pub(crate) struct QuantArgs {
     pub report: bool,
 }
 
-/// What quantization did, for the compile report.
-pub(crate) struct Plan<'a> {
-    pub layout: Option<ir::Layout>,
-    /// The `format` and `sparsity` options of the quantize entry (the flags' values as given).
-    pub format: Option<String>,
-    pub sparsity: Option<String>,
-    pub tensors: u64,
-    pub params: u64,
-    pub source: Option<Calibrated<'a>>,
-    pub acts: Option<Activations>,
-    pub method: &'static str,
-}
-
-const WINDOW: usize = 128;
-
-/// The pipeline's `quantize` entry after the run: its configuration and entry, and what it did.
-pub(crate) struct Chosen {
-    pub quantize: passes::Quantize,
-    pub spec: passes::PassSpec,
-    pub tensors: u64,
-    pub params: u64,
-}
-
-/// Appends the `quantize` entry `--quant`/`--sparsity`/`--keep-fp` spell to `pipeline` (an error
-/// when `--passes` names one too) and checks the flags that go with quantization. Returns the
-/// configuration of the pipeline's `quantize` entry, if it has one.
-pub(crate) fn add_to_pipeline(
-    q: &QuantArgs,
-    pipeline: &mut passes::Pipeline,
-    ctx: &passes::PassContext,
-) -> Result<Option<passes::Quantize>, CliError> {
-    let from_flags = passes::Quantize::spec_from_flags(q.quant.as_deref(), q.sparsity.as_deref(), &q.keep_fp)?;
-    let named = pipeline.iter().filter(|p| p.name == passes::Quantize::NAME).count();
-    if named > 1 {
-        return Err(CliError::Usage(format!("--passes `{pipeline}` quantizes {named} times; give one quantize entry")));
-    }
-    if let Some(spec) = from_flags {
-        if named > 0 {
-            return Err(CliError::Usage(format!(
-                "--quant/--sparsity/--keep-fp append `{spec}` to the pipeline, and --passes already has a quantize entry: \
-                 give the quantization options in one place"
-            )));
-        }
-        pipeline.push(spec);
-    }
-    let Some(spec) = pipeline.iter().find(|p| p.name == passes::Quantize::NAME) else {
-        for (set, flag) in [(q.calib.is_some(), "--calib"), (q.report, "--report")] {
-            if set {
-                return Err(CliError::Usage(format!("{flag} needs --quant or --sparsity")));
-            }
-        }
-        return Ok(None);
-    };
-    let quantize = passes::Quantize::from_spec(spec, ctx)?;
-    if !(0.0..=1.0).contains(&q.smooth_alpha) {
-        return Err(CliError::Usage(format!("--smooth-alpha {}: must be within 0..=1", q.smooth_alpha)));
-    }
-    if quantize.wanda && q.calib.is_none() {
-        return Err(CliError::Usage("--sparsity 2:4:wanda needs --calib FILE (Wanda weighs |w| by activation norms)".into()));
-    }
-    if let Some(p) = &q.calib {
-        if !p.is_file() {
-            return Err(CliError::Usage(format!("--calib {}: no such file", p.display())));
-        }
-        if q.calib_tokens < WINDOW {
-            return Err(CliError::Usage(format!("--calib-tokens {} is below one window of {WINDOW}", q.calib_tokens)));
+impl QuantArgs {
+    /// The library's quantization options (checked by the library).
+    pub(crate) fn config(&self) -> QuantConfig {
+        QuantConfig {
+            quant: self.quant.clone(),
+            sparsity: self.sparsity.clone(),
+            keep_fp: self.keep_fp.clone(),
+            calib: self.calib.clone(),
+            calib_tokens: self.calib_tokens,
+            smooth_alpha: self.smooth_alpha,
+            report: self.report,
         }
     }
-    Ok(Some(quantize))
-}
-
-/// The pipeline's `quantize` entry (as [`add_to_pipeline`] returned it) with the counts its run
-/// reported; `stats` is the run's, entry by entry.
-pub(crate) fn chosen(
-    quantize: Option<passes::Quantize>,
-    pipeline: &passes::Pipeline,
-    stats: &[(String, passes::PassStats, std::time::Duration)],
-) -> Option<Chosen> {
-    let quantize = quantize?;
-    let at = pipeline.iter().position(|p| p.name == passes::Quantize::NAME)?;
-    let st = &stats.get(at)?.1;
-    Some(Chosen { quantize, spec: pipeline[at].clone(), tensors: st.get("quantized"), params: st.get("quantized-params") })
-}
-
-/// Captures calibration activations and builds the calibrated weight source when `--calib`.
-pub(crate) fn calibrate<'a>(q: &QuantArgs, m: &'a frontend::Model, set: Option<Chosen>) -> Result<Plan<'a>, CliError> {
-    let Some(Chosen { quantize, spec, tensors, params }) = set else {
-        return Ok(Plan {
-            layout: None,
-            format: None,
-            sparsity: None,
-            tensors: 0,
-            params: 0,
-            source: None,
-            acts: None,
-            method: "none",
-        });
-    };
-    let (layout, wanda) = (quantize.layout, quantize.wanda);
-    let sparse = matches!(layout, ir::Layout::Sparse24 { .. });
-    let mut plan = Plan {
-        layout: Some(layout),
-        format: spec.option("format").map(String::from),
-        sparsity: spec.option("sparsity").map(String::from),
-        tensors,
-        params,
-        source: None,
-        acts: None,
-        method: if sparse { "magnitude" } else { "rtn" },
-    };
-    let Some(path) = &q.calib else { return Ok(plan) };
-    let text = std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("--calib {}: {e}", path.display())))?;
-    let tok_path = m.dir.join("tokenizer.json");
-    let tok = runtime::Tokenizer::from_file(&tok_path)
-        .map_err(|e| CliError::Usage(format!("--calib needs the checkpoint's tokenizer ({}): {e}", tok_path.display())))?;
-    let mut ids = tok.encode(&text, true)?;
-    ids.truncate(q.calib_tokens);
-    let windows: Vec<Vec<i32>> = ids.chunks_exact(WINDOW).map(|w| w.iter().map(|&i| i as i32).collect()).collect();
-    if windows.is_empty() {
-        return Err(CliError::Usage(format!(
-            "--calib {}: {} tokens, fewer than one window of {WINDOW}",
-            path.display(),
-            ids.len()
-        )));
-    }
-    let t0 = Instant::now();
-    let acts = passes::calibrate::capture(&m.graph, &m.checkpoint, &windows)?;
-    info!(windows = windows.len(), seconds = t0.elapsed().as_secs_f64(), "calibration activations captured");
-    let t1 = Instant::now();
-    let w8a8 = layout == ir::Layout::W8A8;
-    let alpha = w8a8.then_some(q.smooth_alpha);
-    let src = passes::calibrate::calibrate(&m.graph, &m.checkpoint, &acts, !sparse && !w8a8, sparse && wanda, alpha)?;
-    info!(gptq = src.rows.len(), wanda = src.values.len(), seconds = t1.elapsed().as_secs_f64(), "calibrated");
-    plan.method = if sparse {
-        if wanda {
-            "wanda"
-        } else {
-            "magnitude"
-        }
-    } else if w8a8 {
-        "smoothquant"
-    } else {
-        "gptq"
-    };
-    plan.source = Some(src);
-    plan.acts = Some(acts);
-    Ok(plan)
-}
-
-/// The `--report` rows for the plan.
-pub(crate) fn report(m: &frontend::Model, plan: &Plan<'_>) -> Result<Vec<MatrixReport>, CliError> {
-    let src: &dyn ir::WeightSource = match &plan.source {
-        Some(s) => s,
-        None => &m.checkpoint,
-    };
-    Ok(passes::calibrate::report(&m.graph, &m.checkpoint, src, plan.acts.as_ref())?)
 }
 
 pub(crate) fn report_json(rows: &[MatrixReport]) -> serde_json::Value {

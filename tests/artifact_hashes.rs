@@ -19,11 +19,17 @@ use common::*;
 
 const LIST: &str = "tests/artifact_hashes.txt";
 
-/// One compilation: a name, the model and the `llmc compile` flags.
+/// One compilation through the library: a name, the model and the config (the `llmc compile`
+/// flags it stands for in the comments).
 struct Case {
     name: &'static str,
     model: PathBuf,
-    flags: Vec<&'static str>,
+    config: CompileConfig,
+}
+
+/// `--quant FORMAT` and `--sparsity PATTERN` as a config.
+fn quant(format: Option<&str>, sparsity: Option<&str>) -> QuantConfig {
+    QuantConfig { quant: format.map(String::from), sparsity: sparsity.map(String::from), ..Default::default() }
 }
 
 fn cases(big: &Path) -> Vec<Case> {
@@ -44,31 +50,45 @@ fn cases(big: &Path) -> Vec<Case> {
         "qwen2",
         "qwen3",
     ] {
-        v.push(Case { name: f, model: fixture(f), flags: vec![] });
+        v.push(Case { name: f, model: fixture(f), config: CompileConfig::default() });
     }
     let seed = repo().join("models/seedlm");
-    let calib = repo().join("models/seedlm/calib.txt");
-    let calib: &'static str = Box::leak(calib.display().to_string().into_boxed_str());
-    for (name, flags) in [
-        ("seedlm", vec![]),
-        ("seedlm-no-tokenizer", vec!["--no-tokenizer"]),
-        ("seedlm-chunk64", vec!["--max-chunk", "64", "--max-context", "256"]),
-        ("seedlm-no-microkernels", vec!["--no-microkernels"]),
-        ("seedlm-int8", vec!["--quant", "int8"]),
-        ("seedlm-int4", vec!["--quant", "int4"]),
-        ("seedlm-int4-g64-asym", vec!["--quant", "int4:g64:asym"]),
-        ("seedlm-w8a8", vec!["--quant", "w8a8"]),
-        ("seedlm-w4a8-g128", vec!["--quant", "w4a8:g128"]),
-        ("seedlm-2:4", vec!["--sparsity", "2:4"]),
-        ("seedlm-2:4-int8", vec!["--sparsity", "2:4", "--quant", "int8"]),
-        ("seedlm-int4-keep-lm_head", vec!["--quant", "int4", "--keep-fp", "lm_head"]),
-        ("seedlm-int4-gptq", vec!["--quant", "int4", "--calib", calib, "--calib-tokens", "256"]),
-        ("seedlm-w8a8-smoothquant", vec!["--quant", "w8a8", "--calib", calib, "--calib-tokens", "256"]),
+    let calib = || Some(repo().join("models/seedlm/calib.txt"));
+    let d = CompileConfig::default;
+    for (name, config) in [
+        ("seedlm", d()),
+        // --no-tokenizer
+        ("seedlm-no-tokenizer", CompileConfig { no_tokenizer: true, ..d() }),
+        // --max-chunk 64 --max-context 256
+        ("seedlm-chunk64", CompileConfig { max_chunk: Some(64), max_context: Some(256), ..d() }),
+        // --no-microkernels
+        ("seedlm-no-microkernels", CompileConfig { no_microkernels: true, ..d() }),
+        // --quant int8
+        ("seedlm-int8", CompileConfig { quant: quant(Some("int8"), None), ..d() }),
+        // --quant int4
+        ("seedlm-int4", CompileConfig { quant: quant(Some("int4"), None), ..d() }),
+        // --quant int4:g64:asym
+        ("seedlm-int4-g64-asym", CompileConfig { quant: quant(Some("int4:g64:asym"), None), ..d() }),
+        // --quant w8a8
+        ("seedlm-w8a8", CompileConfig { quant: quant(Some("w8a8"), None), ..d() }),
+        // --quant w4a8:g128
+        ("seedlm-w4a8-g128", CompileConfig { quant: quant(Some("w4a8:g128"), None), ..d() }),
+        // --sparsity 2:4
+        ("seedlm-2:4", CompileConfig { quant: quant(None, Some("2:4")), ..d() }),
+        // --sparsity 2:4 --quant int8
+        ("seedlm-2:4-int8", CompileConfig { quant: quant(Some("int8"), Some("2:4")), ..d() }),
+        // --quant int4 --keep-fp lm_head
+        ("seedlm-int4-keep-lm_head", CompileConfig { quant: QuantConfig { keep_fp: vec!["lm_head".into()], ..quant(Some("int4"), None) }, ..d() }),
+        // --quant int4 --calib models/seedlm/calib.txt --calib-tokens 256
+        ("seedlm-int4-gptq", CompileConfig { quant: QuantConfig { calib: calib(), calib_tokens: 256, ..quant(Some("int4"), None) }, ..d() }),
+        // --quant w8a8 --calib models/seedlm/calib.txt --calib-tokens 256
+        ("seedlm-w8a8-smoothquant", CompileConfig { quant: QuantConfig { calib: calib(), calib_tokens: 256, ..quant(Some("w8a8"), None) }, ..d() }),
     ] {
-        v.push(Case { name, model: seed.clone(), flags });
+        v.push(Case { name, model: seed.clone(), config });
     }
-    v.push(Case { name: "llama-125m", model: big.to_path_buf(), flags: vec![] });
-    v.push(Case { name: "llama-125m-int8", model: big.to_path_buf(), flags: vec!["--quant", "int8"] });
+    v.push(Case { name: "llama-125m", model: big.to_path_buf(), config: d() });
+    // --quant int8
+    v.push(Case { name: "llama-125m-int8", model: big.to_path_buf(), config: CompileConfig { quant: quant(Some("int8"), None), ..d() } });
     v
 }
 
@@ -148,7 +168,7 @@ fn artifacts_are_byte_identical_to_the_recorded_list() {
     let mut got: BTreeMap<&str, (String, String, String)> = BTreeMap::new();
     for c in cases(&big) {
         let art = tmp.join(format!("{}.llmc", c.name.replace(':', "_")));
-        compile(&c.model, &art, &c.flags);
+        compile_with(&c.model, &art, c.config);
         got.insert(c.name, section_hashes(&art));
         let _ = std::fs::remove_file(&art);
     }

@@ -419,10 +419,10 @@ fn unknown_target_is_an_error() {
 // ---- running: inputs and artifacts ----
 
 /// A compiled artifact for the runtime bad-input tests.
-fn artifact(name: &str, extra: &[&str]) -> PathBuf {
+fn artifact(name: &str, config: CompileConfig) -> PathBuf {
     let d = tmpdir(name);
     let art = d.join("m.llmc");
-    compile(&fixture("llama_mha"), &art, extra);
+    compile_with(&fixture("llama_mha"), &art, config);
     art
 }
 
@@ -434,7 +434,7 @@ fn run_cmd(art: &Path, ids: &str, new_tokens: usize) -> Command {
 
 #[test]
 fn token_id_out_of_range() {
-    let art = artifact("bad-token", &[]);
+    let art = artifact("bad-token", Default::default());
     fails(&mut run_cmd(&art, "1,2,256", 2), &["token id 256", "vocabulary has 256"]);
     fails(&mut run_cmd(&art, "1,-3", 2), &["-3"]);
     fails(&mut run_cmd(&art, "1,99999999999999999999", 2), &["99999999999999999999"]);
@@ -443,7 +443,7 @@ fn token_id_out_of_range() {
 
 #[test]
 fn prompt_longer_than_context() {
-    let art = artifact("bad-context", &["--max-context", "16"]);
+    let art = artifact("bad-context", CompileConfig { max_context: Some(16), ..Default::default() });
     let ids: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     fails(&mut run_cmd(&art, &ids.join(","), 1), &["context of 16"]);
     // Prompt fits but prompt + generation does not.
@@ -475,7 +475,7 @@ fn with_header(bytes: &[u8], v: &serde_json::Value) -> Vec<u8> {
 
 #[test]
 fn corrupt_artifacts_are_refused_before_running() {
-    let art = artifact("bad-artifact", &[]);
+    let art = artifact("bad-artifact", Default::default());
     let bytes = std::fs::read(&art).unwrap();
     let d = art.parent().unwrap();
     let run = |name: &str, b: &[u8], needles: &[&str]| {
@@ -512,7 +512,7 @@ fn corrupt_artifacts_are_refused_before_running() {
 fn hostile_artifact_headers_are_refused_before_allocating() {
     // Headers with valid checksums that claim absurd sizes or out-of-range indices: refused by
     // the consistency checks at load, before a session allocates its arena or KV cache.
-    let art = artifact("bad-artifact-header", &[]);
+    let art = artifact("bad-artifact-header", Default::default());
     let bytes = std::fs::read(&art).unwrap();
     let d = art.parent().unwrap();
     let (v, _) = header_of(&bytes);
@@ -541,7 +541,7 @@ fn hostile_artifact_headers_are_refused_before_allocating() {
 fn artifact_requiring_a_missing_cpu_feature_is_refused() {
     // Rewrite the header of a valid artifact to require a feature name no CPU has, with a correct
     // header checksum, so only the feature check can refuse it.
-    let art = artifact("bad-feature", &[]);
+    let art = artifact("bad-feature", Default::default());
     let bytes = std::fs::read(&art).unwrap();
     let (mut v, _) = header_of(&bytes);
     v["cpu_features"].as_array_mut().unwrap().push(serde_json::json!("amx-tile-imaginary"));

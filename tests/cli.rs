@@ -19,7 +19,7 @@ fn dump_ir_parses_back_and_verifies() {
 #[test]
 fn print_ir_after_all_prints_after_every_pass() {
     let out = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--after").arg("all"));
-    let pipeline = llmc_passes::default_pipeline();
+    let pipeline = llmc_compiler::default_pipeline();
     for p in &pipeline {
         assert!(out.contains(&format!("; ---- IR after {p} ----")), "no dump after {p}");
     }
@@ -48,7 +48,7 @@ fn compile_dump_ir_dir_writes_numbered_files() {
     assert!(out.contains("; ---- IR after cse ----"));
     let mut files: Vec<String> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     files.sort();
-    assert_eq!(files.len(), llmc_passes::default_pipeline().len() + 1, "input + one per pass: {files:?}");
+    assert_eq!(files.len(), llmc_compiler::default_pipeline().len() + 1, "input + one per pass: {files:?}");
     for f in &files {
         llmc_ir::parse(&std::fs::read_to_string(dump.join(f)).unwrap()).unwrap();
     }
@@ -57,8 +57,8 @@ fn compile_dump_ir_dir_writes_numbered_files() {
 #[test]
 fn passes_lists_every_pass_with_a_summary() {
     let out = ok(llmc().arg("passes"));
-    for p in llmc_passes::all_passes() {
-        assert!(out.contains(p.name()) && out.contains(p.summary()), "{} missing", p.name());
+    for p in llmc_compiler::passes() {
+        assert!(out.contains(p.name) && out.contains(p.summary), "{} missing", p.name);
     }
 }
 
@@ -67,6 +67,26 @@ fn unknown_pass_is_named() {
     let mut c = llmc();
     c.arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg("dce,fuse-everything");
     fails_with(&mut c, &["fuse-everything"]);
+}
+
+/// The binary holds CLI concerns only: it reaches the compiler through `llmc-compiler` and
+/// imports no frontend, passes, codegen or IR item itself (tests may, as dev-dependencies).
+#[test]
+fn binary_uses_the_compile_library_and_the_runtime_only() {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let deps = manifest.split("\n[dependencies]\n").nth(1).expect("a [dependencies] table");
+    let deps = deps.split("\n[").next().unwrap();
+    assert!(deps.contains("llmc-compiler") && deps.contains("llmc-runtime"), "{deps}");
+    for c in ["llmc-frontend", "llmc-passes", "llmc-codegen", "llmc-ir"] {
+        assert!(!deps.contains(c), "the llmc binary depends on {c}:\n{deps}");
+    }
+    for e in std::fs::read_dir(repo().join("src")).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        for c in ["llmc_frontend", "llmc_passes", "llmc_codegen", "llmc_ir"] {
+            assert!(!text.contains(c), "{} names {c}", p.display());
+        }
+    }
 }
 
 /// The entries the `; ---- IR after ... ----` headers of a `--print-ir-after-all` output name.

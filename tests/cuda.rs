@@ -317,8 +317,9 @@ fn emulated_quantized_artifacts_match_the_cpu_target() {
         // share (see the tolerance below; the runtime's GEMV sums in another order and is checked
         // against the interpreter in the codegen tests).
         let a8 = quant.starts_with('w');
-        let cpu_flags: Vec<&str> = flags.iter().copied().chain(a8.then_some("--no-microkernels")).collect();
-        compile(&dir, &cpu, &cpu_flags);
+        let flag = |name: &str| flags.iter().position(|f| *f == name).map(|i| flags[i + 1].to_string());
+        let q = QuantConfig { quant: flag("--quant"), sparsity: flag("--sparsity"), ..Default::default() };
+        compile_with(&dir, &cpu, CompileConfig { quant: q, no_microkernels: a8, ..Default::default() });
         let logits = tmp.join("cpu.npy");
         ok(llmc().arg("run").arg(&cpu).arg("--input-ids").arg(join_ids(&prompt)).args(["--max-new-tokens", "1", "--logits-out"]).arg(&logits));
         let (_, want) = npy::read_f32(&logits).unwrap();

@@ -37,7 +37,7 @@ fn bert_tiny_matches_transformers() {
     let dir = fixture("bert_tiny");
     let tmp = tmpdir("embed-bert-tiny");
     let art = tmp.join("bert.llmc");
-    compile(&dir, &art, &[]);
+    compile(&dir, &art);
     let prompt = ids_of(&read_json(&dir.join("prompt_ids.json")));
     let (hshape, want_hidden) = npy::read_f32(&dir.join("hidden.npy")).unwrap();
     let (_, want_emb) = npy::read_f32(&dir.join("embedding.npy")).unwrap();
@@ -82,16 +82,14 @@ fn bert_tiny_matches_transformers() {
     fails_with(llmc().arg("embed").arg(&art).arg("--input-ids").arg(join_ids(&long)), &["65 tokens"]);
     // A decoder artifact is not an encoder.
     let dec = tmp.join("llama.llmc");
-    compile(&fixture("llama_mha"), &dec, &[]);
+    compile(&fixture("llama_mha"), &dec);
     fails_with(
         llmc().arg("embed").arg(&dec).arg("--input-ids").arg("1,2"),
         &["not an embedding model", "LlamaForCausalLM"],
     );
 
     // The reference interpreter on the optimized IR agrees as well.
-    let mut m = llmc_frontend::load(&dir, &llmc_frontend::Options::default()).unwrap();
-    let pm = llmc_passes::PassManager::new(&llmc_passes::default_pipeline(), &llmc_passes::PassContext::default()).unwrap();
-    pm.run(&mut m.graph, &mut std::io::sink()).unwrap();
+    let m = optimized(&dir);
     let ids: Vec<i32> = prompt.iter().map(|&i| i as i32).collect();
     let out = llmc_ir::Interpreter::new(&m.checkpoint).run(&m.graph, &ids).unwrap();
     let err = max_abs_diff(&out[0].data, &want_hidden);
@@ -129,7 +127,7 @@ fn minilm_matches_sentence_transformers() {
 
     let tmp = tmpdir("embed-minilm");
     let art = tmp.join("minilm.llmc");
-    compile(&model_dir, &art, &[]);
+    compile(&model_dir, &art);
 
     // The artifact's tokenizer gives the reference ids (no padding; truncated to 256 tokens).
     let model = Model::load(&art).unwrap();

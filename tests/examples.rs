@@ -116,7 +116,7 @@ fn header_declares_every_exported_function() {
 fn rust_example_runs_on_the_runtime_alone() {
     let d = tmpdir("examples-rust");
     let art = d.join("seedlm.llmc");
-    compile(&seedlm_dir(), &art, &[]);
+    compile(&seedlm_dir(), &art);
     let g = read_json(&seedlm_dir().join("golden_greedy.json"));
     let case = &g["cases"][0];
     let mut streamed = String::new();

@@ -24,7 +24,7 @@ fn seedlm_artifact() -> &'static Path {
     ART.get_or_init(|| {
         let d = tmpdir("gen-seedlm");
         let art = d.join("seedlm.llmc");
-        compile(&seedlm_dir(), &art, &[]);
+        compile(&seedlm_dir(), &art);
         art
     })
 }
@@ -37,7 +37,7 @@ fn draft_artifact() -> &'static Path {
         let ckpt = d.join("ckpt");
         draft_checkpoint(&seedlm_dir(), &ckpt, 2);
         let art = d.join("draft.llmc");
-        compile(&ckpt, &art, &[]);
+        compile(&ckpt, &art);
         art
     })
 }
@@ -134,7 +134,7 @@ fn eos_from_generation_config_stops_generation() {
     }
     std::fs::write(ckpt.join("generation_config.json"), r#"{"eos_token_id": [1, 344]}"#).unwrap();
     let art = d.join("m.llmc");
-    compile(&ckpt, &art, &[]);
+    compile(&ckpt, &art);
     let case = &golden()["cases"][0];
     let prompt = case["prompt"].as_str().unwrap();
     let run = |extra: &[&str]| last_json(&ok(llmc().arg("run").arg(&art).args(["--prompt", prompt, "--max-new-tokens", "32", "--json"]).args(extra)));
@@ -232,7 +232,7 @@ fn speculative_with_the_target_as_draft_accepts_everything() {
     // The same model compiled with another chunk size proposes exactly the target's tokens.
     let d = tmpdir("gen-selfdraft");
     let art = d.join("chunk3.llmc");
-    compile(&seedlm_dir(), &art, &["--max-chunk", "3"]);
+    compile_with(&seedlm_dir(), &art, CompileConfig { max_chunk: Some(3), ..Default::default() });
     let case = &golden()["cases"][0];
     let j = run_json(&["--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "32", "--draft", art.to_str().unwrap(), "--speculate", "4"]);
     assert_eq!(ids_of(&j["generated_ids"]), ids_of(&case["greedy_new_ids"]));
@@ -255,7 +255,7 @@ fn speculative_sampling_equals_plain_sampling_with_the_same_seed() {
 fn speculative_needs_the_same_vocabulary() {
     let d = tmpdir("gen-vocab");
     let other = d.join("mha.llmc");
-    compile(&fixture("llama_mha"), &other, &[]);
+    compile(&fixture("llama_mha"), &other);
     let mut c = llmc();
     c.arg("run").arg(seedlm_artifact()).args(["--input-ids", "1,2", "--draft"]).arg(&other);
     fails_with(&mut c, &["vocabulary", "256", "4096"]);
@@ -310,7 +310,7 @@ fn artifact_carries_the_tokenizer_under_the_data_checksum() {
     fails_with(&mut c, &["checksum", "data"]);
     // --no-tokenizer leaves it out; text prompts are then refused with the reason.
     let p = tmpdir("gen-notok").join("notok.llmc");
-    compile(&seedlm_dir(), &p, &["--no-tokenizer"]);
+    compile_with(&seedlm_dir(), &p, CompileConfig { no_tokenizer: true, ..Default::default() });
     let mut c = llmc();
     c.arg("run").arg(&p).args(["--prompt", "hi"]);
     fails_with(&mut c, &["carries no tokenizer", "--input-ids"]);
@@ -330,11 +330,11 @@ fn every_command_has_json_output() {
     let j = last_json(&ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--json")));
     let g = llmc_ir::parse(j["ir"].as_str().unwrap()).unwrap();
     llmc_ir::verify(&g).unwrap();
-    assert_eq!(j["passes"].as_array().unwrap().len(), llmc_passes::default_pipeline().len());
+    assert_eq!(j["passes"].as_array().unwrap().len(), llmc_compiler::default_pipeline().len());
     let j = last_json(&ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).args(["--after", "all", "--json"])));
     assert!(j["ir"].as_str().unwrap().contains("; ---- IR after "));
     let j = last_json(&ok(llmc().arg("passes").arg("--json")));
-    assert_eq!(j["passes"].as_array().unwrap().len(), llmc_passes::all_passes().len());
+    assert_eq!(j["passes"].as_array().unwrap().len(), llmc_compiler::passes().len());
     assert!(j["passes"][0]["summary"].as_str().is_some());
 }
 

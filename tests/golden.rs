@@ -27,7 +27,7 @@ fn golden_case(case: &str) {
     let dir = fixture(case);
     let tmp = tmpdir(&format!("golden-{case}"));
     let art = tmp.join("model.llmc");
-    compile(&dir, &art, &[]);
+    compile(&dir, &art);
 
     let greedy = read_json(&dir.join("greedy.json"));
     let prompt = ids_of(&greedy["prompt_ids"]);
@@ -61,9 +61,7 @@ fn golden_case(case: &str) {
     }
 
     // The reference interpreter on the optimized IR agrees with transformers as well.
-    let mut m = llmc_frontend::load(&dir, &llmc_frontend::Options::default()).unwrap();
-    let pm = llmc_passes::PassManager::new(&llmc_passes::default_pipeline(), &llmc_passes::PassContext::default()).unwrap();
-    pm.run(&mut m.graph, &mut std::io::sink()).unwrap();
+    let m = optimized(&dir);
     let mut interp = llmc_ir::Interpreter::new(&m.checkpoint);
     let ids: Vec<i32> = prompt.iter().map(|&i| i as i32).collect();
     let out = interp.run(&m.graph, &ids).unwrap();
@@ -143,7 +141,7 @@ fn golden_seedlm() {
     let dir = repo().join("models/seedlm");
     let tmp = tmpdir("golden-seedlm");
     let art = tmp.join("seedlm.llmc");
-    compile(&dir, &art, &[]);
+    compile(&dir, &art);
     let g = read_json(&dir.join("golden_greedy.json"));
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids_of(&case["prompt_ids"]);
@@ -169,20 +167,20 @@ fn golden_seedlm() {
 /// A prompt longer than one step's chunk runs in several chunks and gives the same logits.
 #[test]
 fn chunked_prefill_matches_single_step() {
-    chunked_prefill("llama_gqa_llama3", "4");
+    chunked_prefill("llama_gqa_llama3", 4);
 }
 
 /// Sliding-window attention across chunk boundaries: Mistral's window of 8 over 5-token chunks.
 #[test]
 fn chunked_prefill_sliding_window() {
-    chunked_prefill("mistral_sliding", "5");
+    chunked_prefill("mistral_sliding", 5);
 }
 
-fn chunked_prefill(case: &str, chunk: &str) {
+fn chunked_prefill(case: &str, chunk: usize) {
     let dir = fixture(case);
     let tmp = tmpdir(&format!("golden-chunked-{case}"));
     let art = tmp.join("chunked.llmc");
-    compile(&dir, &art, &["--max-chunk", chunk]);
+    compile_with(&dir, &art, CompileConfig { max_chunk: Some(chunk), ..Default::default() });
     let greedy = read_json(&dir.join("greedy.json"));
     let prompt = ids_of(&greedy["prompt_ids"]);
     let logits_path = tmp.join("logits.npy");

@@ -10,7 +10,6 @@
 //! by a soundness test: random graphs evaluate to the same bits in the reference interpreter
 //! before and after the pass.
 
-pub mod calibrate;
 pub mod constant_fold;
 pub mod cse;
 pub mod dce;

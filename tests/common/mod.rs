@@ -1,8 +1,12 @@
-//! Helpers shared by the integration tests: running the `llmc` binary, temp dirs, fixtures.
+//! Helpers shared by the integration tests: compiling through the library, running the `llmc`
+//! binary, temp dirs, fixtures.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+#[allow(unused_imports)] // not every test names each
+pub use llmc_compiler::{CompileConfig, CompileReport, QuantConfig};
 
 pub fn llmc() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llmc"))
@@ -53,9 +57,25 @@ pub fn fails_with(cmd: &mut Command, needles: &[&str]) -> String {
     err
 }
 
-/// Compiles `model` to `out` with extra args.
-pub fn compile(model: &Path, out: &Path, extra: &[&str]) {
-    ok(llmc().arg("compile").arg(model).arg("--target").arg("cpu").arg("-o").arg(out).args(extra));
+/// Compiles `model` to the artifact `out` for the CPU with the default options, through the
+/// library (`llmc_compiler::compile`).
+pub fn compile(model: &Path, out: &Path) -> CompileReport {
+    compile_with(model, out, CompileConfig::default())
+}
+
+/// Compiles `model` to `out` with `config` (its `output` replaced by `out`), through the library.
+pub fn compile_with(model: &Path, out: &Path, config: CompileConfig) -> CompileReport {
+    let config = CompileConfig { output: out.to_path_buf(), ..config };
+    llmc_compiler::compile(model, &config, &mut |_| {}, &mut std::io::sink())
+        .unwrap_or_else(|e| panic!("compiling {} to {}: {e}", model.display(), out.display()))
+}
+
+/// The model loaded and run through the default pass pipeline (what `compile` generates code
+/// for), for the reference interpreter.
+pub fn optimized(model: &Path) -> llmc_compiler::Model {
+    llmc_compiler::optimize(model, Default::default(), None, &Default::default(), &mut std::io::sink())
+        .unwrap_or_else(|e| panic!("optimizing {}: {e}", model.display()))
+        .model
 }
 
 pub fn read_json(p: &Path) -> serde_json::Value {

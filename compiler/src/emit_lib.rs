@@ -1,4 +1,4 @@
-//! `llmc compile --emit lib`: packs a compiled artifact and the runtime's C API into one static
+//! [`crate::Emit::Lib`]: packs a compiled artifact and the runtime's C API into one static
 //! library that a C (or any) program links without any compiler crate.
 //!
 //! ```text
@@ -14,22 +14,24 @@
 //! external `ar` involved). `strip --strip-debug` (or `$STRIP`), when present, first drops the
 //! runtime's debug info.
 //!
-//! Where the runtime archive comes from: cargo builds `libllmc_capi.a` with every build of `llmc`
-//! (llmc-capi is a dependency of the `llmc` package), into the `deps/` folder next to the `llmc`
-//! executable (and beside the executable when built as a root with `cargo build -p llmc-capi`).
-//! `LLMC_CAPI_LIB=/path/to/libllmc_capi.a` overrides the search, e.g. for an installed `llmc`.
+//! Where the runtime archive comes from: [`crate::CompileConfig::runtime_lib`] when set, else
+//! `$LLMC_CAPI_LIB`, else a search beside the running executable. Cargo builds
+//! `libllmc_capi.a` with every build of `llmc` (llmc-capi is a dependency of the `llmc` package),
+//! into the `deps/` folder next to the `llmc` executable (and beside the executable when built as
+//! a root with `cargo build -p llmc-capi`); test executables live in `deps/` themselves, beside it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The C API header, compiled into `llmc`.
-const LLMC_H: &str = include_str!("../runtime/include/llmc.h");
+const LLMC_H: &str = include_str!("../../runtime/include/llmc.h");
 
 /// Symbols of the embedded artifact.
 pub const ARTIFACT_SYMBOL: &str = "llmc_model_artifact";
 pub const ARTIFACT_LEN_SYMBOL: &str = "llmc_model_artifact_len";
 
 /// What `--emit lib` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LibOutput {
     pub library: PathBuf,
     pub header: PathBuf,
@@ -37,8 +39,8 @@ pub struct LibOutput {
     pub runtime: PathBuf,
 }
 
-/// Finds `libllmc_capi.a`: `$LLMC_CAPI_LIB`, else the newest of `libllmc_capi.a` and
-/// `deps/libllmc_capi-*.a` beside the running executable.
+/// Finds `libllmc_capi.a`: `$LLMC_CAPI_LIB`, else the newest of `libllmc_capi.a`,
+/// `libllmc_capi-*.a` and `deps/libllmc_capi-*.a` beside the running executable.
 pub fn runtime_lib() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("LLMC_CAPI_LIB") {
         let p = PathBuf::from(p);
@@ -47,10 +49,12 @@ pub fn runtime_lib() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate the llmc executable: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("."));
     let mut found: Vec<PathBuf> = vec![dir.join("libllmc_capi.a")];
-    if let Ok(rd) = std::fs::read_dir(dir.join("deps")) {
-        found.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libllmc_capi-") && n.ends_with(".a"))
-        }));
+    for d in [dir.to_path_buf(), dir.join("deps")] {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            found.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libllmc_capi-") && n.ends_with(".a"))
+            }));
+        }
     }
     found
         .into_iter()
@@ -206,9 +210,14 @@ fn runtime_bytes(runtime: &Path, dir: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// Writes `dir/libllmc_model.a` and `dir/model.h` for the artifact at `artifact`.
-pub fn write(dir: &Path, artifact: &Path) -> Result<LibOutput, String> {
-    let runtime = runtime_lib()?;
+/// Writes `dir/libllmc_model.a` and `dir/model.h` for the artifact at `artifact`, packing the
+/// runtime library `runtime` (found by [`runtime_lib`] when `None`).
+pub fn write(dir: &Path, artifact: &Path, runtime: Option<&Path>) -> Result<LibOutput, String> {
+    let runtime = match runtime {
+        Some(p) if p.is_file() => p.to_path_buf(),
+        Some(p) => return Err(format!("runtime library {}: no such file", p.display())),
+        None => runtime_lib()?,
+    };
     let bytes = std::fs::read(artifact).map_err(|e| format!("{}: {e}", artifact.display()))?;
     let obj = artifact_object(&bytes)?;
     drop(bytes);

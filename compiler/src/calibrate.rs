@@ -1,5 +1,7 @@
-//! Calibration for the `quantize` pass: activations captured on calibration text, GPTQ,
-//! Wanda pruning and the per-matrix error report.
+//! Calibration, a phase of the compile after the `quantize` pass: activations captured on
+//! calibration text, GPTQ, Wanda pruning, SmoothQuant and the per-matrix error report. (A phase of
+//! this library rather than a pass: it reads the checkpoint's weights and runs the interpreter,
+//! and the passes stay pure graph rewrites.)
 //!
 //! The quantized graph keeps its layouts; calibration changes only what the weights *are*:
 //! [`Calibrated`] is a [`ir::WeightSource`] over the checkpoint that supplies GPTQ's codes and
@@ -24,10 +26,10 @@ use llmc_ir as ir;
 use ir::quant::QRow;
 use ir::{Layout, NodeId, Op};
 
-use crate::error::{PassError, Result};
+use crate::error::{Error, Result};
 
-fn err(msg: impl Into<String>) -> PassError {
-    PassError::Quant(msg.into())
+fn err(msg: impl Into<String>) -> Error {
+    Error::Quant(msg.into())
 }
 
 /// Input rows captured for the quantized weights.
