@@ -19,7 +19,7 @@ fn artifact() -> &'static Path {
     ART.get_or_init(|| {
         let d = tmpdir("step-seedlm");
         let art = d.join("seedlm.llmc");
-        compile(&repo().join("models/seedlm"), &art, &["--max-chunk", &CHUNK.to_string(), "--max-context", "64"]);
+        compile_with(&repo().join("models/seedlm"), &art, llmc_compiler::CompileConfig { max_chunk: Some(CHUNK), max_context: Some(64), ..Default::default() });
         art
     })
 }
