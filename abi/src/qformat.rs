@@ -333,7 +333,8 @@ impl QFormat {
                 for gi in 0..k / 4 {
                     let byte = row[idx + gi / 2] >> (4 * (gi % 2));
                     for (t, l) in [(2 * gi, byte & 3), (2 * gi + 1, byte >> 2 & 3)] {
-                        out[4 * gi + l as usize] = if int8 { (row[c + t] as i8) as f32 * s } else { f32_at(&row[c..], t) };
+                        let v = if int8 { (row[c + t] as i8) as f32 * s } else { f32_at(&row[c..], t) };
+                        out[4 * gi + l as usize] = v;
                     }
                 }
             }
@@ -460,7 +461,7 @@ mod tests {
         for row in data.chunks(k) {
             let q = quant::quantize_row(l, row);
             let kept: Vec<(u8, u8)> = if matches!(f, QFormat::Sparse24 { .. }) {
-                row.chunks_exact(4).map(|g| quant::sparse24_pair(g)).map(|(a, b)| (a as u8, b as u8)).collect()
+                row.chunks_exact(4).map(quant::sparse24_pair).map(|(a, b)| (a as u8, b as u8)).collect()
             } else {
                 Vec::new()
             };
@@ -495,7 +496,8 @@ mod tests {
                 for (r, rec) in bytes.chunks(rb).enumerate() {
                     f.dequant_row(rec, k, &mut got).unwrap();
                     for (e, (g, w)) in got.iter().zip(&want[r * k..(r + 1) * k]).enumerate() {
-                        assert_eq!(g.to_bits(), w.to_bits(), "{l} k={k} row {r} element {e}: decoded {g}, ir::quant {w}");
+                        let what = format!("{l} k={k} row {r} element {e}: decoded {g}, ir::quant {w}");
+                        assert_eq!(g.to_bits(), w.to_bits(), "{what}");
                     }
                     let parts = f.unpack_row(rec, k).unwrap();
                     let mut again = Vec::new();
@@ -553,14 +555,17 @@ mod tests {
         let codes = [1i8; 8];
         let s = [0.5f32];
         let mut out = vec![7u8];
+        let row = Row { codes: &codes, scales: &s, ..Row::default() };
+        let sparse_f32 = Row { values: &[0.0; 6], kept: &[(0, 1)], ..Row::default() };
+        let (int4, int4_asym) = (QFormat::Int4 { group: 16, asym: false }, QFormat::Int4 { group: 16, asym: true });
         let cases: Vec<(QFormat, usize, Row, &str)> = vec![
-            (QFormat::Int8, 9, Row { codes: &codes, scales: &s, ..Row::default() }, "8 codes, the format stores 9"),
-            (QFormat::Int8, 8, Row { codes: &codes, ..Row::default() }, "0 scales"),
-            (QFormat::Int4 { group: 16, asym: false }, 8, Row { codes: &[9; 8], scales: &s, ..Row::default() }, "code 9 of element 0"),
-            (QFormat::Int4 { group: 16, asym: true }, 8, Row { codes: &codes, scales: &s, zeros: &[16], ..Row::default() }, "zero point 16"),
-            (QFormat::Int4 { group: 8, asym: false }, 8, Row { codes: &codes, scales: &s, ..Row::default() }, "group size"),
-            (QFormat::Sparse24 { int8: true }, 8, Row { codes: &codes, scales: &s, kept: &[(0, 1), (2, 2)], ..Row::default() }, "kept pair (2, 2)"),
-            (QFormat::Sparse24 { int8: false }, 6, Row { values: &[0.0; 6], kept: &[(0, 1)], ..Row::default() }, "divisible by 4"),
+            (QFormat::Int8, 9, row, "8 codes, the format stores 9"),
+            (QFormat::Int8, 8, Row { scales: &[], ..row }, "0 scales"),
+            (int4, 8, Row { codes: &[9; 8], ..row }, "code 9 of element 0"),
+            (int4_asym, 8, Row { zeros: &[16], ..row }, "zero point 16"),
+            (QFormat::Int4 { group: 8, asym: false }, 8, row, "group size"),
+            (QFormat::Sparse24 { int8: true }, 8, Row { kept: &[(0, 1), (2, 2)], ..row }, "kept pair (2, 2)"),
+            (QFormat::Sparse24 { int8: false }, 6, sparse_f32, "divisible by 4"),
         ];
         for (f, k, r, msg) in cases {
             let e = f.encode_row(k, &r, &mut out).unwrap_err().to_string();

@@ -243,8 +243,7 @@ mod tests {
             assert_eq!(s.index, i, "slot `{}`", s.name);
             assert!(TABLE[..i].iter().all(|t| t.name != s.name), "slot name `{}` twice", s.name);
         }
-        assert_eq!(GEMM_PANELS_SIG.params, 8);
-        assert!(GEMM_PANELS_SIG.returns);
+        assert_eq!((GEMM_PANELS_SIG.params, GEMM_PANELS_SIG.returns), (8, true));
         assert_eq!((QGEMV_SIG.params, QGEMV_SIG.returns), (8, false));
         assert_eq!((QGEMM_SIG.params, QGEMM_SIG.returns), (9, true));
     }
@@ -261,20 +260,66 @@ mod tests {
         resigned[1].signature = QGEMM_SIG;
         let mut optional = TABLE;
         optional[0].optional = true;
-        for (what, t) in [("swapped", &swapped[..]), ("renamed", &renamed[..]), ("signature", &resigned[..]), ("optional", &optional[..]), ("shorter", &TABLE[..3])] {
+        for (what, t) in [
+            ("swapped", &swapped[..]),
+            ("renamed", &renamed[..]),
+            ("signature", &resigned[..]),
+            ("optional", &optional[..]),
+            ("shorter", &TABLE[..3]),
+        ] {
             assert_ne!(fingerprint_of(t), base, "{what}");
         }
         let mut spaced = TABLE;
-        spaced[0].signature.text = "fn (a : * const f32, lda: i64, bp: *const f32, k: i64, m: i64, c0: i64, ncols: i64, up: *const f32) -> * mut f32";
+        spaced[0].signature.text = "fn (a : * const f32, lda: i64, bp: *const f32, k: i64, m: i64, c0: i64, \
+                                    ncols: i64, up: *const f32) -> * mut f32";
         assert_eq!(fingerprint_of(&spaced), base, "{}", GEMM_PANELS_SIG.text);
     }
 
-    unsafe extern "sysv64" fn gemm(_: *const f32, _: i64, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *const f32) -> *mut f32 {
+    unsafe extern "sysv64" fn gemm(
+        _: *const f32,
+        _: i64,
+        _: *const f32,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *const f32,
+    ) -> *mut f32 {
         std::ptr::null_mut()
     }
-    unsafe extern "sysv64" fn gemv(_: i64, _: *const u8, _: *const i32, _: *const u8, _: i64, _: i64, _: i64, _: *mut f32) {}
-    unsafe extern "sysv64" fn gemv_a8(_: i64, _: *const u8, _: *const i32, _: *const u8, _: i64, _: i64, _: i64, _: *mut f32) {}
-    unsafe extern "sysv64" fn qgemm(_: i64, _: *const f32, _: i64, _: i64, _: *const u8, _: i64, _: i64, _: i64, _: *const u8) -> *mut f32 {
+    unsafe extern "sysv64" fn gemv(
+        _: i64,
+        _: *const u8,
+        _: *const i32,
+        _: *const u8,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *mut f32,
+    ) {
+    }
+    unsafe extern "sysv64" fn gemv_a8(
+        _: i64,
+        _: *const u8,
+        _: *const i32,
+        _: *const u8,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *mut f32,
+    ) {
+    }
+    unsafe extern "sysv64" fn qgemm(
+        _: i64,
+        _: *const f32,
+        _: i64,
+        _: i64,
+        _: *const u8,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *const u8,
+    ) -> *mut f32 {
         std::ptr::null_mut()
     }
 

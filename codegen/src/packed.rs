@@ -83,7 +83,13 @@ mod tests {
     /// the format of the same name.
     #[test]
     fn layouts_map_to_their_formats() {
-        for l in [Layout::Int8, Layout::Int4 { group: 48, asym: true }, Layout::Sparse24 { int8: false }, Layout::W8A8, Layout::W4A8 { group: 128 }] {
+        for l in [
+            Layout::Int8,
+            Layout::Int4 { group: 48, asym: true },
+            Layout::Sparse24 { int8: false },
+            Layout::W8A8,
+            Layout::W4A8 { group: 128 },
+        ] {
             assert_eq!(qformat(l).map(|f| f.to_string()), Some(l.name()));
         }
         assert_eq!(qformat(Layout::Dense), None);
