@@ -4,7 +4,7 @@
 //! (`DIR/00-input.ir`, `DIR/01-<pass>.ir`, ...) and per-pass statistics.
 //!
 //! A manager is built from a [`Pipeline`] (parsed from `dce,optimize{target=cuda}`) and a
-//! [`PassContext`] through the [registry](crate::registry), or from ready-made pass objects with
+//! [`PassContext`] through the registry ([`crate::registry`]), or from ready-made pass objects with
 //! [`PassManager::from_passes`]. The headers of `--print-ir-after-all` spell each entry
 //! canonically, so they parse back to the pipeline that ran. Statistics counters are free-form
 //! `(name, count)` pairs so a new pass reports whatever it counts without touching the manager.

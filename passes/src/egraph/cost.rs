@@ -41,7 +41,7 @@ impl Target {
         Target { name: "cpu", workers, flops_per_worker: 8e9, bytes_per_s: 12e9, launch_s: 2e-6, matmul_tile: (4, 64) }
     }
 
-    /// A data-centre GPU (H100-class), for when the CUDA backend lands.
+    /// A data-centre GPU (H100-class): the costs `optimize` uses for `--target cuda`.
     pub fn cuda() -> Target {
         Target {
             name: "cuda",
