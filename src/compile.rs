@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::ProgressBar;
-use llmc_compiler::{self as compiler, CompileConfig, CompileReport, Emit, PipelineConfig, Progress, Target};
+use llmc_compiler::{self as compiler, CompileConfig, CompileReport, Emit, PipelineConfig, Progress, Target, WeightsDtype};
 
 use crate::{progress, quant, CliError};
 
@@ -49,10 +49,12 @@ pub(crate) struct CompileArgs {
     /// and every kernel's PTX, for sm_80 and sm_90, plus its MLIR, in DIR).
     #[arg(long, num_args = 1..=2, value_names = ["KIND", "DIR"], default_values = ["artifact"])]
     emit: Vec<String>,
-    /// With --target cuda: element type of float weights on the GPU (f16, bf16 or f32;
-    /// activations and accumulation are f32 either way).
-    #[arg(long = "gpu-dtype", value_name = "TYPE")]
-    gpu_dtype: Option<String>,
+    /// Element type of float weights in the artifact: f32, f16, bf16, or keep (as the checkpoint
+    /// stores each). Default: f16 for --target cuda, f32 for the CPU (whose kernels read f32
+    /// weights: it takes f32 and keep). Activations and accumulation are f32 either way; a value
+    /// beyond f16's range is an error naming the weight.
+    #[arg(long = "weights-dtype", value_name = "TYPE")]
+    weights_dtype: Option<String>,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
     #[arg(long = "max-chunk")]
     max_chunk: Option<usize>,
@@ -130,7 +132,7 @@ impl CompileArgs {
             max_chunk: self.max_chunk,
             no_tokenizer: self.no_tokenizer,
             no_microkernels: self.no_microkernels,
-            gpu_dtype: self.gpu_dtype.clone(),
+            weights_dtype: self.weights_dtype.as_deref().map(WeightsDtype::parse).transpose().map_err(llmc_compiler::Error::from)?,
             runtime_lib: None,
             quant: self.q.config(),
             pipeline: PipelineConfig {

@@ -150,72 +150,21 @@ fn write_125m(dir: &Path) {
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }
 
-/// `(cpu_features, code_checksum, data_checksum)` from an artifact's header.
-fn section_hashes(art: &Path) -> (String, String, String) {
-    let bytes = std::fs::read(art).unwrap();
-    let hlen = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
-    let h: serde_json::Value = serde_json::from_slice(&bytes[32..32 + hlen]).unwrap();
-    let feats: Vec<&str> = h["cpu_features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-    (feats.join(","), h["code_checksum"].as_str().unwrap().into(), h["data_checksum"].as_str().unwrap().into())
-}
-
 #[test]
 fn artifacts_are_byte_identical_to_the_recorded_list() {
     let tmp = tmpdir("artifact-hashes");
     let big = tmp.join("llama-125m");
     std::fs::create_dir_all(&big).unwrap();
     write_125m(&big);
-    let mut got: BTreeMap<&str, (String, String, String)> = BTreeMap::new();
+    let mut got = BTreeMap::new();
+    let mut features = String::new();
     for c in cases(&big) {
         let art = tmp.join(format!("{}.llmc", c.name.replace(':', "_")));
         compile_with(&c.model, &art, c.config);
-        got.insert(c.name, section_hashes(&art));
+        let (f, code, data) = section_hashes(&art);
+        features = f;
+        got.insert(c.name.to_string(), (code, data));
         let _ = std::fs::remove_file(&art);
     }
-    let features = got.values().next().map(|v| v.0.clone()).unwrap_or_default();
-    let list_path = repo().join(LIST);
-    if std::env::var_os("LLMC_BLESS").is_some() {
-        let mut s = format!(
-            "# Code and data section checksums (xxh3-64) of `llmc compile` artifacts; tests/artifact_hashes.rs.\n\
-             # Recorded on a host with these ISA features (machine code depends on them):\n# features {features}\n"
-        );
-        for (name, (_, code, data)) in &got {
-            s.push_str(&format!("{name} {code} {data}\n"));
-        }
-        std::fs::write(&list_path, s).unwrap();
-        eprintln!("recorded {} artifacts in {LIST}", got.len());
-        return;
-    }
-    let text = std::fs::read_to_string(&list_path).unwrap();
-    let recorded_features = text.lines().find_map(|l| l.strip_prefix("# features ")).unwrap_or("").to_string();
-    let want: BTreeMap<&str, (&str, &str)> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 3, "{LIST}: bad line {l:?}");
-            (f[0], (f[1], f[2]))
-        })
-        .collect();
-    let same_isa = recorded_features == features;
-    if !same_isa {
-        eprintln!("NOTE: this host's ISA features differ from the recorded host's: comparing data sections only\n  here:     {features}\n  recorded: {recorded_features}");
-    }
-    let mut bad = vec![];
-    for (name, (_, code, data)) in &got {
-        let Some((wcode, wdata)) = want.get(name) else {
-            bad.push(format!("{name}: not in {LIST}"));
-            continue;
-        };
-        if data != wdata {
-            bad.push(format!("{name}: data section {data}, recorded {wdata}"));
-        }
-        if same_isa && code != wcode {
-            bad.push(format!("{name}: code section {code}, recorded {wcode}"));
-        } else if !same_isa {
-            eprintln!("{name}: code {code} (recorded on the other host: {wcode})");
-        }
-    }
-    assert_eq!(want.len(), got.len(), "{LIST} lists {} artifacts, the test compiles {}", want.len(), got.len());
-    assert!(bad.is_empty(), "artifacts changed:\n{}", bad.join("\n"));
+    check_hash_list(LIST, "`llmc compile` artifacts; tests/artifact_hashes.rs", ("features", "ISA features"), &features, &got);
 }

@@ -9,7 +9,7 @@
 //! clear error.
 //!
 //! With a GPU (`LLMC_GPU_TESTS=1`): logits against the committed transformers fixtures, with
-//! `--gpu-dtype f32` at the CPU golden tolerance and greedy ids equal, with the default f16
+//! `--weights-dtype f32` at the CPU golden tolerance and greedy ids equal, with the default f16
 //! weights at [`F16_TOL`]; and `llmc bench` printing the HBM roofline beside decode speed.
 #![cfg(feature = "cuda")]
 
@@ -112,19 +112,45 @@ const NEW_LAYOUT_VARIANTS: &[(&str, &[&str])] = &[
     ("sparse24-int8", &["--sparsity", "2:4", "--quant", "int8"]),
 ];
 
+/// seedlm is also compiled with f32 and bf16 weights.
+const WEIGHT_DTYPE_VARIANTS: &[(&str, &[&str])] = &[("f32", &["--weights-dtype", "f32"]), ("bf16", &["--weights-dtype", "bf16"])];
+
+/// Code and data checksums of every artifact [`every_kernel_of_every_model_assembles_with_ptxas`]
+/// compiles (`LLMC_BLESS=1` re-records them): the CUDA driver emits the same bytes as before a
+/// refactor. PTX depends on the LLVM that wrote it, so on another LLVM version only the data
+/// sections are compared.
+const HASH_LIST: &str = "tests/artifact_hashes_cuda.txt";
+
+/// `llvm-config --version` of the LLVM the build links (`$MLIR_SYS_220_PREFIX`).
+fn llvm_version() -> String {
+    let prefix = std::env::var("MLIR_SYS_220_PREFIX").unwrap_or_else(|_| "/usr/lib/llvm-22".into());
+    Command::new(Path::new(&prefix).join("bin/llvm-config"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Every kernel of every artifact assembles, and the artifacts' sections are the recorded ones.
 #[test]
 fn every_kernel_of_every_model_assembles_with_ptxas() {
     let Some(ptxas) = ptxas_or_skip() else { return };
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     let mut failures = Vec::new();
+    let mut hashes = std::collections::BTreeMap::new();
     for (case, model) in ptx_cases() {
         let mut variants: Vec<(&str, &[&str])> = vec![("f16", &[]), ("int8", &["--quant", "int8"]), ("int4", &["--quant", "int4"])];
         if NEW_LAYOUT_CASES.contains(&case.as_str()) {
             variants.extend(NEW_LAYOUT_VARIANTS.iter().copied());
         }
+        if case == "seedlm" {
+            variants.extend(WEIGHT_DTYPE_VARIANTS.iter().copied());
+        }
         for (variant, extra) in variants {
             let dir = tmpdir(&format!("cuda-ptx-{case}-{variant}"));
             let files = compile_ptx(&model, &dir, extra);
+            let (_, code, data) = section_hashes(&dir.join("model.llmc"));
+            hashes.insert(format!("{case}-{variant}"), (code, data));
             assert!(!files.is_empty(), "{case} {variant}: no kernels");
             for f in &files {
                 let name = f.file_name().unwrap().to_string_lossy().into_owned();
@@ -152,6 +178,7 @@ fn every_kernel_of_every_model_assembles_with_ptxas() {
             }
         }
     }
+    check_hash_list(HASH_LIST, "`llmc compile --target cuda` artifacts; tests/cuda.rs", ("llvm", "LLVM version"), &llvm_version(), &hashes);
     eprintln!("ptxas accepted: {counts:?}");
     assert!(failures.is_empty(), "ptxas rejected {} kernel(s):\n{}", failures.len(), failures.join("\n"));
     assert_eq!(counts.get("sm_80"), counts.get("sm_90"), "every kernel in both architectures");
@@ -189,8 +216,9 @@ fn cuda_flag_errors() {
     let art = dir.join("m.llmc");
     let m = fixture("llama_mha");
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--emit", "ptx"]).arg(dir.join("p")).arg("-o").arg(&art), &["--emit ptx DIR needs --target cuda"]);
-    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--gpu-dtype", "f8", "-o"]).arg(&art), &["--gpu-dtype `f8`"]);
-    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--gpu-dtype", "f16", "-o"]).arg(&art), &["--gpu-dtype applies to --target cuda"]);
+    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--weights-dtype", "f8", "-o"]).arg(&art), &["--weights-dtype `f8`", "f32, f16, bf16 or keep"]);
+    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--weights-dtype", "f16", "-o"]).arg(&art), &["--weights-dtype f16", "CPU target"]);
+    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--no-microkernels", "-o"]).arg(&art), &["--no-microkernels applies to --target cpu"]);
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--emit", "lib", "-o"]).arg(&art), &["--emit lib"]);
 }
 
@@ -207,7 +235,7 @@ fn gpu_golden(case: &str, dtype: &str, tol: f32) {
     let dir = fixture(case);
     let tmp = tmpdir(&format!("cuda-golden-{case}-{dtype}"));
     let art = tmp.join("model.llmc");
-    ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--gpu-dtype", dtype, "-o"]).arg(&art));
+    ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--weights-dtype", dtype, "-o"]).arg(&art));
     let greedy = read_json(&dir.join("greedy.json"));
     let prompt = ids_of(&greedy["prompt_ids"]);
     let want_new = ids_of(&greedy["new_ids"]);
@@ -281,7 +309,7 @@ fn emulated_artifacts_match_transformers() {
             let tmp = tmpdir(&format!("cuda-emulated-{case}-{dtype}"));
             let art = tmp.join("m.llmc");
             let ptx = tmp.join("ptx");
-            ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--gpu-dtype", dtype, "-o"]).arg(&art).arg("--emit").arg("ptx").arg(&ptx));
+            ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--weights-dtype", dtype, "-o"]).arg(&art).arg("--emit").arg("ptx").arg(&ptx));
             let a = llmc_runtime::Artifact::open(&art).unwrap();
             let mut names: Vec<PathBuf> = std::fs::read_dir(&ptx).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "mlir")).collect();
             names.sort();
@@ -326,7 +354,7 @@ fn emulated_quantized_artifacts_match_the_cpu_target() {
         let art = tmp.join("gpu.llmc");
         let ptx = tmp.join("ptx");
         // f32 for the weights that stay unpacked (embeddings, norms), so only packing differs.
-        ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--gpu-dtype", "f32"]).args(flags).arg("-o").arg(&art).arg("--emit").arg("ptx").arg(&ptx));
+        ok(llmc().arg("compile").arg(&dir).args(["--target", "cuda", "--weights-dtype", "f32"]).args(flags).arg("-o").arg(&art).arg("--emit").arg("ptx").arg(&ptx));
         let a = llmc_runtime::Artifact::open(&art).unwrap();
         assert!(a.header.buffers.iter().any(|b| matches!(b, llmc_runtime::BufferDecl::Data { name, .. } if name.starts_with("concat"))), "{quant}: a packed weight concat");
         let mut names: Vec<PathBuf> = std::fs::read_dir(&ptx).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "mlir")).collect();
@@ -345,4 +373,44 @@ fn emulated_quantized_artifacts_match_the_cpu_target() {
         // one int8 level; these fixtures' activations do not land on one: measured <= 4e-6.)
         assert!(err <= 1e-4, "{quant}: emulated CUDA logits differ from the CPU target's by {err}");
     }
+}
+
+/// A copy of the bf16 fixture `llama_tied_bf16` with one element of `tensor` set to `value`
+/// (rounded to bf16), in a new directory.
+fn bf16_checkpoint_with(name: &str, tensor: &str, index: usize, value: f32) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let src = fixture("llama_tied_bf16");
+    let dir = tmpdir(name);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut datas: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, t) in st.tensors() {
+        let mut d = t.data().to_vec();
+        if n == tensor {
+            assert_eq!(t.dtype(), safetensors::Dtype::BF16);
+            d[2 * index..2 * index + 2].copy_from_slice(&((value.to_bits() >> 16) as u16).to_le_bytes());
+        }
+        datas.push((n, t.dtype(), t.shape().to_vec(), d));
+    }
+    let views: Vec<(String, TensorView)> = datas.iter().map(|(n, dt, s, d)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+/// `--weights-dtype`: a bf16 weight beyond f16's range is an error naming the tensor when the
+/// target would store it as f16 (the CUDA default), and compiles as bf16, keep or f32; the CPU
+/// target reads f32 weights and says so for `keep` on a 16-bit checkpoint.
+#[test]
+fn weights_dtype_overflow_names_the_tensor() {
+    let tensor = "model.layers.1.self_attn.o_proj.weight";
+    let model = bf16_checkpoint_with("cuda-f16-overflow", tensor, 5, 1.0e6);
+    let art = model.join("m.llmc");
+    let err = fails_with(llmc().arg("compile").arg(&model).args(["--target", "cuda", "-o"]).arg(&art), &["--weights-dtype f16", tensor, "beyond f16's range"]);
+    assert!(err.contains("element 5"), "{err}");
+    assert!(!art.exists(), "a failed compile leaves no artifact");
+    for d in ["bf16", "keep", "f32"] {
+        ok(llmc().arg("compile").arg(&model).args(["--target", "cuda", "--weights-dtype", d, "-o"]).arg(&art));
+    }
+    fails_with(llmc().arg("compile").arg(&model).args(["--target", "cpu", "--weights-dtype", "keep", "-o"]).arg(&art), &["CPU target", "bf16"]);
 }

@@ -1,6 +1,8 @@
 //! llmc's backends. Each backend lowers a verified graph to code and writes an artifact the runtime
-//! loads. `cpu`: x86-64 machine code through Cranelift, one kernel per graph node ([`cpu`]), driven
-//! by [`emit`] over the memory [`plan`].
+//! loads, through one shared driver ([`driver::drive`]: memory [`plan`], kernel and table
+//! deduplication, header, streamed data section) and a target's [`Backend`] hooks. `cpu`: x86-64
+//! machine code through Cranelift, one kernel per graph node ([`cpu`]); `cuda` (feature `cuda`):
+//! PTX through MLIR.
 
 extern crate llmc_abi as abi;
 extern crate llmc_ir as ir;
@@ -8,48 +10,37 @@ extern crate llmc_ir as ir;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod emit;
+pub mod driver;
 pub mod error;
 pub mod packed;
 pub mod plan;
 
-pub use emit::{compile_cpu, CompileOptions, CompileReport};
+pub use cpu::backend::{CpuBackend, CpuOptions};
+#[cfg(feature = "cuda")]
+pub use cuda::CudaBackend;
+pub use driver::{drive, Backend, CompileOptions, CompileReport, GraphIo, NodeKernel, Storage, WeightsDtype};
 pub use error::{CodegenError, Result};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// A code generator for one target.
-pub trait Backend {
-    /// The `--target` name.
-    fn name(&self) -> &'static str;
-    /// Compiles `g` (weights from `weights`) into an artifact at `out`.
-    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport>;
+/// Compiles `g` for the host CPU and writes the artifact to `out`.
+pub fn compile_cpu(g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, cpu: CpuOptions, out: &Path) -> Result<CompileReport> {
+    drive(&mut CpuBackend::new(cpu), g, weights, opts, out)
 }
 
-/// The Cranelift x86-64 backend.
-pub struct CpuBackend;
-
-impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
-    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
-        compile_cpu(g, weights, opts, out)
-    }
+/// Options of the CUDA target (defined in every build, so that a config can name them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Also write every kernel's PTX (per architecture) and MLIR into this directory
+    /// (`--emit ptx DIR`).
+    pub ptx_dir: Option<PathBuf>,
 }
 
-/// The CUDA backend: PTX for sm_80 and sm_90 through MLIR.
-#[cfg(feature = "cuda")]
-pub struct CudaBackend;
-
-#[cfg(feature = "cuda")]
-impl Backend for CudaBackend {
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-    fn compile(&self, g: &ir::Graph, weights: &dyn ir::WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
-        cuda::compile_cuda(g, weights, opts, out)
-    }
+/// Every backend's own options; [`backend`] hands each backend its part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub cpu: CpuOptions,
+    pub cuda: CudaOptions,
 }
 
 /// Names of the targets this build can compile for.
@@ -59,12 +50,12 @@ pub const TARGETS: &[&str] = &["cpu"];
 #[cfg(feature = "cuda")]
 pub const TARGETS: &[&str] = &["cpu", "cuda"];
 
-/// The backend for `--target NAME`.
-pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
+/// The backend for `--target NAME` with its options from `opts`.
+pub fn backend(name: &str, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
     match name {
-        "cpu" => Ok(Box::new(CpuBackend)),
+        "cpu" => Ok(Box::new(CpuBackend::new(opts.cpu.clone()))),
         #[cfg(feature = "cuda")]
-        "cuda" => Ok(Box::new(CudaBackend)),
+        "cuda" => Ok(Box::new(CudaBackend::new(opts.cuda.clone()))),
         #[cfg(not(feature = "cuda"))]
         "cuda" => Err(CodegenError::Target(
             "target `cuda` is not available in this build of llmc (built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, which needs LLVM/MLIR 22, see docs/cuda.md); available targets: cpu".into(),

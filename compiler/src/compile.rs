@@ -152,7 +152,7 @@ fn vocab_of(g: &ir::Graph) -> usize {
 pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Progress<'_>), ir_out: &mut dyn Write) -> Result<CompileReport> {
     let t0 = Instant::now();
     let checked = config.check()?;
-    let backend = checked.backend;
+    let mut backend = checked.backend;
     let artifact = match config.emit {
         Emit::Artifact | Emit::Ptx(_) => config.output.clone(),
         Emit::Lib => {
@@ -168,16 +168,7 @@ pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Pr
 
     let vocab = vocab_of(&m.graph);
     let assets = if config.no_tokenizer { Default::default() } else { crate::assets::text_assets(&mut m, vocab)? };
-    let mut opts = codegen::CompileOptions {
-        max_chunk: config.max_chunk,
-        no_microkernels: config.no_microkernels,
-        gpu_dtype: config.gpu_dtype.clone(),
-        ptx_dir: match &config.emit {
-            Emit::Ptx(dir) => Some(dir.clone()),
-            _ => None,
-        },
-        ..Default::default()
-    };
+    let mut opts = codegen::CompileOptions { max_chunk: config.max_chunk, weights_dtype: config.weights_dtype, ..Default::default() };
     if let Some(t) = &assets.tokenizer {
         opts.blobs.push((runtime::tokenizer::TOKENIZER_BLOB.to_string(), t.clone()));
     }
@@ -219,7 +210,7 @@ pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Pr
     let t1 = Instant::now();
     let cell = RefCell::new(progress);
     let source = ProgressWeights { inner, progress: &cell, read: Default::default(), total: tensors };
-    let r = backend.compile(&m.graph, &source, &opts, &artifact)?;
+    let r = codegen::drive(&mut *backend, &m.graph, &source, &opts, &artifact)?;
     drop(source);
     let progress = cell.into_inner();
     let codegen_seconds = t1.elapsed().as_secs_f64();

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use llmc_codegen as codegen;
+pub use llmc_codegen::WeightsDtype;
 use llmc_passes as passes;
 
 use crate::error::{Error, Result};
@@ -40,7 +41,7 @@ impl Target {
     /// unknown name, or `cuda` in a build without the `cuda` feature, is an error listing the
     /// targets this build has.
     pub fn parse(name: &str) -> Result<Target> {
-        let b = codegen::backend(name)?;
+        let b = codegen::backend(name, &Default::default())?;
         Ok(if b.name() == "cuda" { Target::Cuda } else { Target::Cpu })
     }
 
@@ -166,10 +167,13 @@ pub struct CompileConfig {
     pub max_chunk: Option<usize>,
     /// Leave out tokenizer.json and the chat template (the artifact then takes ids only).
     pub no_tokenizer: bool,
-    /// Every product in generated code instead of the runtime's GEMM microkernels.
+    /// CPU only: every product in generated code instead of the runtime's GEMM microkernels.
     pub no_microkernels: bool,
-    /// CUDA only: element type of float weights on the GPU (`f16` when unset, `bf16`, `f32`).
-    pub gpu_dtype: Option<String>,
+    /// `--weights-dtype`: element type of float weights in the artifact; `None`: the target's
+    /// default (f32 on the CPU, f16 for CUDA). The CPU target's kernels read f32 weights, so it
+    /// takes `f32` and `keep` (which is f32 for an f32 checkpoint, and an error naming the weight
+    /// for a 16-bit one).
+    pub weights_dtype: Option<WeightsDtype>,
     /// [`Emit::Lib`]: the runtime's C library to pack (`libllmc_capi.a`); `None`: `$LLMC_CAPI_LIB`,
     /// else the newest one cargo built beside the running executable.
     pub runtime_lib: Option<PathBuf>,
@@ -187,7 +191,7 @@ impl Default for CompileConfig {
             max_chunk: None,
             no_tokenizer: false,
             no_microkernels: false,
-            gpu_dtype: None,
+            weights_dtype: None,
             runtime_lib: None,
             quant: QuantConfig::default(),
             pipeline: PipelineConfig::default(),
@@ -214,13 +218,28 @@ impl CompileConfig {
     }
 
     pub(crate) fn check(&self) -> Result<Checked> {
-        let backend = codegen::backend(self.target.name())?;
+        let options = codegen::BackendOptions {
+            cpu: codegen::CpuOptions { no_microkernels: self.no_microkernels },
+            cuda: codegen::CudaOptions {
+                ptx_dir: match &self.emit {
+                    Emit::Ptx(dir) => Some(dir.clone()),
+                    _ => None,
+                },
+            },
+        };
+        let backend = codegen::backend(self.target.name(), &options)?;
         let cuda = backend.name() == "cuda";
         if matches!(self.emit, Emit::Ptx(_)) && !cuda {
             return Err(Error::Config("--emit ptx DIR needs --target cuda".into()));
         }
-        if self.gpu_dtype.is_some() && !cuda {
-            return Err(Error::Config("--gpu-dtype applies to --target cuda only".into()));
+        if self.no_microkernels && cuda {
+            return Err(Error::Config("--no-microkernels applies to --target cpu only (the CUDA target has no microkernels)".into()));
+        }
+        if let (Some(d @ (WeightsDtype::F16 | WeightsDtype::BF16)), false) = (self.weights_dtype, cuda) {
+            return Err(Error::Config(format!(
+                "--weights-dtype {}: the CPU target's kernels read f32 weights; use --weights-dtype f32 (the CPU default) or keep",
+                d.name()
+            )));
         }
         if self.emit == Emit::Lib && backend.name() != "cpu" {
             return Err(Error::Config("--emit lib links the CPU runtime: use it with --target cpu".into()));
@@ -341,14 +360,19 @@ mod tests {
     fn emission_and_target_combinations() {
         let ptx = CompileConfig { emit: Emit::Ptx("p".into()), ..Default::default() };
         assert_eq!(err_of(&ptx), "--emit ptx DIR needs --target cuda");
-        let dtype = CompileConfig { gpu_dtype: Some("f16".into()), ..Default::default() };
-        assert_eq!(err_of(&dtype), "--gpu-dtype applies to --target cuda only");
+        let dtype = CompileConfig { weights_dtype: Some(WeightsDtype::BF16), ..Default::default() };
+        assert!(err_of(&dtype).starts_with("--weights-dtype bf16: the CPU target's kernels read f32 weights"), "{}", err_of(&dtype));
+        for d in [WeightsDtype::F32, WeightsDtype::Keep] {
+            CompileConfig { weights_dtype: Some(d), ..Default::default() }.validate().unwrap();
+        }
         CompileConfig { emit: Emit::Lib, ..Default::default() }.validate().unwrap();
         let lib_cuda = CompileConfig { target: Target::Cuda, emit: Emit::Lib, ..Default::default() };
         let e = err_of(&lib_cuda);
         if cfg!(feature = "cuda") {
             assert_eq!(e, "--emit lib links the CPU runtime: use it with --target cpu");
-            let ok = CompileConfig { target: Target::Cuda, emit: Emit::Ptx("p".into()), gpu_dtype: Some("f32".into()), ..Default::default() };
+            let ok = CompileConfig { target: Target::Cuda, emit: Emit::Ptx("p".into()), weights_dtype: Some(WeightsDtype::F32), ..Default::default() };
+            let ukernels = CompileConfig { target: Target::Cuda, no_microkernels: true, ..Default::default() };
+            assert!(err_of(&ukernels).starts_with("--no-microkernels applies to --target cpu only"));
             // The pipeline's passes see the compile target.
             assert_eq!(ok.check().unwrap().ctx.target.name, "cuda");
         } else {

@@ -31,7 +31,7 @@ mod quant;
 
 pub use calibrate::MatrixReport;
 pub use compile::{compile, CompileReport, Progress, Timings};
-pub use config::{pipeline, CompileConfig, Emit, PipelineConfig, QuantConfig, Target, CALIB_WINDOW};
+pub use config::{pipeline, CompileConfig, Emit, PipelineConfig, QuantConfig, Target, WeightsDtype, CALIB_WINDOW};
 pub use emit_lib::LibOutput;
 pub use error::{Error, Result};
 pub use pipeline::{

@@ -119,3 +119,77 @@ pub fn run_greedy_with_logits(art: &Path, prompt: &[u32], new_tokens: usize, log
         .arg(logits)
         .arg("--json"))
 }
+
+/// `(cpu_features, code_checksum, data_checksum)` from an artifact's header (the features joined
+/// with commas; empty for a CUDA artifact).
+pub fn section_hashes(art: &Path) -> (String, String, String) {
+    let bytes = std::fs::read(art).unwrap();
+    let hlen = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[32..32 + hlen]).unwrap();
+    let feats: Vec<&str> = h["cpu_features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    (feats.join(","), h["code_checksum"].as_str().unwrap().into(), h["data_checksum"].as_str().unwrap().into())
+}
+
+/// Checks artifact section checksums `got` (name -> (code, data)) against the list at `list`
+/// (relative to the repository), or records them there when `LLMC_BLESS` is set.
+///
+/// Code sections depend on the machine that generated them (`host`: the list's `# KEY VALUE`
+/// line, the ISA features Cranelift used or the LLVM version that wrote PTX): where this machine's
+/// `host_value` differs from the recorded one, only the data sections are compared and the code
+/// checksums are printed for a new record.
+pub fn check_hash_list(
+    list: &str,
+    what: &str,
+    (host_key, host_what): (&str, &str),
+    host_value: &str,
+    got: &std::collections::BTreeMap<String, (String, String)>,
+) {
+    let list_path = repo().join(list);
+    if std::env::var_os("LLMC_BLESS").is_some() {
+        let mut s = format!(
+            "# Code and data section checksums (xxh3-64) of {what}.\n\
+             # Code depends on the host's {host_what}; recorded with:\n# {host_key} {host_value}\n"
+        );
+        for (name, (code, data)) in got {
+            s.push_str(&format!("{name} {code} {data}\n"));
+        }
+        std::fs::write(&list_path, s).unwrap();
+        eprintln!("recorded {} artifacts in {list}", got.len());
+        return;
+    }
+    let text = std::fs::read_to_string(&list_path).unwrap();
+    let prefix = format!("# {host_key} ");
+    let recorded = text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or("").to_string();
+    let want: std::collections::BTreeMap<&str, (&str, &str)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 3, "{list}: bad line {l:?}");
+            (f[0], (f[1], f[2]))
+        })
+        .collect();
+    let same_host = recorded == host_value;
+    if !same_host {
+        eprintln!(
+            "NOTE: this host's {host_what} differ from the recorded host's: comparing data sections only\n  here:     {host_value}\n  recorded: {recorded}"
+        );
+    }
+    let mut bad = vec![];
+    for (name, (code, data)) in got {
+        let Some((wcode, wdata)) = want.get(name.as_str()) else {
+            bad.push(format!("{name}: not in {list}"));
+            continue;
+        };
+        if data != wdata {
+            bad.push(format!("{name}: data section {data}, recorded {wdata}"));
+        }
+        if same_host && code != wcode {
+            bad.push(format!("{name}: code section {code}, recorded {wcode}"));
+        } else if !same_host {
+            eprintln!("{name}: code {code} (recorded on the other host: {wcode})");
+        }
+    }
+    assert_eq!(want.len(), got.len(), "{list} lists {} artifacts, the test compiles {}", want.len(), got.len());
+    assert!(bad.is_empty(), "artifacts changed:\n{}", bad.join("\n"));
+}

@@ -26,6 +26,7 @@
 //! [`panel`] (products with a compile-time weight through the runtime's GEMM microkernel).
 
 mod attention;
+pub mod backend;
 mod builder;
 mod concat;
 mod elementwise;

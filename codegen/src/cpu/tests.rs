@@ -1202,8 +1202,8 @@ fn compiled_model_with_fused_ops_and_weight_concats() {
         let dir = std::env::temp_dir().join(format!("llmc-codegen-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("fused.llmc");
-        let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
-        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
+        let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
+        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, crate::CpuOptions { no_microkernels }, &path).unwrap();
         let model: Arc<llmc_runtime::Model> = llmc_runtime::Model::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
         // The merged weights are stored once, inside their concats; no kernel copies them.
@@ -1575,8 +1575,8 @@ fn compiled_quantized_layouts_match_the_interpreter() {
     let path = dir.join("quant.llmc");
     // Both paths: the runtime's quantized GEMV (where this CPU has one) and generated code only.
     for no_microkernels in [false, true] {
-        let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
-        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, &path).unwrap();
+        let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
+        let report = crate::compile_cpu(&gb.g, &gb.w, &opts, crate::CpuOptions { no_microkernels }, &path).unwrap();
         let model = llmc_runtime::Model::load(&path).unwrap();
         std::fs::remove_file(&path).ok();
         // Stored packed: the table and the embedding-like `seq` table stay f32, the rest is packed.
@@ -1705,8 +1705,8 @@ fn layouts_match_with(g: &Graph, dense: &Graph, w: &dyn llmc_ir::WeightSource, t
     let dir = std::env::temp_dir().join(format!("llmc-codegen-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("q.llmc");
-    let opts = crate::CompileOptions { max_chunk: Some(8), no_microkernels, ..Default::default() };
-    crate::compile_cpu(g, w, &opts, &path).unwrap();
+    let opts = crate::CompileOptions { max_chunk: Some(8), ..Default::default() };
+    crate::compile_cpu(g, w, &opts, crate::CpuOptions { no_microkernels }, &path).unwrap();
     let model = llmc_runtime::Model::load(&path).unwrap();
     std::fs::remove_file(&path).ok();
     let mut sess = llmc_runtime::Session::with_threads(model, 3).unwrap();

@@ -6,12 +6,12 @@
 
 #[doc(hidden)]
 pub mod emulate;
-pub mod emit;
+pub mod backend;
 pub mod kernels;
 pub mod lower;
 pub mod text;
 #[cfg(test)]
 mod tests;
 
-pub use emit::{compile_cuda, gpu_dtype};
+pub use backend::CudaBackend;
 pub use lower::{Lowerer, ARCHS};

@@ -1,33 +1,119 @@
-//! The CPU backend's driver: compiles every node of a graph to a Cranelift kernel (once per distinct
-//! kernel), lays out the step list against the memory plan, and streams the artifact to disk.
+//! The one driver every backend runs through ([`drive`]): it plans memory, asks the backend for
+//! each node's kernel (once per distinct [`KernelKey`]), deduplicates kernels by their source and
+//! constant tables by their bits, builds the header (placeholder offsets as wide as any real one)
+//! and streams the data section: this thread loads, converts and packs each buffer while a writer
+//! thread appends the previous ones, with the weights read ahead from disk in the order they are
+//! written. A [`Backend`] contributes only what differs between targets: the code of a node,
+//! how its code is laid out in the code section, which storage forms it can read, and the
+//! header's target fields.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ir::{Graph, Op, WeightSource};
 use abi::artifact::{
-    ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, StateEntry, StateLayout, Step, FORWARD_ENTRY, TARGET_X86_64,
+    ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, Launch, StateEntry, StateLayout, Step, FORWARD_ENTRY,
 };
+use ir::{DType, Graph, Layout, NodeId, Op, TensorType, WeightSource};
 
-use crate::cpu::{compile_kernel, host_isa, KernelCode, KernelCtx};
 use crate::error::{CodegenError, Result};
 use crate::plan::{plan, Place};
 
-/// Options of `llmc compile` that reach the backend.
+/// The element type of float weights in the artifact (`llmc compile --weights-dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightsDtype {
+    F32,
+    F16,
+    BF16,
+    /// Each weight as the checkpoint stores it (f32, f16 or bf16).
+    Keep,
+}
+
+impl WeightsDtype {
+    /// The `--weights-dtype` names.
+    pub const NAMES: [&'static str; 4] = ["f32", "f16", "bf16", "keep"];
+
+    pub fn parse(name: &str) -> Result<WeightsDtype> {
+        Ok(match name {
+            "f32" => WeightsDtype::F32,
+            "f16" => WeightsDtype::F16,
+            "bf16" => WeightsDtype::BF16,
+            "keep" => WeightsDtype::Keep,
+            other => return Err(CodegenError::Target(format!("--weights-dtype `{other}`: expected f32, f16, bf16 or keep"))),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightsDtype::F32 => "f32",
+            WeightsDtype::F16 => "f16",
+            WeightsDtype::BF16 => "bf16",
+            WeightsDtype::Keep => "keep",
+        }
+    }
+
+    /// The storage of a float weight whose checkpoint element type is `stored` (`None`: parts of
+    /// a compile-time concat that disagree, kept as f32).
+    fn storage(self, stored: Option<DType>) -> Storage {
+        match self {
+            WeightsDtype::F32 => Storage::F32,
+            WeightsDtype::F16 => Storage::F16,
+            WeightsDtype::BF16 => Storage::BF16,
+            WeightsDtype::Keep => match stored {
+                Some(DType::F16) => Storage::F16,
+                Some(DType::BF16) => Storage::BF16,
+                _ => Storage::F32,
+            },
+        }
+    }
+}
+
+/// How a buffer's elements are stored (in the data section, in the arena, on the device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    F32,
+    F16,
+    BF16,
+    I32,
+    /// Packed quantized rows (`abi::qformat`).
+    Packed(Layout),
+    /// f32 rows in the runtime's panel layout, in this many row groups (`abi::panel`).
+    Panels { groups: usize },
+}
+
+impl Storage {
+    /// Bytes of a buffer the memory plan sized at `planned` bytes (f32 elements, or packed or
+    /// panel bytes) in this storage.
+    pub fn stored_bytes(self, planned: u64) -> u64 {
+        match self {
+            Storage::F16 | Storage::BF16 => planned / 2,
+            _ => planned,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Storage::F32 => "f32".into(),
+            Storage::F16 => "f16".into(),
+            Storage::BF16 => "bf16".into(),
+            Storage::I32 => "i32".into(),
+            Storage::Packed(l) => format!("packed {l}"),
+            Storage::Panels { groups } => format!("panels {groups}"),
+        }
+    }
+}
+
+/// Options of `llmc compile` that every backend reads. A backend's own options are fields of the
+/// backend ([`crate::CpuOptions`], [`crate::CudaOptions`]).
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
     /// Largest number of tokens per step (prefill chunk); default `min(512, max_context)`.
     pub max_chunk: Option<usize>,
-    /// CUDA target: element type of float weights on the GPU (`f16` default, `f32`, `bf16`).
-    pub gpu_dtype: Option<String>,
-    /// CUDA target: also write every kernel's PTX (and MLIR) into this directory.
-    pub ptx_dir: Option<std::path::PathBuf>,
+    /// Element type of float weights; `None`: the backend's [`Backend::default_weights_dtype`].
+    pub weights_dtype: Option<WeightsDtype>,
     /// Named non-tensor bytes to carry in the data section (`tokenizer.json`), see `Header::blobs`.
     pub blobs: Vec<(String, Vec<u8>)>,
-    /// Keep every weight row-major and every product in generated code (no panel layouts, no
-    /// runtime microkernel calls): for comparisons and for debugging the microkernel path.
-    pub no_microkernels: bool,
 }
 
 /// What a compilation produced, for the compiler's report.
@@ -45,8 +131,83 @@ pub struct CompileReport {
     pub max_context: usize,
     pub codegen_seconds: f64,
     pub write_seconds: f64,
-    /// The files `--emit ptx DIR` wrote (CUDA target), one per kernel and architecture.
-    pub ptx_files: Vec<std::path::PathBuf>,
+    /// Files the backend wrote beside the artifact (`--emit ptx DIR`: one per CUDA kernel and
+    /// architecture).
+    pub ptx_files: Vec<PathBuf>,
+}
+
+/// One node's kernel, as a backend generated it.
+pub struct NodeKernel {
+    /// `<op>_<node index>`, for listings and errors.
+    pub name: String,
+    /// What identifies the kernel's code: nodes whose sources are equal share one kernel (the CPU
+    /// backend's machine code, the CUDA backend's MLIR text).
+    pub source: Vec<u8>,
+    /// Constant f32 arrays passed after the output, in order.
+    pub tables: Vec<Vec<f32>>,
+    /// The kernel takes the runtime's microkernel table as its last argument (CPU).
+    pub microkernels: bool,
+    /// Bytes of arena scratch the kernel needs at the largest step, passed as its last argument
+    /// (0: none). Kernels run one after another, so all share one slot.
+    pub scratch_bytes: u64,
+    /// The launch shape (GPU kernels).
+    pub launch: Option<Launch>,
+}
+
+/// What a target contributes to [`drive`].
+pub trait Backend {
+    /// The `--target` name.
+    fn name(&self) -> &'static str;
+    /// The element type of float weights when `--weights-dtype` is not given.
+    fn default_weights_dtype(&self) -> WeightsDtype;
+    /// Whether the memory plan stores eligible weights in the runtime's panel layouts.
+    fn panels(&self) -> bool;
+    /// Called once, before any kernel, with the graph, its interface and the float weights'
+    /// element type.
+    fn begin(&mut self, g: &Graph, io: &GraphIo, weights: WeightsDtype) -> Result<()>;
+    /// An error when this backend cannot read buffer `p` stored as `s` (naming the buffer).
+    fn check_storage(&self, p: &Place, s: Storage) -> Result<()>;
+    /// The kernel of node `n` whose operands are stored as `operands`; `None`: the node needs no
+    /// code (inputs, weights, constants, reshapes).
+    fn kernel(&mut self, g: &Graph, n: NodeId, operands: &[Storage]) -> Result<Option<NodeKernel>>;
+    /// Appends the code of a new distinct kernel (the `index`th) to the code section and returns
+    /// its table entry.
+    fn emit_code(&mut self, index: usize, k: &NodeKernel, code: &mut Vec<u8>) -> Result<KernelEntry>;
+    /// The header's target name and CPU features; may add entries to `meta`.
+    fn header(&self, meta: &mut BTreeMap<String, String>) -> (String, Vec<String>);
+    /// Files written beside the artifact, for the report.
+    fn written_files(&mut self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+}
+
+/// Kernels are generated once per distinct key: nodes with equal op, result type, operand types
+/// and storage (and, for rope, equal frequencies) get identical code.
+#[derive(Clone, Debug, PartialEq)]
+struct KernelKey {
+    op: Op,
+    result: TensorType,
+    /// The product's activations are quantized to int8 (a different kernel from the same op on
+    /// f32 activations).
+    acts_int8: bool,
+    operands: Vec<(TensorType, Storage)>,
+    /// Rope's frequency table, bit for bit.
+    freqs: Option<Vec<u32>>,
+}
+
+// `Op`'s float parameters (scales, epsilons) compare by value: a NaN parameter never matches,
+// which only costs a second generation of the kernel (deduplicated by its source).
+impl Eq for KernelKey {}
+
+impl Hash for KernelKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // The op's kind only (its parameters are floats); equal keys hash equally.
+        std::mem::discriminant(&self.op).hash(h);
+        self.result.hash(h);
+        self.acts_int8.hash(h);
+        self.operands.hash(h);
+        self.freqs.hash(h);
+    }
 }
 
 /// The little-endian bytes of `v` without a copy (x86-64 is little-endian).
@@ -63,11 +224,11 @@ pub(crate) fn meta_usize(g: &Graph, key: &str) -> Option<usize> {
 /// What every backend needs to know about a graph's interface, checked: the KV-cache rows
 /// (`max_context`), the tokens per step (`max_chunk`), the one token-id input and the one
 /// `f32[S, vocab]` output.
-pub(crate) struct GraphIo {
+pub struct GraphIo {
     pub max_context: usize,
     pub max_chunk: usize,
-    pub input: ir::NodeId,
-    pub output: ir::NodeId,
+    pub input: NodeId,
+    pub output: NodeId,
     pub vocab: usize,
 }
 
@@ -115,118 +276,202 @@ pub(crate) fn graph_io(g: &Graph, opts: &CompileOptions) -> Result<GraphIo> {
     Ok(GraphIo { max_context, max_chunk, input, output, vocab })
 }
 
-/// Compiles `g` for the host CPU and writes the artifact to `out`.
-pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
-    let t0 = Instant::now();
-    let GraphIo { max_context, max_chunk, input, output, vocab } = graph_io(g, opts)?;
+/// The checkpoint element type of the weights a data place holds (`None`: a constant, or parts
+/// that disagree).
+fn stored_dtype(p: &Place, stored: &HashMap<&str, DType>) -> Option<DType> {
+    match p {
+        Place::Weight { name, .. } => stored.get(name.as_str()).copied(),
+        Place::WeightConcat { parts, .. } => {
+            let mut ds = parts.iter().map(|(q, _)| stored_dtype(q, stored));
+            let first = ds.next()??;
+            ds.all(|d| d == Some(first)).then_some(first)
+        }
+        Place::Panels { inner, .. } => stored_dtype(inner, stored),
+        _ => None,
+    }
+}
 
-    let panels = !opts.no_microkernels;
-    let mp = plan(g, max_chunk, max_context, panels)?;
+/// How buffer `p`, holding values of type `value`, is stored, given the float weights' choice.
+fn storage_of(p: &Place, value: DType, weights: WeightsDtype, stored: &HashMap<&str, DType>) -> Storage {
+    match p {
+        Place::Weight { packed: true, layout, .. } => Storage::Packed(*layout),
+        Place::WeightConcat { packed: true, .. } => match layout_of(p) {
+            Some(l) => Storage::Packed(l),
+            None => Storage::F32,
+        },
+        Place::Weight { .. } | Place::WeightConcat { .. } => weights.storage(stored_dtype(p, stored)),
+        Place::Panels { groups, .. } => Storage::Panels { groups: *groups },
+        Place::Const { .. } | Place::Microkernels => Storage::F32,
+        Place::Arena { .. } | Place::State { .. } => {
+            if value == DType::I32 {
+                Storage::I32
+            } else {
+                Storage::F32
+            }
+        }
+    }
+}
+
+/// The layout of a packed weight or concat of packed weights.
+fn layout_of(p: &Place) -> Option<Layout> {
+    match p {
+        Place::Weight { layout, .. } => Some(*layout),
+        Place::WeightConcat { parts, .. } => parts.first().and_then(|(q, _)| layout_of(q)),
+        _ => None,
+    }
+}
+
+/// Compiles `g` with `backend` and writes the artifact to `out`.
+pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
+    let t0 = Instant::now();
+    let io = graph_io(g, opts)?;
+    let GraphIo { max_context, max_chunk, input, output, vocab } = io;
+    let weights_dtype = opts.weights_dtype.unwrap_or_else(|| backend.default_weights_dtype());
+
+    let mp = plan(g, max_chunk, max_context, backend.panels())?;
     // Start reading the weights from disk, in the order they are written below, while the
     // kernels compile (advice; stopped when `_prefetch` is dropped, on every return path).
     let _prefetch = weights.prefetch(&weight_names(&mp.places));
-    let (isa, features) = host_isa()?;
-    let kctx = KernelCtx { max_context, panel_weights: panels };
+    backend.begin(g, &io, weights_dtype)?;
 
-    // Compile each distinct kernel once: nodes with equal op, operand types and result type (and,
-    // for rope, equal frequencies) get identical code.
+    // Every buffer's storage: weights as `weights_dtype` says (or packed), values by their type.
+    let mut stored_dtypes: HashMap<&str, DType> = HashMap::new();
+    for n in g.g.node_indices() {
+        if let Op::Weight { name, stored, .. } = g.op(n) {
+            stored_dtypes.insert(name, *stored);
+        }
+    }
+    let mut places = mp.places.clone();
+    let mut storage: Vec<Storage> = places.iter().map(|p| storage_of(p, DType::F32, weights_dtype, &stored_dtypes)).collect();
+    for (&n, &b) in &mp.buffer_of {
+        storage[b] = storage_of(&places[b], g.ty(n).dtype, weights_dtype, &stored_dtypes);
+    }
+    for (p, &s) in places.iter().zip(&storage) {
+        if p.is_data() {
+            backend.check_storage(p, s)?;
+        }
+    }
+
+    /// A distinct kernel's index, with the tables and extra arguments its nodes pass.
+    #[derive(Clone)]
+    struct Made {
+        kernel: u32,
+        tables: Vec<Vec<f32>>,
+        microkernels: bool,
+        scratch_bytes: u64,
+    }
     let mut kernels: Vec<KernelEntry> = Vec::new();
     let mut code: Vec<u8> = Vec::new();
-    let mut by_key: HashMap<String, (u32, Vec<Vec<f32>>, bool)> = HashMap::new();
-    let mut ukernel_buf: Option<usize> = None;
-    let mut by_code: HashMap<Vec<u8>, u32> = HashMap::new();
-    let mut places = mp.places.clone();
+    let mut by_key: HashMap<KernelKey, Made> = HashMap::new();
+    let mut by_source: HashMap<Vec<u8>, u32> = HashMap::new();
     let mut table_buf: HashMap<Vec<u32>, usize> = HashMap::new();
+    let mut ukernel_buf: Option<usize> = None;
+    let mut needs_scratch = Vec::new();
     let mut steps = Vec::new();
     for (i, &n) in mp.order.iter().enumerate() {
         if matches!(mp.places[mp.buffer_of[&n]], Place::WeightConcat { .. } | Place::Panels { .. }) {
             continue; // computed at compile time, written to the data section below
         }
         let ins = g.inputs(n);
-        let mut key = format!("{:?}|{}", g.op(n), g.ty(n));
-        for &x in &ins {
-            key.push_str(&format!("|{}", g.ty(x)));
-            if let Some(l) = crate::cpu::quant::packed_layout(g, x) {
-                key.push_str(&format!(" packed {l}"));
-            }
-            if panels {
-                if let Some(gr) = crate::cpu::panel::panel_groups(g, x) {
-                    key.push_str(&format!(" panels {gr}"));
-                }
-            }
-            if let (Op::Rope { .. }, Op::Const { values }) = (g.op(n), g.op(x)) {
-                key.push_str(&format!("{values:?}"));
-            }
-        }
-        let (kernel, tables, ukernels) = match by_key.get(&key) {
-            Some(k) => k.clone(),
+        let operands: Vec<Storage> = ins.iter().map(|x| storage[mp.buffer_of[x]]).collect();
+        let freqs = match (g.op(n), ins.get(1).map(|&x| g.op(x))) {
+            (Op::Rope { .. }, Some(Op::Const { values })) => Some(values.iter().map(|v| v.to_bits()).collect()),
+            _ => None,
+        };
+        let key = KernelKey {
+            op: g.op(n).clone(),
+            result: g.ty(n).clone(),
+            acts_int8: ir::interp::acts_quantized(g, n),
+            operands: ins.iter().zip(&operands).map(|(&x, &s)| (g.ty(x).clone(), s)).collect(),
+            freqs,
+        };
+        let made = match by_key.get(&key) {
+            Some(m) => m.clone(),
             None => {
-                let Some(KernelCode { name, code: kc, tables, ukernels }) = compile_kernel(&*isa, &kctx, g, n)? else {
+                let Some(nk) = backend.kernel(g, n, &operands)? else {
                     continue;
                 };
-                let idx = match by_code.get(&kc) {
+                let kernel = match by_source.get(&nk.source) {
                     Some(&k) => k,
                     None => {
-                        while code.len() % 64 != 0 {
-                            code.push(0xcc); // int3 between kernels
-                        }
-                        kernels.push(KernelEntry { name, offset: code.len() as u64, len: kc.len() as u64, launch: None, variants: Vec::new() });
-                        code.extend_from_slice(&kc);
+                        let entry = backend.emit_code(kernels.len(), &nk, &mut code)?;
+                        kernels.push(entry);
                         let k = (kernels.len() - 1) as u32;
-                        by_code.insert(kc, k);
+                        by_source.insert(nk.source, k);
                         k
                     }
                 };
-                by_key.insert(key, (idx, tables.clone(), ukernels));
-                (idx, tables, ukernels)
+                let m = Made { kernel, tables: nk.tables, microkernels: nk.microkernels, scratch_bytes: nk.scratch_bytes };
+                by_key.insert(key, m.clone());
+                m
             }
         };
         let mut args: Vec<u32> = ins.iter().map(|x| mp.buffer_of[x] as u32).collect();
         args.push(mp.buffer_of[&n] as u32);
-        for t in tables {
+        for t in made.tables {
             let bits: Vec<u32> = t.iter().map(|v| v.to_bits()).collect();
             let b = *table_buf.entry(bits).or_insert_with(|| {
                 places.push(Place::Const { values: t });
+                storage.push(Storage::F32);
                 places.len() - 1
             });
             args.push(b as u32);
         }
-        if ukernels {
+        if made.microkernels {
             let b = *ukernel_buf.get_or_insert_with(|| {
                 places.push(Place::Microkernels);
+                storage.push(Storage::F32);
                 places.len() - 1
             });
             args.push(b as u32);
         }
-        steps.push(Step { kernel, args, label: format!("%{i} = {}", g.op(n).name()) });
+        if made.scratch_bytes > 0 {
+            needs_scratch.push((steps.len(), made.scratch_bytes));
+        }
+        steps.push(Step { kernel: made.kernel, args, label: format!("%{i} = {}", g.op(n).name()) });
+    }
+    // One scratch slot at the end of the arena, shared by every kernel that needs one.
+    let mut arena_bytes = mp.arena_bytes;
+    if let Some(max) = needs_scratch.iter().map(|&(_, b)| b).max() {
+        places.push(Place::Arena { offset: arena_bytes, bytes: max });
+        storage.push(Storage::F32);
+        arena_bytes += max.div_ceil(64) * 64;
+        let b = (places.len() - 1) as u32;
+        for (s, _) in needs_scratch {
+            steps[s].args.push(b);
+        }
     }
     // Keep only the data buffers some step (or the input/output) uses: a weight consumed only by
     // a compile-time concat is stored once, inside the concat.
     let mut input_buf = mp.buffer_of[&input] as u32;
     let mut output_buf = mp.buffer_of[&output] as u32;
-    let places = retain_used(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
+    let (places, origin) = retain_used_indexed(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
+    let storage: Vec<Storage> = origin.iter().map(|&i| storage[i]).collect();
     let codegen_seconds = t0.elapsed().as_secs_f64();
 
     // Header with placeholder offsets as wide as any real one, to bound its size.
     let wide = 1u64 << 60;
     let mut buffers: Vec<BufferDecl> = places
         .iter()
-        .map(|p| match p {
-            Place::Weight { name, bytes, .. } => BufferDecl::Data { name: name.clone(), offset: wide, bytes: *bytes },
+        .zip(&storage)
+        .map(|(p, s)| match p {
+            Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. } => {
+                BufferDecl::Data { name: data_name(p), offset: wide, bytes: s.stored_bytes(data_bytes(p)) }
+            }
             Place::Const { values } => BufferDecl::Data { name: String::new(), offset: wide, bytes: values.len() as u64 * 4 },
-            Place::WeightConcat { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
             Place::Arena { offset, bytes } => BufferDecl::Arena { offset: *offset, bytes: *bytes },
             Place::State { index } => BufferDecl::State { index: *index as u32 },
-            Place::Panels { bytes, .. } => BufferDecl::Data { name: data_name(p), offset: wide, bytes: *bytes },
             Place::Microkernels => BufferDecl::Microkernels { abi: abi::ukernel::ABI_VERSION },
         })
         .collect();
     let states = state_entries(g)?;
     let entries = vec![forward_entry(steps.len(), input_buf, output_buf)?];
+    let mut meta = g.meta.clone();
+    let (target, cpu_features) = backend.header(&mut meta);
     let mut header = Header {
-        target: TARGET_X86_64.into(),
-        cpu_features: features,
-        meta: g.meta.clone(),
+        target,
+        cpu_features,
+        meta,
         vocab_size: vocab as u64,
         max_context: max_context as u64,
         max_chunk: max_chunk as u64,
@@ -241,7 +486,7 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         states,
         steps,
         entries,
-        arena_bytes: mp.arena_bytes,
+        arena_bytes,
         blobs: opts.blobs.iter().map(|(n, b)| BlobEntry { name: n.clone(), offset: wide, bytes: b.len() as u64 }).collect(),
     };
     let reserve = abi::artifact::header_size_bound(&header);
@@ -267,11 +512,11 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         });
         let mut sink = Sink { pos: 0, tx };
         let produced = (|| -> Result<()> {
-            for (i, p) in places.iter().enumerate() {
+            for (i, (p, &s)) in places.iter().zip(&storage).enumerate() {
                 let off = match p {
                     Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. } => {
-                        weight_bytes += data_bytes(p);
-                        push_place(&mut sink, p, weights)?
+                        weight_bytes += s.stored_bytes(data_bytes(p));
+                        push_place(&mut sink, p, s, weights)?
                     }
                     Place::Const { values } => sink.push(Payload::F32(values.clone()))?,
                     _ => continue,
@@ -300,14 +545,14 @@ pub fn compile_cpu(g: &Graph, weights: &dyn WeightSource, opts: &CompileOptions,
         kernels: header.kernels.len(),
         code_bytes: code.len() as u64,
         weight_bytes,
-        arena_bytes: mp.arena_bytes,
+        arena_bytes,
         state_bytes: header.states.iter().map(|s| s.bytes).sum(),
         file_bytes,
         max_chunk,
         max_context,
         codegen_seconds,
         write_seconds: t1.elapsed().as_secs_f64(),
-        ptx_files: Vec::new(),
+        ptx_files: backend.written_files(),
     })
 }
 
@@ -328,11 +573,7 @@ pub(crate) fn weight_names(places: &[Place]) -> Vec<&str> {
 
 /// Drops the data buffers (weights, constants, compile-time concats) that no step and no `roots`
 /// entry references, renumbering the rest in `steps` and `roots`. Arena and state buffers stay.
-pub(crate) fn retain_used(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> Vec<Place> {
-    retain_used_indexed(places, steps, roots).0
-}
-
-/// [`retain_used`], also returning the original index of every kept place.
+/// Returns the kept places and the original index of each.
 pub(crate) fn retain_used_indexed(places: Vec<Place>, steps: &mut [Step], roots: &mut [&mut u32]) -> (Vec<Place>, Vec<usize>) {
     let mut used = vec![false; places.len()];
     for &a in steps.iter().flat_map(|s| &s.args) {
@@ -510,11 +751,16 @@ impl Sink {
     }
 }
 
-/// Writes a weight or compile-time concat to the data section and returns its offset. A concat
-/// along its outermost non-unit extent whose parts (all but the last) are multiples of the data
-/// alignment is streamed part by part, one part in memory at a time; others are built in memory.
-fn push_place(w: &mut Sink, p: &Place, weights: &dyn WeightSource) -> Result<u64> {
-    if matches!(p, Place::Weight { packed: true, .. } | Place::WeightConcat { packed: true, .. }) {
+/// Writes a weight or compile-time concat, stored as `s`, to the data section and returns its
+/// offset. An f32 concat along its outermost non-unit extent whose parts (all but the last) are
+/// multiples of the data alignment is streamed part by part, one part in memory at a time, and
+/// large panel buffers piece by piece; others are built in memory.
+fn push_place(w: &mut Sink, p: &Place, s: Storage, weights: &dyn WeightSource) -> Result<u64> {
+    if let Storage::F16 | Storage::BF16 = s {
+        let v = place_values(p, weights)?;
+        return w.push(Payload::Bytes(encode_16(&v, s, p)?));
+    }
+    if let Storage::Packed(_) = s {
         let bytes = place_packed(p, weights)?;
         if bytes.len() as u64 != data_bytes(p) {
             return Err(CodegenError::Target(format!("bug: {} packed to {} bytes, planned {}", data_name(p), bytes.len(), data_bytes(p))));
@@ -567,4 +813,33 @@ fn push_place(w: &mut Sink, p: &Place, weights: &dyn WeightSource) -> Result<u64
         }
     }
     w.push(Payload::F32(place_values(p, weights)?))
+}
+
+/// Little-endian bytes of `v` as f16 or bf16 (`s`), rounded to nearest even; a finite value
+/// beyond the type's range is an error naming the tensor and the value.
+fn encode_16(v: &[f32], s: Storage, p: &Place) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(v.len() * 2);
+    for (i, &x) in v.iter().enumerate() {
+        let (bytes, finite) = match s {
+            Storage::F16 => {
+                let h = half::f16::from_f32(x);
+                (h.to_le_bytes(), h.is_finite())
+            }
+            _ => {
+                let h = half::bf16::from_f32(x);
+                (h.to_le_bytes(), h.is_finite())
+            }
+        };
+        if x.is_finite() && !finite {
+            let max = if s == Storage::F16 { f32::from(half::f16::MAX) } else { f32::from(half::bf16::MAX) };
+            return Err(CodegenError::Target(format!(
+                "--weights-dtype {}: weight `{}` element {i} is {x:e}, beyond {}'s range (±{max:e}); use a wider --weights-dtype (bf16 or f32)",
+                s.name(),
+                data_name(p),
+                s.name()
+            )));
+        }
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
 }
