@@ -161,6 +161,12 @@ struct BenchArgs {
     /// Tokens the draft proposes per round.
     #[arg(long, value_name = "K", default_value_t = 4, requires = "draft")]
     speculate: usize,
+    /// CPU artifacts: also measure this machine's read bandwidth in the same run (the
+    /// `bench/bw_probe` loop, before and after the timed runs, the best of 1, 2, 4, 8 and 16 read
+    /// streams per thread, as many threads as the runs) and print the bytes a decode step reads
+    /// per token, the decode roofline they imply and the fraction of it reached.
+    #[arg(long)]
+    roofline: bool,
     /// Make the last stdout line one JSON object.
     #[arg(long)]
     json: bool,
@@ -434,6 +440,14 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The CPU's model name from /proc/cpuinfo (every speed claim names its machine).
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
     if a.reps == 0 || a.gen == 0 {
         return Err(CliError::Usage("--reps and --gen must be at least 1".into()));
@@ -466,6 +480,16 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         }
         None => None,
     };
+    // The probe's buffers (256 MiB a thread) are freed when it returns; the peak-memory figure
+    // is the model's own: the high-water mark is reset after the first probe and read before the
+    // second.
+    let probe_threads = session.threads();
+    let probe = || {
+        let p = runtime::bandwidth::probe(probe_threads, runtime::bandwidth::DEFAULT_BYTES_PER_THREAD, 3);
+        let _ = std::fs::write("/proc/self/clear_refs", "5"); // VmHWM := VmRSS (Linux)
+        p
+    };
+    let probe_first = (a.roofline && model.gpu_device().is_none()).then(probe);
     let runs = a.reps + 1;
     let total = runs * if draft.is_some() { 2 } else { 1 };
     let bar = progress(quiet, total as u64, "benchmarking [{bar:30}] {pos}/{len} runs {elapsed}");
@@ -483,6 +507,8 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         plain_ids = ids;
     }
     let (p_med, d_med) = (median(&prefill), median(&decode));
+    let peak_before_probe = peak_rss_bytes();
+    let probe_last = probe_first.as_ref().map(|_| probe());
     let mut profile_lines = vec![];
     if a.profile {
         let chunk = model.header().max_chunk as usize;
@@ -531,7 +557,10 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         });
     }
     bar.finish_and_clear();
-    let peak = peak_rss_bytes();
+    let peak = match (peak_before_probe, peak_rss_bytes()) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -558,14 +587,33 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
             if spec["identical_output"] == true { "identical to the target alone" } else { "DIFFERS from the target alone" },
         )?;
     }
-    // CUDA artifacts: decode is bound by reading the weights and the KV cache from HBM once per
-    // token; the roofline is peak bandwidth over those bytes (KV at the run's mean context).
+    // Decode is bound by reading the weights and the KV cache once per token: the roofline is
+    // the read bandwidth over those bytes (KV at the run's mean context).
+    let per_token = runtime::bandwidth::decode_read_bytes(model.header(), prompt.len() as f64 + a.gen as f64 / 2.0);
+    let mut cpu_roof = serde_json::Value::Null;
+    if let (Some(first), Some(last)) = (&probe_first, &probe_last) {
+        let (b0, b1) = (first.best(), last.best());
+        let best = if b1.bytes_per_s > b0.bytes_per_s { b1 } else { b0 };
+        let roof = best.bytes_per_s / per_token.max(1.0);
+        writeln!(
+            out,
+            "read bandwidth {:.1} GB/s ({} threads, best of 1/2/4/8/16 streams per thread: {} streams; {:.1} GB/s before the runs, {:.1} after) on {}",
+            best.bytes_per_s / 1e9, first.threads, best.streams, b0.bytes_per_s / 1e9, b1.bytes_per_s / 1e9, cpu_name()
+        )?;
+        writeln!(
+            out,
+            "roofline (decode) {roof:>10.1} tokens/s: {:.2} MiB read per token; measured {d_med:.1} tokens/s = {:.1}% of roofline",
+            per_token / 1048576.0, 100.0 * d_med / roof.max(1e-9)
+        )?;
+        cpu_roof = serde_json::json!({
+            "cpu": cpu_name(), "read_bytes_per_s": best.bytes_per_s, "best_streams": best.streams,
+            "read_bytes_per_s_before": b0.bytes_per_s, "read_bytes_per_s_after": b1.bytes_per_s,
+            "bytes_per_decode_token": per_token, "roofline_decode_tokens_per_s": roof,
+            "fraction_of_roofline": d_med / roof.max(1e-9),
+        });
+    }
     let mut gpu = serde_json::Value::Null;
     if let Some((device, arch)) = model.gpu_device() {
-        let h = model.header();
-        let weights: u64 = h.buffers.iter().map(|b| if let runtime::BufferDecl::Data { bytes, .. } = b { *bytes } else { 0 }).sum();
-        let kv_row = h.states.iter().map(|s| s.bytes).sum::<u64>() as f64 / h.max_context.max(1) as f64;
-        let per_token = weights as f64 + kv_row * (prompt.len() as f64 + a.gen as f64 / 2.0);
         let bw = model.gpu_peak_bandwidth();
         let roof = bw.map(|b| b / per_token.max(1.0));
         match (bw, roof) {
@@ -591,6 +639,9 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         });
         if !gpu.is_null() {
             j["gpu"] = gpu;
+        }
+        if !cpu_roof.is_null() {
+            j["roofline"] = cpu_roof;
         }
         writeln!(out, "{j}")?;
     }

@@ -291,6 +291,38 @@ fn bench_reports_rates_memory_and_speculation() {
     fails_with(&mut c, &["context of 512"]);
 }
 
+/// `--roofline`: the read bandwidth measured in the same run, the bytes a decode step reads per
+/// token (worked out here from seedlm's config, independently of the header), and the fraction of
+/// the roofline reached. No timing is asserted beyond being measured.
+#[test]
+fn bench_roofline_reports_bandwidth_and_bytes_per_token() {
+    let (prompt, gen) = (16usize, 8usize);
+    let j = last_json(&ok(llmc()
+        .arg("bench")
+        .arg(seedlm_artifact())
+        .args(["--prompt-len", &prompt.to_string(), "--gen", &gen.to_string(), "--reps", "1", "--roofline", "--json"])));
+    let r = &j["roofline"];
+    // seedlm: hidden 256, MLP 688, 6 layers, 8 heads of 32 / 2 KV heads, vocab 4096, untied
+    // head: every matrix and norm once, one row of the embedding, K and V rows of every layer.
+    let (h, i, l, kvd, v) = (256f64, 688f64, 6f64, 64f64, 4096f64);
+    let matrices = l * (h * h + 2.0 * kvd * h + h * h + 3.0 * h * i) + v * h;
+    let norms = l * 2.0 * h + h;
+    let kv_row = l * 2.0 * kvd * 4.0;
+    let want = 4.0 * (matrices + norms + h) + kv_row * (prompt as f64 + gen as f64 / 2.0);
+    let got = r["bytes_per_decode_token"].as_f64().unwrap();
+    // Constant tables (rope frequencies) are the only other data read.
+    assert!(got >= want && got < want * 1.01, "bytes per token {got}, seedlm reads {want}: {r}");
+    for k in ["read_bytes_per_s", "read_bytes_per_s_before", "read_bytes_per_s_after", "roofline_decode_tokens_per_s", "fraction_of_roofline"] {
+        let x = r[k].as_f64().unwrap_or(0.0);
+        assert!(x > 0.0 && x.is_finite(), "{k}: {r}");
+    }
+    assert!([1, 2, 4, 8, 16].contains(&r["best_streams"].as_u64().unwrap()), "{r}");
+    assert!(!r["cpu"].as_str().unwrap().is_empty());
+    // Without the flag the probe does not run.
+    let j = last_json(&ok(llmc().arg("bench").arg(seedlm_artifact()).args(["--prompt-len", "4", "--gen", "2", "--reps", "1", "--json"])));
+    assert!(j["roofline"].is_null(), "{j}");
+}
+
 #[test]
 fn artifact_carries_the_tokenizer_under_the_data_checksum() {
     let bytes = std::fs::read(seedlm_artifact()).unwrap();
