@@ -489,6 +489,9 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         let _ = std::fs::write("/proc/self/clear_refs", "5"); // VmHWM := VmRSS (Linux)
         p
     };
+    if a.roofline && model.gpu_device().is_some() && !quiet {
+        eprintln!("note: --roofline measures host memory for CPU artifacts; for this CUDA artifact the HBM roofline below is the one that applies");
+    }
     let probe_first = (a.roofline && model.gpu_device().is_none()).then(probe);
     let runs = a.reps + 1;
     let total = runs * if draft.is_some() { 2 } else { 1 };
