@@ -440,14 +440,6 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The CPU's model name from /proc/cpuinfo (every speed claim names its machine).
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
     if a.reps == 0 || a.gen == 0 {
         return Err(CliError::Usage("--reps and --gen must be at least 1".into()));
@@ -598,10 +590,11 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
         let (b0, b1) = (first.best(), last.best());
         let best = if b1.bytes_per_s > b0.bytes_per_s { b1 } else { b0 };
         let roof = best.bytes_per_s / per_token.max(1.0);
+        let cpu = runtime::bandwidth::cpu_name();
         writeln!(
             out,
             "read bandwidth {:.1} GB/s ({} threads, best of 1/2/4/8/16 streams per thread: {} streams; {:.1} GB/s before the runs, {:.1} after) on {}",
-            best.bytes_per_s / 1e9, first.threads, best.streams, b0.bytes_per_s / 1e9, b1.bytes_per_s / 1e9, cpu_name()
+            best.bytes_per_s / 1e9, first.threads, best.streams, b0.bytes_per_s / 1e9, b1.bytes_per_s / 1e9, cpu
         )?;
         writeln!(
             out,
@@ -609,7 +602,7 @@ fn bench(a: BenchArgs, quiet: bool) -> Result<(), CliError> {
             per_token / 1048576.0, 100.0 * d_med / roof.max(1e-9)
         )?;
         cpu_roof = serde_json::json!({
-            "cpu": cpu_name(), "read_bytes_per_s": best.bytes_per_s, "best_streams": best.streams,
+            "cpu": cpu, "read_bytes_per_s": best.bytes_per_s, "best_streams": best.streams,
             "read_bytes_per_s_before": b0.bytes_per_s, "read_bytes_per_s_after": b1.bytes_per_s,
             "bytes_per_decode_token": per_token, "roofline_decode_tokens_per_s": roof,
             "fraction_of_roofline": d_med / roof.max(1e-9),

@@ -751,6 +751,35 @@ impl Sink {
     }
 }
 
+/// One buffer written as consecutive pieces: where it starts, where it ends so far, and the
+/// check that each piece lands right after the previous one.
+#[derive(Default)]
+struct Run {
+    start: Option<u64>,
+    end: u64,
+}
+
+impl Run {
+    fn push(&mut self, w: &mut Sink, piece: Payload, what: &str) -> Result<()> {
+        let len = piece.as_bytes().len() as u64;
+        let off = w.push(piece)?;
+        if self.start.is_some() && off != self.end {
+            return Err(CodegenError::Target(format!("bug: {what} written at {off}, expected {}", self.end)));
+        }
+        self.start.get_or_insert(off);
+        self.end = off + len;
+        Ok(())
+    }
+
+    fn start(&self) -> u64 {
+        self.start.unwrap_or(0)
+    }
+
+    fn len(&self) -> u64 {
+        self.end - self.start()
+    }
+}
+
 /// Writes a weight or compile-time concat, stored as `s`, to the data section and returns its
 /// offset. An f32 concat along its outermost non-unit extent whose parts (all but the last) are
 /// multiples of the data alignment is streamed part by part, one part in memory at a time, and
@@ -775,41 +804,26 @@ fn push_place(w: &mut Sink, p: &Place, s: Storage, weights: &dyn WeightSource) -
         if *bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(abi::artifact::DATA_ALIGN) {
             let rows_of = PanelRows::load(p, weights)?;
             let per = (PANEL_PIECE_BYTES / panel_bytes).max(1) as usize;
-            let mut start = None;
-            let mut end = 0;
+            let mut run = Run::default();
             for q in (0..count).step_by(per) {
                 let piece = abi::panel::pack_panels_part(*rows, *k, *groups, |r| rows_of.row(r), q..(q + per).min(count));
-                let len = piece.len() as u64 * 4;
-                let off = w.push(Payload::F32(piece))?;
-                if start.is_some() && off != end {
-                    return Err(CodegenError::Target(format!("bug: panel piece written at {off}, expected {end}")));
-                }
-                start.get_or_insert(off);
-                end = off + len;
+                run.push(w, Payload::F32(piece), "panel piece")?;
             }
-            if end - start.unwrap_or(0) != *bytes {
-                return Err(CodegenError::Target(format!("bug: {} written as {} bytes, planned {bytes}", data_name(p), end - start.unwrap_or(0))));
+            if run.len() != *bytes {
+                return Err(CodegenError::Target(format!("bug: {} written as {} bytes, planned {bytes}", data_name(p), run.len())));
             }
-            return Ok(start.unwrap_or(0));
+            return Ok(run.start());
         }
     }
     if let Place::WeightConcat { parts, axis, .. } = p {
         let outer: usize = parts.first().map_or(1, |(_, sh)| sh[..*axis].iter().product());
         let aligned = parts.iter().rev().skip(1).all(|(q, _)| data_bytes(q).is_multiple_of(64));
         if outer == 1 && aligned && !parts.is_empty() {
-            let mut start = None;
-            let mut end = 0;
+            let mut run = Run::default();
             for (q, _) in parts {
-                let v = place_values(q, weights)?;
-                let len = v.len() as u64 * 4;
-                let off = w.push(Payload::F32(v))?;
-                if start.is_some() && off != end {
-                    return Err(CodegenError::Target(format!("bug: concat part written at {off}, expected {end}")));
-                }
-                start.get_or_insert(off);
-                end = off + len;
+                run.push(w, Payload::F32(place_values(q, weights)?), "concat part")?;
             }
-            return Ok(start.unwrap_or(0));
+            return Ok(run.start());
         }
     }
     w.push(Payload::F32(place_values(p, weights)?))

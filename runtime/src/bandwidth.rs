@@ -138,6 +138,14 @@ unsafe fn read_streams_avx2(buf: &[u64], streams: usize) -> u64 {
     read_streams_portable(buf, streams)
 }
 
+/// The CPU's model name from `/proc/cpuinfo` (every bandwidth or speed figure names its machine).
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 /// Bytes a decode step reads per token: every data buffer a step uses (weights, constant
 /// tables), except that a table only gathered from (an untied embedding) counts one row, plus
 /// the KV-cache rows at `mean_context` positions.

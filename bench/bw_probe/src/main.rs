@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release -p llmc-bw-probe -- 2`
 
-use llmc_runtime::bandwidth::{probe, DEFAULT_BYTES_PER_THREAD};
+use llmc_runtime::bandwidth::{cpu_name, probe, DEFAULT_BYTES_PER_THREAD};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,10 +20,7 @@ fn main() {
     let threads = num(0, "THREADS", 2);
     let mib = num(1, "MIB_PER_THREAD", DEFAULT_BYTES_PER_THREAD >> 20);
     let p = probe(threads, mib << 20, 3);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = cpu_name();
     println!("{cpu}: {threads} threads x {} MiB", p.bytes_per_thread >> 20);
     for r in &p.rates {
         println!("{:>2} streams per thread: {:>6.1} GB/s", r.streams, r.bytes_per_s / 1e9);
