@@ -217,7 +217,7 @@ fn cuda_flag_errors() {
     let m = fixture("llama_mha");
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--emit", "ptx"]).arg(dir.join("p")).arg("-o").arg(&art), &["--emit ptx DIR needs --target cuda"]);
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--weights-dtype", "f8", "-o"]).arg(&art), &["--weights-dtype `f8`", "f32, f16, bf16 or keep"]);
-    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--weights-dtype", "f16", "-o"]).arg(&art), &["--weights-dtype f16", "CPU target"]);
+    fails_with(llmc().arg("compile").arg(&m).args(["--target", "cpu", "--weights-dtype", "f8", "-o"]).arg(&art), &["--weights-dtype `f8`"]);
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--no-microkernels", "-o"]).arg(&art), &["--no-microkernels applies to --target cpu"]);
     fails_with(llmc().arg("compile").arg(&m).args(["--target", "cuda", "--emit", "lib", "-o"]).arg(&art), &["--emit lib"]);
 }
@@ -399,8 +399,8 @@ fn bf16_checkpoint_with(name: &str, tensor: &str, index: usize, value: f32) -> P
 }
 
 /// `--weights-dtype`: a bf16 weight beyond f16's range is an error naming the tensor when the
-/// target would store it as f16 (the CUDA default), and compiles as bf16, keep or f32; the CPU
-/// target reads f32 weights and says so for `keep` on a 16-bit checkpoint.
+/// target would store it as f16 (the CUDA default; on the CPU when asked for), and compiles as
+/// bf16, keep or f32.
 #[test]
 fn weights_dtype_overflow_names_the_tensor() {
     let tensor = "model.layers.1.self_attn.o_proj.weight";
@@ -412,5 +412,8 @@ fn weights_dtype_overflow_names_the_tensor() {
     for d in ["bf16", "keep", "f32"] {
         ok(llmc().arg("compile").arg(&model).args(["--target", "cuda", "--weights-dtype", d, "-o"]).arg(&art));
     }
-    fails_with(llmc().arg("compile").arg(&model).args(["--target", "cpu", "--weights-dtype", "keep", "-o"]).arg(&art), &["CPU target", "bf16"]);
+    fails_with(llmc().arg("compile").arg(&model).args(["--target", "cpu", "--weights-dtype", "f16", "-o"]).arg(&art), &["--weights-dtype f16", tensor, "beyond f16's range"]);
+    for d in ["bf16", "keep", "f32"] {
+        ok(llmc().arg("compile").arg(&model).args(["--target", "cpu", "--weights-dtype", d, "-o"]).arg(&art));
+    }
 }

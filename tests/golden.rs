@@ -82,11 +82,34 @@ fn golden_llama_gqa_llama3() {
 #[test]
 fn golden_llama_tied_bf16() {
     golden_case("llama_tied_bf16");
+    sixteen_bit_weights_are_kept("llama_tied_bf16");
 }
 
 #[test]
 fn golden_llama_sharded_f16() {
     golden_case("llama_sharded_f16");
+    sixteen_bit_weights_are_kept("llama_sharded_f16");
+}
+
+/// A 16-bit checkpoint compiles with its products' weights kept 16-bit (`--weights-dtype keep`,
+/// the CPU default; the golden test above ran that artifact against transformers): fewer weight
+/// bytes than `--weights-dtype f32`, and since the 16-bit panel GEMMs widen each weight exactly
+/// and sum in the same order, logits bit for bit equal to the f32 artifact's.
+fn sixteen_bit_weights_are_kept(case: &str) {
+    let dir = fixture(case);
+    let tmp = tmpdir(&format!("golden-16-{case}"));
+    let (keep, wide) = (tmp.join("keep.llmc"), tmp.join("f32.llmc"));
+    let rk = compile(&dir, &keep);
+    let rw = compile_with(&dir, &wide, CompileConfig { weights_dtype: Some(llmc_compiler::WeightsDtype::F32), ..Default::default() });
+    assert!(rk.weight_bytes < rw.weight_bytes, "{case}: keep stores {} weight bytes, f32 {}", rk.weight_bytes, rw.weight_bytes);
+    let prompt = ids_of(&read_json(&dir.join("greedy.json"))["prompt_ids"]);
+    let logits = |art: &std::path::Path| -> Vec<u32> {
+        let mut s = Session::new(Model::load(art).unwrap()).unwrap();
+        let mut v = s.forward(&prompt, true).unwrap();
+        v.extend(s.forward(&prompt[..1], false).unwrap());
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    assert!(logits(&keep) == logits(&wide), "{case}: 16-bit panel logits differ from the f32 artifact's");
 }
 
 #[test]
@@ -107,6 +130,7 @@ fn golden_qwen2() {
 #[test]
 fn golden_qwen3() {
     golden_case("qwen3");
+    sixteen_bit_weights_are_kept("qwen3");
 }
 
 #[test]
@@ -127,6 +151,7 @@ fn golden_neox() {
 #[test]
 fn golden_neox_sequential() {
     golden_case("neox_sequential");
+    sixteen_bit_weights_are_kept("neox_sequential");
 }
 
 #[test]

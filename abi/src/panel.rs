@@ -9,6 +9,43 @@
 /// Columns per panel.
 pub const PANEL: usize = 16;
 
+/// The element type a panel weight is stored in: f32, or 16-bit (bf16 or IEEE f16) values that
+/// the 16-bit panel GEMMs widen exactly to f32. The layout is the same, with 2-byte elements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PanelElem {
+    #[default]
+    F32,
+    BF16,
+    F16,
+}
+
+impl PanelElem {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            PanelElem::F32 => 4,
+            PanelElem::BF16 | PanelElem::F16 => 2,
+        }
+    }
+
+    /// The microkernel slot of the panel GEMM over this element type.
+    pub fn slot(self) -> usize {
+        match self {
+            PanelElem::F32 => crate::ukernel::GEMM_PANELS,
+            PanelElem::BF16 => crate::ukernel::GEMM_PANELS_BF16,
+            PanelElem::F16 => crate::ukernel::GEMM_PANELS_F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PanelElem::F32 => "f32",
+            PanelElem::BF16 => "bf16",
+            PanelElem::F16 => "f16",
+        }
+    }
+}
+
 /// Floats a panel-packed group of `n` rows of length `k` takes.
 pub fn panel_group_len(n: usize, k: usize) -> usize {
     n.div_ceil(PANEL) * PANEL * k

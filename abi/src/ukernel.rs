@@ -19,14 +19,16 @@
 ///
 /// History: 1, the panel GEMM alone; 2, the quantized GEMVs added (3 slots); 3, the tiled
 /// quantized product [`QGEMM`] (4 slots; it was added under version 2 at first, so a version-2
-/// runtime with 3 slots would have accepted artifacts that call slot 3).
-pub const ABI_VERSION: u32 = 3;
+/// runtime with 3 slots would have accepted artifacts that call slot 3); 4, the panel GEMMs over
+/// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots).
+pub const ABI_VERSION: u32 = 4;
 
 /// Every released table layout, oldest first: `(ABI_VERSION, fingerprint)`. The last entry is the
 /// current table. (Version 1 predates the fingerprint.)
 pub const HISTORY: &[(u32, u64)] = &[
     (2, 0x1b85_aa45_4446_a995), // gemm_panels, qgemv, qgemv_a8
     (3, 0x9e79_8df7_6910_185f), // + qgemm
+    (4, 0x45ed_6d87_66c3_cdc8), // + gemm_panels_bf16, gemm_panels_f16
 ];
 
 /// A microkernel's signature as text (its Rust tokens), with its parameter count and whether it
@@ -87,6 +89,24 @@ microkernel_fn! {
 }
 
 microkernel_fn! {
+    /// `t = gemm_panels_bf16(a, lda, bp, k, m, c0, ncols, up)` (and `gemm_panels_f16`): as
+    /// [`GemmPanelsFn`] over a panel weight stored as 16-bit values (bf16 or IEEE f16, the panel
+    /// layout of [`crate::panel`] with 2-byte elements). Each weight widens exactly to f32 and
+    /// the products accumulate in f32 as in [`GemmPanelsFn`], so the tile equals the f32 panel
+    /// GEMM's over the widened weights.
+    GemmPanels16Fn, GEMM_PANELS16_SIG = fn(
+        a: *const f32,
+        lda: i64,
+        bp: *const u16,
+        k: i64,
+        m: i64,
+        c0: i64,
+        ncols: i64,
+        up: *const u16,
+    ) -> *mut f32
+}
+
+microkernel_fn! {
     /// `qgemv(fmt, x, aux, b, rb, k, rows, out)`: for `j < rows`, `out[j]` is the product of the
     /// activation row `x` with the packed row at `b + j * rb` (format
     /// [`QFormat::from_arg`](crate::QFormat::from_arg)`(fmt)`, `k` elements):
@@ -139,8 +159,12 @@ pub const QGEMV: usize = 1;
 pub const QGEMV_A8: usize = 2;
 /// Slot of the weight-only quantized tiled product, a [`QGemmFn`].
 pub const QGEMM: usize = 3;
+/// Slot of the panel GEMM over bf16 panels, a [`GemmPanels16Fn`].
+pub const GEMM_PANELS_BF16: usize = 4;
+/// Slot of the panel GEMM over f16 panels, a [`GemmPanels16Fn`].
+pub const GEMM_PANELS_F16: usize = 5;
 /// Entries in the table.
-pub const SLOTS: usize = 4;
+pub const SLOTS: usize = 6;
 
 /// Every slot, in table order.
 pub const TABLE: [Slot; SLOTS] = [
@@ -148,6 +172,8 @@ pub const TABLE: [Slot; SLOTS] = [
     Slot { index: QGEMV, name: "qgemv", signature: QGEMV_SIG, optional: true },
     Slot { index: QGEMV_A8, name: "qgemv_a8", signature: QGEMV_SIG, optional: true },
     Slot { index: QGEMM, name: "qgemm", signature: QGEMM_SIG, optional: false },
+    Slot { index: GEMM_PANELS_BF16, name: "gemm_panels_bf16", signature: GEMM_PANELS16_SIG, optional: false },
+    Slot { index: GEMM_PANELS_F16, name: "gemm_panels_f16", signature: GEMM_PANELS16_SIG, optional: false },
 ];
 
 /// The functions a runtime provides, one field per slot, typed by the slot's signature
@@ -158,6 +184,8 @@ pub struct Table {
     pub qgemv: Option<QGemvFn>,
     pub qgemv_a8: Option<QGemvFn>,
     pub qgemm: QGemmFn,
+    pub gemm_panels_bf16: GemmPanels16Fn,
+    pub gemm_panels_f16: GemmPanels16Fn,
 }
 
 impl Table {
@@ -169,6 +197,8 @@ impl Table {
         t[QGEMV] = self.qgemv.map_or(0, |f| f as usize);
         t[QGEMV_A8] = self.qgemv_a8.map_or(0, |f| f as usize);
         t[QGEMM] = self.qgemm as usize;
+        t[GEMM_PANELS_BF16] = self.gemm_panels_bf16 as usize;
+        t[GEMM_PANELS_F16] = self.gemm_panels_f16 as usize;
         t
     }
 }
@@ -246,6 +276,7 @@ mod tests {
         assert_eq!((GEMM_PANELS_SIG.params, GEMM_PANELS_SIG.returns), (8, true));
         assert_eq!((QGEMV_SIG.params, QGEMV_SIG.returns), (8, false));
         assert_eq!((QGEMM_SIG.params, QGEMM_SIG.returns), (9, true));
+        assert_eq!((GEMM_PANELS16_SIG.params, GEMM_PANELS16_SIG.returns), (8, true));
     }
 
     /// The fingerprint sees every part of a slot, and not the text's spacing.
@@ -284,6 +315,30 @@ mod tests {
         _: i64,
         _: i64,
         _: *const f32,
+    ) -> *mut f32 {
+        std::ptr::null_mut()
+    }
+    unsafe extern "sysv64" fn gemm16(
+        _: *const f32,
+        _: i64,
+        _: *const u16,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *const u16,
+    ) -> *mut f32 {
+        std::ptr::null_mut()
+    }
+    unsafe extern "sysv64" fn gemm16_b(
+        _: *const f32,
+        _: i64,
+        _: *const u16,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *const u16,
     ) -> *mut f32 {
         std::ptr::null_mut()
     }
@@ -326,12 +381,21 @@ mod tests {
     /// Each function lands at its slot; only optional slots may be 0.
     #[test]
     fn table_addresses_follow_the_slots() {
-        let full = Table { gemm_panels: gemm, qgemv: Some(gemv), qgemv_a8: Some(gemv_a8), qgemm };
+        let full = Table {
+            gemm_panels: gemm,
+            qgemv: Some(gemv),
+            qgemv_a8: Some(gemv_a8),
+            qgemm,
+            gemm_panels_bf16: gemm16,
+            gemm_panels_f16: gemm16_b,
+        };
         let t = full.addresses();
         assert_eq!(t[GEMM_PANELS], gemm as GemmPanelsFn as usize);
         assert_eq!(t[QGEMV], gemv as QGemvFn as usize);
         assert_eq!(t[QGEMV_A8], gemv_a8 as QGemvFn as usize);
         assert_eq!(t[QGEMM], qgemm as QGemmFn as usize);
+        assert_eq!(t[GEMM_PANELS_BF16], gemm16 as GemmPanels16Fn as usize);
+        assert_eq!(t[GEMM_PANELS_F16], gemm16_b as GemmPanels16Fn as usize);
         let bare = Table { qgemv: None, qgemv_a8: None, ..full }.addresses();
         for s in TABLE {
             assert_eq!(bare[s.index] == 0, s.optional, "slot `{}`", s.name);

@@ -12,6 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use abi::panel::PanelElem;
 use abi::artifact::{
     ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, Launch, StateEntry, StateLayout, Step, FORWARD_ENTRY,
 };
@@ -78,8 +79,9 @@ pub enum Storage {
     I32,
     /// Packed quantized rows (`abi::qformat`).
     Packed(Layout),
-    /// f32 rows in the runtime's panel layout, in this many row groups (`abi::panel`).
-    Panels { groups: usize },
+    /// Rows in the runtime's panel layout, in this many row groups, as `elem` values
+    /// (`abi::panel`).
+    Panels { groups: usize, elem: PanelElem },
 }
 
 impl Storage {
@@ -88,6 +90,7 @@ impl Storage {
     pub fn stored_bytes(self, planned: u64) -> u64 {
         match self {
             Storage::F16 | Storage::BF16 => planned / 2,
+            Storage::Panels { elem, .. } => planned / 4 * elem.bytes() as u64,
             _ => planned,
         }
     }
@@ -99,7 +102,8 @@ impl Storage {
             Storage::BF16 => "bf16".into(),
             Storage::I32 => "i32".into(),
             Storage::Packed(l) => format!("packed {l}"),
-            Storage::Panels { groups } => format!("panels {groups}"),
+            Storage::Panels { groups, elem: PanelElem::F32 } => format!("panels {groups}"),
+            Storage::Panels { groups, elem } => format!("panels {groups} {}", elem.name()),
         }
     }
 }
@@ -165,6 +169,11 @@ pub trait Backend {
     /// Called once, before any kernel, with the graph, its interface and the float weights'
     /// element type.
     fn begin(&mut self, g: &Graph, io: &GraphIo, weights: WeightsDtype) -> Result<()>;
+    /// The storage of weight buffer `p`, given the one `--weights-dtype` asks for (`wanted`): a
+    /// backend whose kernels read some weights only as f32 says so here (default: `wanted`).
+    fn weight_storage(&self, _p: &Place, wanted: Storage) -> Storage {
+        wanted
+    }
     /// An error when this backend cannot read buffer `p` stored as `s` (naming the buffer).
     fn check_storage(&self, p: &Place, s: Storage) -> Result<()>;
     /// The kernel of node `n` whose operands are stored as `operands`; `None`: the node needs no
@@ -293,6 +302,11 @@ fn stored_dtype(p: &Place, stored: &HashMap<&str, DType>) -> Option<DType> {
 
 /// How buffer `p`, holding values of type `value`, is stored, given the float weights' choice.
 fn storage_of(p: &Place, value: DType, weights: WeightsDtype, stored: &HashMap<&str, DType>) -> Storage {
+    let panel_elem = |s: Storage| match s {
+        Storage::F16 => PanelElem::F16,
+        Storage::BF16 => PanelElem::BF16,
+        _ => PanelElem::F32,
+    };
     match p {
         Place::Weight { packed: true, layout, .. } => Storage::Packed(*layout),
         Place::WeightConcat { packed: true, .. } => match layout_of(p) {
@@ -300,7 +314,7 @@ fn storage_of(p: &Place, value: DType, weights: WeightsDtype, stored: &HashMap<&
             None => Storage::F32,
         },
         Place::Weight { .. } | Place::WeightConcat { .. } => weights.storage(stored_dtype(p, stored)),
-        Place::Panels { groups, .. } => Storage::Panels { groups: *groups },
+        Place::Panels { groups, .. } => Storage::Panels { groups: *groups, elem: panel_elem(weights.storage(stored_dtype(p, stored))) },
         Place::Const { .. } | Place::Microkernels => Storage::F32,
         Place::Arena { .. } | Place::State { .. } => {
             if value == DType::I32 {
@@ -345,6 +359,11 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
     let mut storage: Vec<Storage> = places.iter().map(|p| storage_of(p, DType::F32, weights_dtype, &stored_dtypes)).collect();
     for (&n, &b) in &mp.buffer_of {
         storage[b] = storage_of(&places[b], g.ty(n).dtype, weights_dtype, &stored_dtypes);
+    }
+    for (p, s) in places.iter().zip(storage.iter_mut()) {
+        if matches!(p, Place::Weight { .. } | Place::WeightConcat { .. } | Place::Panels { .. }) {
+            *s = backend.weight_storage(p, *s);
+        }
     }
     for (p, &s) in places.iter().zip(&storage) {
         if p.is_data() {
@@ -785,9 +804,20 @@ impl Run {
 /// multiples of the data alignment is streamed part by part, one part in memory at a time, and
 /// large panel buffers piece by piece; others are built in memory.
 fn push_place(w: &mut Sink, p: &Place, s: Storage, weights: &dyn WeightSource) -> Result<u64> {
-    if let Storage::F16 | Storage::BF16 = s {
-        let v = place_values(p, weights)?;
-        return w.push(Payload::Bytes(encode_16(&v, s, p)?));
+    let sixteen = match s {
+        Storage::F16 | Storage::Panels { elem: PanelElem::F16, .. } => Some(Storage::F16),
+        Storage::BF16 | Storage::Panels { elem: PanelElem::BF16, .. } => Some(Storage::BF16),
+        _ => None,
+    };
+    // A buffer's values (f32, or converted to the 16-bit type).
+    let payload = |v: Vec<f32>| -> Result<Payload> {
+        Ok(match sixteen {
+            Some(t) => Payload::Bytes(encode_16(&v, t, p)?),
+            None => Payload::F32(v),
+        })
+    };
+    if let (Some(_), Place::Weight { .. } | Place::WeightConcat { .. }) = (sixteen, p) {
+        return w.push(payload(place_values(p, weights)?)?);
     }
     if let Storage::Packed(_) = s {
         let bytes = place_packed(p, weights)?;
@@ -796,20 +826,21 @@ fn push_place(w: &mut Sink, p: &Place, s: Storage, weights: &dyn WeightSource) -
         }
         return w.push(Payload::Bytes(bytes));
     }
-    if let Place::Panels { rows, k, groups, bytes, .. } = p {
+    if let Place::Panels { rows, k, groups, .. } = p {
+        let bytes = s.stored_bytes(data_bytes(p));
         let count = abi::panel::panel_count(*rows, *k, *groups);
-        let panel_bytes = (abi::panel::PANEL * k * 4) as u64;
+        let panel_bytes = (abi::panel::PANEL * k * sixteen.map_or(4, |_| 2)) as u64;
         // Pieces of whole panels are multiples of 64 bytes (PANEL * 4): laid end to end they
         // are exactly the whole buffer, at the writer's alignment.
-        if *bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(abi::artifact::DATA_ALIGN) {
+        if bytes >= 2 * PANEL_PIECE_BYTES && count > 1 && panel_bytes.is_multiple_of(abi::artifact::DATA_ALIGN) {
             let rows_of = PanelRows::load(p, weights)?;
             let per = (PANEL_PIECE_BYTES / panel_bytes).max(1) as usize;
             let mut run = Run::default();
             for q in (0..count).step_by(per) {
                 let piece = abi::panel::pack_panels_part(*rows, *k, *groups, |r| rows_of.row(r), q..(q + per).min(count));
-                run.push(w, Payload::F32(piece), "panel piece")?;
+                run.push(w, payload(piece)?, "panel piece")?;
             }
-            if run.len() != *bytes {
+            if run.len() != bytes {
                 return Err(CodegenError::Target(format!("bug: {} written as {} bytes, planned {bytes}", data_name(p), run.len())));
             }
             return Ok(run.start());
@@ -826,7 +857,7 @@ fn push_place(w: &mut Sink, p: &Place, s: Storage, weights: &dyn WeightSource) -
             return Ok(run.start());
         }
     }
-    w.push(Payload::F32(place_values(p, weights)?))
+    w.push(payload(place_values(p, weights)?)?)
 }
 
 /// Little-endian bytes of `v` as f16 or bf16 (`s`), rounded to nearest even; a finite value

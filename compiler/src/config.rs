@@ -170,9 +170,8 @@ pub struct CompileConfig {
     /// CPU only: every product in generated code instead of the runtime's GEMM microkernels.
     pub no_microkernels: bool,
     /// `--weights-dtype`: element type of float weights in the artifact; `None`: the target's
-    /// default (f32 on the CPU, f16 for CUDA). The CPU target's kernels read f32 weights, so it
-    /// takes `f32` and `keep` (which is f32 for an f32 checkpoint, and an error naming the weight
-    /// for a 16-bit one).
+    /// default (`keep` on the CPU, f16 for CUDA). On the CPU the setting applies to the weights
+    /// of products (the panel weights, read by the 16-bit panel GEMMs); other weights stay f32.
     pub weights_dtype: Option<WeightsDtype>,
     /// [`Emit::Lib`]: the runtime's C library to pack (`libllmc_capi.a`); `None`: `$LLMC_CAPI_LIB`,
     /// else the newest one cargo built beside the running executable.
@@ -235,12 +234,7 @@ impl CompileConfig {
         if self.no_microkernels && cuda {
             return Err(Error::Config("--no-microkernels applies to --target cpu only (the CUDA target has no microkernels)".into()));
         }
-        if let (Some(d @ (WeightsDtype::F16 | WeightsDtype::BF16)), false) = (self.weights_dtype, cuda) {
-            return Err(Error::Config(format!(
-                "--weights-dtype {}: the CPU target's kernels read f32 weights; use --weights-dtype f32 (the CPU default) or keep",
-                d.name()
-            )));
-        }
+
         if self.emit == Emit::Lib && backend.name() != "cpu" {
             return Err(Error::Config("--emit lib links the CPU runtime: use it with --target cpu".into()));
         }
@@ -360,9 +354,7 @@ mod tests {
     fn emission_and_target_combinations() {
         let ptx = CompileConfig { emit: Emit::Ptx("p".into()), ..Default::default() };
         assert_eq!(err_of(&ptx), "--emit ptx DIR needs --target cuda");
-        let dtype = CompileConfig { weights_dtype: Some(WeightsDtype::BF16), ..Default::default() };
-        assert!(err_of(&dtype).starts_with("--weights-dtype bf16: the CPU target's kernels read f32 weights"), "{}", err_of(&dtype));
-        for d in [WeightsDtype::F32, WeightsDtype::Keep] {
+        for d in [WeightsDtype::F32, WeightsDtype::F16, WeightsDtype::BF16, WeightsDtype::Keep] {
             CompileConfig { weights_dtype: Some(d), ..Default::default() }.validate().unwrap();
         }
         CompileConfig { emit: Emit::Lib, ..Default::default() }.validate().unwrap();

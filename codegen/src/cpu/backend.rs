@@ -41,8 +41,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    /// Weights as the checkpoint stores them: a bf16 or f16 checkpoint's product weights stay
+    /// 16-bit (half the bytes a decode step reads), f32 ones f32.
     fn default_weights_dtype(&self) -> WeightsDtype {
-        WeightsDtype::F32
+        WeightsDtype::Keep
     }
 
     fn panels(&self) -> bool {
@@ -55,11 +57,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// 16-bit weights are the panel weights (the right-hand sides of products, read by the
+    /// 16-bit panel GEMMs); every other weight (norms, biases, embeddings that are gathered
+    /// from, products in generated code) stays f32.
+    fn weight_storage(&self, p: &Place, wanted: Storage) -> Storage {
+        match (p, wanted) {
+            (Place::Weight { .. } | Place::WeightConcat { .. }, Storage::F16 | Storage::BF16) => Storage::F32,
+            _ => wanted,
+        }
+    }
+
     fn check_storage(&self, p: &Place, s: Storage) -> Result<()> {
         match s {
             Storage::F16 | Storage::BF16 => Err(CodegenError::Target(format!(
-                "--weights-dtype: weight `{}` would be stored as {}, and the CPU target's kernels read f32 weights \
-                 (use --weights-dtype f32, the CPU default)",
+                "bug: weight `{}` stored as {} outside a panel layout on the CPU target",
                 crate::driver::data_name(p),
                 s.name()
             ))),
@@ -67,11 +78,15 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn kernel(&mut self, g: &Graph, n: NodeId, _operands: &[Storage]) -> Result<Option<NodeKernel>> {
+    fn kernel(&mut self, g: &Graph, n: NodeId, operands: &[Storage]) -> Result<Option<NodeKernel>> {
         let Some((isa, _)) = &self.isa else {
             return Err(CodegenError::Target("bug: CpuBackend::kernel before begin".into()));
         };
-        let ctx = KernelCtx { max_context: self.max_context, panel_weights: self.panels() };
+        let panel_elem = match operands.get(1) {
+            Some(Storage::Panels { elem, .. }) => *elem,
+            _ => Default::default(),
+        };
+        let ctx = KernelCtx { max_context: self.max_context, panel_weights: self.panels(), panel_elem };
         Ok(compile_kernel(&**isa, &ctx, g, n)?.map(|KernelCode { name, code, tables, ukernels }| NodeKernel {
             name,
             source: code,

@@ -78,6 +78,9 @@ pub struct KernelCtx {
     /// Store eligible weights in the runtime's panel layout and run their products through the
     /// runtime's GEMM microkernel ([`panel`]); the memory plan must be made with the same flag.
     pub panel_weights: bool,
+    /// The element type of this node's panel weight (operand 1), when it has one: the kernel
+    /// calls the panel GEMM of that type (`abi::panel::PanelElem::slot`).
+    pub panel_elem: abi::panel::PanelElem,
 }
 
 /// The kernel entry point's type (defined with the artifact format).
@@ -183,7 +186,7 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
             _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default(), ctx.panel_weights),
-            _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1))?,
+            _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1), ctx.panel_elem)?,
             Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
             Op::Attention { scale, window, causal } => attention::attention(&mut kb, g, n, *scale, *window, *causal)?,
             Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),

@@ -1,10 +1,12 @@
-//! Products with a compile-time f32 weight through the runtime's panel GEMM microkernel.
+//! Products with a compile-time weight (f32, or bf16/f16 widened exactly in the microkernel)
+//! through the runtime's panel GEMM microkernels.
 //!
 //! A weight (or compile-time concat of weights) whose every use is the right-hand side of
 //! `matmul {transpose_b}`, `linear {transpose_b}` or `gated_linear` is stored in the runtime's
 //! panel layout ([`abi::panel`]; [`panel_groups`] decides, for the memory plan and for the
 //! kernel alike). Its kernels do no arithmetic of their own on the product: for each column chunk
-//! of [`NCH`] columns in this part's share they call the table entry [`GEMM_PANELS`] (AVX-512 or
+//! of [`NCH`] columns in this part's share they call the table entry of the panels' element type
+//! (`abi::ukernel::GEMM_PANELS`, `GEMM_PANELS_BF16` or `GEMM_PANELS_F16`; AVX-512, AVX2 or
 //! portable, chosen by the runtime) with every row of `a`,
 //! then apply the epilogue (bias, activation, gate x up, residual) to the returned tile, which is
 //! still in L1/L2, storing each output element once.
@@ -17,7 +19,8 @@ use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
 use llmc_ir::{DType, Graph, NodeId, Op, UnaryOp};
 use abi::panel::{panel_group_len, PANEL};
-use abi::ukernel::{GEMM_PANELS, GEMM_PANELS_SIG};
+use abi::panel::PanelElem;
+use abi::ukernel::GEMM_PANELS_SIG;
 
 use super::builder::Kb;
 use super::{math, quant, unsupported};
@@ -74,7 +77,7 @@ pub fn panel_groups(g: &Graph, x: NodeId) -> Option<usize> {
 
 /// The kernel of `matmul`, `linear` or `gated_linear` node `n` whose operand 1 is a panel weight in
 /// `groups` groups.
-pub(crate) fn panel_product(kb: &mut Kb, g: &Graph, n: NodeId, groups: usize) -> Result<()> {
+pub(crate) fn panel_product(kb: &mut Kb, g: &Graph, n: NodeId, groups: usize, elem: PanelElem) -> Result<()> {
     let ins = g.inputs(n);
     let (bias, act, residual, gate): (bool, Option<UnaryOp>, bool, Option<UnaryOp>) = match g.op(n) {
         Op::Linear { bias, act, residual, .. } => (*bias, *act, *residual, None),
@@ -107,13 +110,14 @@ pub(crate) fn panel_product(kb: &mut Kb, g: &Graph, n: NodeId, groups: usize) ->
     let table = kb.buf(next + 1);
     let res = res_p.map(|r| kb.sub(r, o));
     let flags = MemFlagsData::trusted().with_readonly();
-    let fptr = kb.b.ins().load(I64, flags, table, (8 * GEMM_PANELS) as i32);
+    // The f32 and 16-bit panel GEMMs take the same arguments (`GEMM_PANELS16_SIG`).
+    let fptr = kb.b.ins().load(I64, flags, table, (8 * elem.slot()) as i32);
     let sig = kb.microkernel_sig(GEMM_PANELS_SIG.params, GEMM_PANELS_SIG.returns);
 
     let kv = kb.ic(k as i64);
     let up = if gate.is_some() {
         let glen = panel_group_len(nn as usize, k) as i64;
-        kb.addi(bp, 4 * glen)
+        kb.addi(bp, elem.bytes() as i64 * glen)
     } else {
         kb.ic(0)
     };

@@ -16,6 +16,7 @@ use cranelift_codegen::settings::{self, Configurable};
 use llmc_ir::{BinaryOp, DType, Dim, Graph, Interpreter, NodeId, Op, ReduceOp, StateDecl, TensorType, UnaryOp};
 
 use super::*;
+use llmc_abi::panel::PanelElem;
 
 const VOCAB: usize = 50;
 const CTX: usize = 64;
@@ -249,6 +250,39 @@ impl Gb {
 thread_local! {
     /// Whether [`check_on`] compiles with `KernelCtx::panel_weights` (and packs operand 1).
     static PANELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// With [`PANELS`]: the element type the panels are stored in (16-bit: operand 1's weight is
+    /// rounded to it for the interpreter too, so both compute with the same weights).
+    static PANEL_ELEM: std::cell::Cell<PanelElem> = const { std::cell::Cell::new(PanelElem::F32) };
+}
+
+/// The 16-bit panel element types, each test of the panel path runs with.
+const PANEL_ELEMS: [PanelElem; 3] = [PanelElem::F32, PanelElem::BF16, PanelElem::F16];
+
+/// `f` with panels stored as `elem`.
+fn with_panel_elem<T>(elem: PanelElem, f: impl FnOnce() -> T) -> T {
+    PANEL_ELEM.with(|e| e.set(elem));
+    let r = f();
+    PANEL_ELEM.with(|e| e.set(PanelElem::F32));
+    r
+}
+
+/// `x` rounded to `elem` (nearest even), as the driver stores it.
+fn round_to(elem: PanelElem, x: f32) -> f32 {
+    match elem {
+        PanelElem::F32 => x,
+        PanelElem::BF16 => half::bf16::from_f32(x).to_f32(),
+        PanelElem::F16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+/// The bits of `v` stored as `elem`: f32 words, or 16-bit values two to a word.
+fn panel_words(elem: PanelElem, v: &[f32]) -> Vec<u32> {
+    let h: Vec<u16> = match elem {
+        PanelElem::F32 => return v.iter().map(|x| x.to_bits()).collect(),
+        PanelElem::BF16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+        PanelElem::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect(),
+    };
+    h.chunks(2).map(|c| c[0] as u32 | (*c.get(1).unwrap_or(&0) as u32) << 16).collect()
 }
 
 /// [`check`] with panel weights: the product's weight in the runtime's panel layout, the product
@@ -279,7 +313,9 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let line = text.lines().map(str::trim).find(|l| l.starts_with(&format!("%{pos} = "))).unwrap_or("?");
     let what = format!("`{line}` on {isa_name} (steps {steps:?})");
     let panels = PANELS.with(|p| p.get());
-    let ctx = KernelCtx { max_context: CTX, panel_weights: panels };
+    let panel_elem = if panels { PANEL_ELEM.with(|e| e.get()) } else { PanelElem::F32 };
+    let what = format!("{what} panels {}", panel_elem.name());
+    let ctx = KernelCtx { max_context: CTX, panel_weights: panels, panel_elem };
     let kc = compile_kernel(isa, &ctx, g, n).unwrap_or_else(|e| panic!("{what}: {e}")).expect("a kernel");
     assert_eq!(kc.ukernels, panels, "{what}: microkernel use");
     let exec = Exec::new(&kc);
@@ -287,7 +323,14 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let mut g2 = g.clone();
     g2.outputs = ops.clone();
     g2.outputs.push(n);
-    let mut it = Interpreter::new(&gb.w);
+    // A 16-bit panel weight: the interpreter computes with the same rounded values.
+    let mut w = gb.w.clone();
+    if let (true, Some(Op::Weight { name, .. })) = (panel_elem != PanelElem::F32, ops.get(1).map(|&x| g.op(x))) {
+        for x in w.get_mut(name).expect("the weight's data") {
+            *x = round_to(panel_elem, *x);
+        }
+    }
+    let mut it = Interpreter::new(&w);
     let mut rng = Rng::new(7);
     let mut prev = None;
     let mut last = None;
@@ -310,7 +353,7 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
         let sh = &g.ty(ops[1]).shape;
         let (rows, k) = (sh[0].as_const().unwrap(), sh[1].as_const().unwrap());
         let packed = llmc_abi::panel::pack_panels(&outs[1].data, rows, k, groups);
-        inputs[1] = packed.iter().map(|x| x.to_bits()).collect();
+        inputs[1] = panel_words(panel_elem, &packed);
     }
     let want = &outs[ops.len()];
     let dt = g.ty(n).dtype;
@@ -569,7 +612,7 @@ fn kv_concat_and_causal_mask_with_history() {
 fn kv_concat_past_the_context_writes_nothing() {
     let a = attention(2, 4, None, false);
     let (isa, _) = host_isa().unwrap();
-    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, &a.gb.g, a.k).unwrap().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() }, &a.gb.g, a.k).unwrap().unwrap();
     let exec = Exec::new(&kc);
     let mut ins = vec![vec![1.0f32.to_bits(); 3 * 8]];
     let mut state = vec![SENTINEL; CTX * 8];
@@ -787,7 +830,7 @@ fn rope_needs_const_freqs() {
     let f = gb.weight(&[4], 0.0, 1.0);
     let n = gb.op(Op::Rope { rotary_dim: 8 }, &[x, f]);
     let (isa, _) = host_isa().unwrap();
-    let e = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, &gb.g, n).unwrap_err();
+    let e = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() }, &gb.g, n).unwrap_err();
     assert!(e.to_string().contains("const"), "{e}");
 }
 
@@ -808,7 +851,7 @@ fn parts_run_concurrently() {
     let lin_t = gb.op(Op::Linear { transpose_b: true, bias: false, act: None, residual: false }, &[x, wt]);
     let bn = gb.op(Op::RmsNorm { eps: 1e-5 }, &[gl, bias]);
     let (isa, _) = host_isa().unwrap();
-    let ctx = KernelCtx { max_context: CTX, panel_weights: false };
+    let ctx = KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() };
     for n in [mm, a.probs, a.out, att, gl, lin, lin_t, bn] {
         let kc = compile_kernel(&*isa, &ctx, &gb.g, n).unwrap().unwrap();
         let exec = Exec::new(&kc);
@@ -1281,7 +1324,7 @@ fn every_kernel_compiles_without_relocations() {
     }
     gb.op(Op::GatedLinear { act: UnaryOp::GeluTanh }, &[x, wl]);
     gb.op(Op::Concat { axis: 1, n: 2 }, &[x, x]);
-    let ctx = KernelCtx { max_context: CTX, panel_weights: false };
+    let ctx = KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() };
     let mut seen = std::collections::BTreeSet::new();
     let t0 = std::time::Instant::now();
     let mut count = 0;
@@ -1375,7 +1418,7 @@ fn time_kernel(gb: &Gb, n: NodeId, s: usize, flops: f64, label: &str) {
 fn time_kernel_at(gb: &Gb, n: NodeId, s: usize, p: usize, flops: f64, label: &str) {
     let (isa, _) = host_isa().unwrap();
     let g = &gb.g;
-    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false }, g, n).unwrap().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() }, g, n).unwrap().unwrap();
     if let Ok(dir) = std::env::var("LLMC_DUMP_DIR") {
         let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         std::fs::write(format!("{dir}/{file}.bin"), &kc.code).unwrap();
@@ -1615,6 +1658,12 @@ fn compiled_quantized_layouts_match_the_interpreter() {
 
 #[test]
 fn panel_linear_epilogues_exact() {
+    for elem in PANEL_ELEMS {
+        with_panel_elem(elem, panel_linear_epilogues_exact_as);
+    }
+}
+
+fn panel_linear_epilogues_exact_as() {
     use Dim::{N, S};
     PANELS.with(|p| p.set(true));
     for (k, nn) in [(37, 45), (1, 3), (16, 64), (64, 67), (129, 9), (8, 130)] {
@@ -1638,6 +1687,12 @@ fn panel_linear_epilogues_exact() {
 
 #[test]
 fn panel_gated_and_matmul() {
+    for elem in PANEL_ELEMS {
+        with_panel_elem(elem, panel_gated_and_matmul_as);
+    }
+}
+
+fn panel_gated_and_matmul_as() {
     use Dim::{N, S};
     for act in [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::Gelu] {
         let t = unary_tol(act);
@@ -1671,8 +1726,10 @@ fn panel_random_accuracy() {
         let bias = gb.weight(&[nn], -0.5, 0.5);
         let r = gb.weight(&[m, nn], -1.0, 1.0);
         let n = gb.op(Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Silu), residual: true }, &[a, b, bias, r]);
-        let st = check_panels(&gb, n, &[1], tol(1e-5, 1e-4));
-        eprintln!("panel linear {m}x{k}x{nn} +bias silu +res: max abs err {:.3e}", st.max_abs);
+        for elem in PANEL_ELEMS {
+            let st = with_panel_elem(elem, || check_panels(&gb, n, &[1], tol(1e-5, 1e-4)));
+            eprintln!("panel linear {m}x{k}x{nn} +bias silu +res, {} panels: max abs err {:.3e}", elem.name(), st.max_abs);
+        }
     }
 }
 
