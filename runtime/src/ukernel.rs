@@ -172,6 +172,48 @@ unsafe fn widened(bp: *const u8, up: *const u8, k: usize, c0: usize, ncols: usiz
     }
 }
 
+/// The table's entry points of one implementation module, over its `gemm::<E>(a, lda, bp, k, m,
+/// c0, ncols, up)` on byte pointers: `gemm_panels` (f32 panels, a [`GemmPanelsFn`]) and
+/// `gemm_panels16::<E>` (bf16 or f16 panels, a [`GemmPanels16Fn`]). `$cpu` names what the CPU must
+/// have for the module's code.
+macro_rules! entry_points {
+    ($cpu:literal) => {
+        /// See [`super::GemmPanelsFn`].
+        ///
+        /// # Safety
+        #[doc = concat!("The [`super::GemmPanelsFn`] contract; ", $cpu, ".")]
+        pub(super) unsafe extern "sysv64" fn gemm_panels(
+            a: *const f32,
+            lda: i64,
+            bp: *const f32,
+            k: i64,
+            m: i64,
+            c0: i64,
+            ncols: i64,
+            up: *const f32,
+        ) -> *mut f32 {
+            gemm::<{ super::F32 }>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
+        }
+
+        /// See [`super::GemmPanels16Fn`]; `E` is bf16 or f16.
+        ///
+        /// # Safety
+        #[doc = concat!("The [`super::GemmPanels16Fn`] contract; ", $cpu, ".")]
+        pub(super) unsafe extern "sysv64" fn gemm_panels16<const E: u8>(
+            a: *const f32,
+            lda: i64,
+            bp: *const u16,
+            k: i64,
+            m: i64,
+            c0: i64,
+            ncols: i64,
+            up: *const u16,
+        ) -> *mut f32 {
+            gemm::<E>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
+        }
+    };
+}
+
 /// Rows per register tile for `m > 1` (AVX-512: 12 x 32 columns, 24 of the 32 registers).
 const MR: usize = 12;
 
@@ -322,39 +364,7 @@ mod avx512 {
         super::drive(a, lda, bp, elem_bytes(E), k, m as usize, c0 as usize, ncols as usize, up, super::MR, 2, &tile)
     }
 
-    /// See [`super::GemmPanelsFn`].
-    ///
-    /// # Safety
-    /// The [`super::GemmPanelsFn`] contract; the CPU has AVX-512F.
-    pub(super) unsafe extern "sysv64" fn gemm_panels(
-        a: *const f32,
-        lda: i64,
-        bp: *const f32,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const f32,
-    ) -> *mut f32 {
-        gemm::<F32>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
-
-    /// See [`super::GemmPanels16Fn`]; `E` is bf16 or f16.
-    ///
-    /// # Safety
-    /// The [`super::GemmPanels16Fn`] contract; the CPU has AVX-512F.
-    pub(super) unsafe extern "sysv64" fn gemm_panels16<const E: u8>(
-        a: *const f32,
-        lda: i64,
-        bp: *const u16,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const u16,
-    ) -> *mut f32 {
-        gemm::<E>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
+    entry_points!("the CPU has AVX-512F");
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -452,39 +462,7 @@ mod avx2 {
         super::drive(a, lda, bp, elem_bytes(E), k, m as usize, c0 as usize, ncols as usize, up, 4, 1, &tile)
     }
 
-    /// See [`super::GemmPanelsFn`].
-    ///
-    /// # Safety
-    /// The [`super::GemmPanelsFn`] contract; the CPU has AVX2, FMA and F16C.
-    pub(super) unsafe extern "sysv64" fn gemm_panels(
-        a: *const f32,
-        lda: i64,
-        bp: *const f32,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const f32,
-    ) -> *mut f32 {
-        gemm::<F32>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
-
-    /// See [`super::GemmPanels16Fn`]; `E` is bf16 or f16.
-    ///
-    /// # Safety
-    /// The [`super::GemmPanels16Fn`] contract; the CPU has AVX2, FMA and F16C.
-    pub(super) unsafe extern "sysv64" fn gemm_panels16<const E: u8>(
-        a: *const f32,
-        lda: i64,
-        bp: *const u16,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const u16,
-    ) -> *mut f32 {
-        gemm::<E>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
+    entry_points!("the CPU has AVX2, FMA and F16C");
 }
 
 mod portable {
@@ -577,39 +555,7 @@ mod portable {
         super::drive(a, lda, bp, elem_bytes(E), k, m as usize, c0 as usize, ncols as usize, up, super::MR, 4, &f)
     }
 
-    /// See [`super::GemmPanelsFn`].
-    ///
-    /// # Safety
-    /// The [`super::GemmPanelsFn`] contract.
-    pub(super) unsafe extern "sysv64" fn gemm_panels(
-        a: *const f32,
-        lda: i64,
-        bp: *const f32,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const f32,
-    ) -> *mut f32 {
-        gemm::<F32>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
-
-    /// See [`super::GemmPanels16Fn`]; `E` is bf16 or f16.
-    ///
-    /// # Safety
-    /// The [`super::GemmPanels16Fn`] contract.
-    pub(super) unsafe extern "sysv64" fn gemm_panels16<const E: u8>(
-        a: *const f32,
-        lda: i64,
-        bp: *const u16,
-        k: i64,
-        m: i64,
-        c0: i64,
-        ncols: i64,
-        up: *const u16,
-    ) -> *mut f32 {
-        gemm::<E>(a, lda, bp as *const u8, k, m, c0, ncols, up as *const u8)
-    }
+    entry_points!("any CPU");
 }
 
 #[cfg(test)]
