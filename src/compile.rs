@@ -187,7 +187,7 @@ pub(crate) fn compile(a: CompileArgs, quiet: bool) -> Result<(), CliError> {
         print_summary(&r);
     }
     if let (Some(rows), false) = (&r.matrices, a.json) {
-        quant::print_report(rows);
+        quant::print_report(rows, r.quant.as_ref().map_or(&[][..], |q| &q.float_weights));
         println!("artifact: {:.3} bits/weight over all {} parameters", r.bits_per_weight(), r.params);
     }
     Ok(())
@@ -212,6 +212,9 @@ fn report_json(r: &CompileReport) -> serde_json::Value {
         j["quant"] = serde_json::json!({
             "format": q.format, "sparsity": q.sparsity, "layout": q.layout.name(), "method": q.method,
             "tensors": q.tensors, "params": q.params,
+            "float_weights": q.float_weights.iter()
+                .map(|f| serde_json::json!({ "name": f.name, "shape": f.shape, "why": f.why }))
+                .collect::<Vec<_>>(),
         });
     }
     if let Some(rows) = &r.matrices {
@@ -241,12 +244,38 @@ fn print_summary(r: &CompileReport) {
         },
         r.timings.total
     );
+    if let Some(q) = &r.quant {
+        eprintln!("quantized {} weight matrices ({} parameters), {}", q.tensors, q.params, float_summary(&q.float_weights));
+    }
     if let Some(l) = &r.library {
         eprintln!(
             "library {} and header {}; link with: cc app.c -I {} -L {} -lllmc_model -lpthread -ldl -lm",
             l.library.display(), l.header.display(), r.output.display(), r.output.display()
         );
     }
+}
+
+/// The weight matrices quantization left in float, grouped by reason (a few names each).
+fn float_summary(floats: &[compiler::FloatWeight]) -> String {
+    if floats.is_empty() {
+        return "none left in float (norm vectors and biases stay f32)".into();
+    }
+    let mut by_why: Vec<(&str, Vec<&compiler::FloatWeight>)> = Vec::new();
+    for f in floats {
+        match by_why.iter_mut().find(|(w, _)| *w == f.why) {
+            Some((_, v)) => v.push(f),
+            None => by_why.push((&f.why, vec![f])),
+        }
+    }
+    let groups: Vec<String> = by_why
+        .iter()
+        .map(|(why, v)| {
+            let names: Vec<String> = v.iter().take(3).map(|f| format!("{} {}", f.name, f.shape)).collect();
+            let more = if v.len() > 3 { format!(" and {} more", v.len() - 3) } else { String::new() };
+            format!("{} ({}{more}): {why}", v.len(), names.join(", "))
+        })
+        .collect();
+    format!("{} left in float: {}", floats.len(), groups.join("; "))
 }
 
 pub(crate) fn dump_ir(a: DumpIrArgs) -> Result<(), CliError> {

@@ -23,6 +23,12 @@ pub(crate) struct QuantArgs {
     /// it as a glob with * and ?) in f32 (repeatable; e.g. lm_head).
     #[arg(long = "keep-fp", value_name = "PATTERN")]
     pub keep_fp: Vec<String>,
+    /// With --quant/--sparsity: the LM head's format (tied to the embedding table or not): a
+    /// --quant format, or none to keep it in float. Default: the --quant format for int8/w8a8,
+    /// int8 for int4/w4a8 and 2:4 with int8 (as llama-quantize keeps the output matrix at 6-8
+    /// bits), none for 2:4 alone.
+    #[arg(long = "head-quant", value_name = "FORMAT")]
+    pub head_quant: Option<String>,
     /// Calibration text (tokenized with the checkpoint's tokenizer.json): GPTQ for int8/int4,
     /// activation norms for 2:4 wanda, output errors for --report.
     #[arg(long, value_name = "FILE")]
@@ -46,6 +52,7 @@ impl QuantArgs {
             quant: self.quant.clone(),
             sparsity: self.sparsity.clone(),
             keep_fp: self.keep_fp.clone(),
+            head_quant: self.head_quant.clone(),
             calib: self.calib.clone(),
             calib_tokens: self.calib_tokens,
             smooth_alpha: self.smooth_alpha,
@@ -65,7 +72,7 @@ pub(crate) fn report_json(rows: &[MatrixReport]) -> serde_json::Value {
         .collect()
 }
 
-pub(crate) fn print_report(rows: &[MatrixReport]) {
+pub(crate) fn print_report(rows: &[MatrixReport], floats: &[llmc_compiler::FloatWeight]) {
     println!("{:<44} {:>14} {:>10} {:>8} {:>12} {:>12}", "matrix", "layout", "shape", "bits/w", "weight err", "output err");
     let (mut bits, mut n, mut we, mut oe, mut no) = (0.0, 0.0, 0.0, 0.0, 0);
     for r in rows {
@@ -86,6 +93,9 @@ pub(crate) fn print_report(rows: &[MatrixReport]) {
             100.0 * r.weight_error,
             r.output_error.map_or("-".to_string(), |o| format!("{:.4}%", 100.0 * o))
         );
+    }
+    for f in floats {
+        println!("{:<44} {:>14} {:>10}  left in float: {}", f.name, "f32", f.shape.trim_matches(['[', ']']).replace(", ", "x"), f.why);
     }
     if !rows.is_empty() {
         println!(

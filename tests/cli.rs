@@ -99,12 +99,12 @@ fn header_entries(out: &str) -> Vec<String> {
 
 #[test]
 fn passes_with_options_round_trip_through_print_ir_after_all() {
-    let spec = "dce, cse, optimize{target=cuda, iterations=12}, dce, quantize{format=int4:g64,keep-fp=\"lm_head;a,b\"}";
+    let spec = "dce, cse, optimize{target=cuda, iterations=12}, dce, quantize{format=int4:g64,keep-fp=\"lm_head;*.down_proj*\"}";
     let out = ok(llmc().arg("dump-ir").arg(fixture("llama_mha")).arg("--passes").arg(spec).arg("--after").arg("all"));
     let entries = header_entries(&out);
     assert_eq!(
         entries,
-        ["dce", "cse", "optimize{target=cuda,iterations=12}", "dce", "quantize{format=int4:g64,keep-fp=\"lm_head;a,b\"}"]
+        ["dce", "cse", "optimize{target=cuda,iterations=12}", "dce", "quantize{format=int4:g64,keep-fp=lm_head;*.down_proj*}"]
     );
     let want = llmc_passes::Pipeline::parse(spec).unwrap();
     assert_eq!(llmc_passes::Pipeline::parse(&entries.join(",")).unwrap(), want);
@@ -129,6 +129,8 @@ fn pipeline_errors_name_the_pass_the_option_and_the_allowed_values() {
     fails("dce{x=1}", &["pass `dce` has no option `x`; it takes no options"]);
     fails("quantize", &["pass `quantize`: needs `format` or `sparsity`"]);
     fails("quantize{format=int2}", &["option `format=int2`", "unknown format", "int4[:gN][:asym]"]);
+    // A pattern that keeps nothing would change nothing (one with a comma never matches a name).
+    fails("quantize{format=int8,keep-fp=\"lm_head;a,b\"}", &["--keep-fp `a,b` matches no weight of `llama`"]);
     fails("quantize{keep-fp=a b,format=int8}", &["option `keep-fp`", "quote"]);
     fails_with(llmc().arg("dump-ir").arg(fixture("llama_mha")).args(["--target", "tpu"]), &["target `tpu`", "cpu, cuda"]);
 }

@@ -66,7 +66,8 @@ fn eval_reproduces_train_info_and_quantized_artifacts_stay_close() {
         "{eq}"
     );
 
-    // int4 with a partial last group (intermediate 688 = 21 * 32 + 16), lm_head kept in f32.
+    // int4 with a partial last group (intermediate 688 = 21 * 32 + 16), lm_head kept in f32 (and
+    // named so in the report); the embedding table quantized too.
     let q4 = d.join("int4.llmc");
     let j4 = last_json(&ok(llmc()
         .arg("compile")
@@ -76,8 +77,13 @@ fn eval_reproduces_train_info_and_quantized_artifacts_stay_close() {
         .args(["--quant", "int4:g32:asym", "--keep-fp", "lm_head", "--json"])));
     assert_eq!(
         j4["quant"]["tensors"].as_u64(),
-        Some(42),
-        "6 layers x 7 matrices, lm_head kept: {j4}"
+        Some(43),
+        "6 layers x 7 matrices and the embedding, lm_head kept: {j4}"
+    );
+    assert_eq!(
+        j4["quant"]["float_weights"],
+        serde_json::json!([{ "name": "lm_head.weight", "shape": "[4096, 256]", "why": "--keep-fp `lm_head`" }]),
+        "{j4}"
     );
     let e4 = eval(&q4, &[]);
     let p4 = e4["perplexity"].as_f64().unwrap();
@@ -187,12 +193,22 @@ fn calibrated_int4_beats_round_to_nearest() {
     let (gq, j) = mk("gptq.llmc", &["--quant", "int4", "--calib", calib.to_str().unwrap(), "--report"]);
     assert_eq!(j["quant"]["method"], "gptq", "{j}");
     let rows = j["report"].as_array().unwrap();
-    assert_eq!(rows.len(), 43, "{j}");
+    // 42 products, the embedding table (int4, gathered from: no output error) and the LM head
+    // (int8 by default under a 4-bit format).
+    assert_eq!(rows.len(), 44, "{j}");
     for r in rows {
-        let (we, oe) = (r["weight_error"].as_f64().unwrap(), r["output_error"].as_f64().unwrap());
-        assert!(we > 0.0 && we < 0.5 && oe > 0.0 && oe < 0.5, "{r}");
-        assert!((r["bits_per_weight"].as_f64().unwrap() - 5.0).abs() < 0.1, "{r}");
+        let we = r["weight_error"].as_f64().unwrap();
+        assert!(we > 0.0 && we < 0.5, "{r}");
+        let embed = r["name"] == "model.embed_tokens.weight";
+        assert_eq!(r["output_error"].is_null(), embed, "{r}");
+        if let Some(oe) = r["output_error"].as_f64() {
+            assert!(oe > 0.0 && oe < 0.5, "{r}");
+        }
+        let (layout, bits) = if r["name"] == "lm_head.weight" { ("int8", 8.125) } else { ("int4_g32", 4.5) };
+        assert_eq!(r["layout"], layout, "{r}");
+        assert!((r["bits_per_weight"].as_f64().unwrap() - bits).abs() < 0.1, "{r}");
     }
+    assert_eq!(j["quant"]["float_weights"], serde_json::json!([]), "{j}");
     let p_gq = eval(&gq, &["--reference", f32_art.to_str().unwrap()])["perplexity"].as_f64().unwrap();
     assert!(p_gq < p_rtn, "gptq {p_gq} vs rtn {p_rtn}");
     assert!(p_gq <= ppl * 1.02, "gptq {p_gq} vs f32 {ppl}");
@@ -221,6 +237,9 @@ fn sparse_24_magnitude_and_wanda() {
     let (_, j8) = mk("int8.llmc", &["--quant", "int8"]);
     let (s8, js8) = mk("s8.llmc", &["--sparsity", "2:4", "--quant", "int8"]);
     assert_eq!(js8["quant"]["layout"], "sparse24_int8", "{js8}");
+    // The embedding table and the head are not pruned, but take the int8 of `--quant int8`.
+    assert_eq!(js8["quant"]["float_weights"], serde_json::json!([]), "{js8}");
+    assert_eq!(jm["quant"]["float_weights"].as_array().map(|a| a.len()), Some(2), "2:4 alone: head and table in float: {jm}");
     assert!(js8["weight_bytes"].as_u64() < j8["weight_bytes"].as_u64(), "{js8} vs {j8}");
     let p_s8 = eval(&s8, &[])["perplexity"].as_f64().unwrap();
     assert!(p_s8 > ppl, "2:4+int8 {p_s8} vs f32 {ppl}");

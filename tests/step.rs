@@ -1,7 +1,8 @@
 //! The step contract on the bundled model (`models/seedlm`, compiled here with steps of at most
 //! 8 tokens, so that prompts run in several chunks): a ragged batch of two sequences through one
 //! step gives bit-identical logits to two separate runs; a batch with one bad sequence is refused
-//! before anything runs; logit positions select rows of `All`; caches reset and are reused.
+//! before anything runs; logit positions select rows of `All` (`Last` through the logits head
+//! run for one row); caches reset and are reused.
 
 mod common;
 
@@ -194,6 +195,11 @@ fn logit_positions_are_rows_of_all() {
     for (k, &p) in pos.iter().enumerate() {
         assert!(bits(&got[k * width..(k + 1) * width]) == row(p), "position {p}");
     }
+    // `Last` runs the logits head (final norm, LM head) for the last row alone, and `None` skips
+    // it: the same bits as that row of `All`.
+    let head = m.header().entries[0].head.expect("a logits head");
+    let labels: Vec<&str> = m.header().entries[0].step_indices().skip(head.first as usize).map(|i| m.header().steps[i].label.as_str()).collect();
+    assert!(labels.iter().any(|l| l.ends_with("rms_norm")) && labels.last().is_some_and(|l| l.ends_with("matmul") || l.ends_with("linear")), "{labels:?}");
     assert!(bits(&run(Logits::Last)) == row(20));
     assert!(run(Logits::None).is_empty());
     assert!(run(Logits::Positions(vec![])).is_empty());

@@ -182,6 +182,24 @@ pub struct EntryPoint {
     pub input: u32,
     /// Buffer of the logits, `f32[S, vocab_size]` (an arena buffer of at least `max_chunk` rows).
     pub output: u32,
+    /// The logits head, when the compiler found one: the entry's last steps, which compute each
+    /// token's logits from that token's row of one buffer alone (the final norm, the LM head).
+    /// A step that wants no logits skips them; one that wants only the last token's runs them for
+    /// that row alone. Absent: every step computes every row's logits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<LogitsHead>,
+}
+
+/// The row-wise tail of an entry point ([`EntryPoint::head`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogitsHead {
+    /// Index into the entry's run order ([`EntryPoint::step_indices`]) of the head's first step;
+    /// every later step belongs to the head.
+    pub first: u32,
+    /// The arena buffer the head reads its rows from, read by no step before `first`.
+    pub input: u32,
+    /// Bytes of one token's row of `input`.
+    pub row_bytes: u64,
 }
 
 impl EntryPoint {
@@ -267,7 +285,7 @@ fn upgrade_legacy(mut h: Header, json: &[u8]) -> std::result::Result<Header, Str
         return Err("header has no entry points".into());
     };
     let steps = u32::try_from(h.steps.len()).map_err(|_| "header has more than 2^32 steps".to_string())?;
-    h.entries.push(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..steps], input, output });
+    h.entries.push(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..steps], input, output, head: None });
     Ok(h)
 }
 
@@ -466,6 +484,21 @@ pub fn validate(h: &Header) -> std::result::Result<(), String> {
         if e.steps.iter().all(|r| r.start == r.end) {
             return Err(format!("entry point `{name}` runs no steps"));
         }
+        if let Some(hd) = &e.head {
+            let steps = e.steps.iter().map(|r| (r.end - r.start) as u64).sum::<u64>();
+            if hd.first as u64 >= steps {
+                return Err(format!("entry point `{name}`: its logits head starts at step {} of {steps}", hd.first));
+            }
+            match h.buffers.get(hd.input as usize) {
+                Some(BufferDecl::Arena { bytes, .. }) if hd.row_bytes > 0 && hd.row_bytes.saturating_mul(h.max_chunk) <= *bytes => {}
+                _ => {
+                    return Err(format!(
+                        "entry point `{name}`: its logits head reads buffer {}, which is not an arena buffer of {} rows of {} bytes",
+                        hd.input, h.max_chunk, hd.row_bytes
+                    ))
+                }
+            }
+        }
         for (what, b) in [("input", e.input), ("output", e.output)] {
             match h.buffers.get(b as usize) {
                 Some(BufferDecl::Arena { bytes, .. }) => {
@@ -543,7 +576,7 @@ mod tests {
             ],
             states: vec![StateEntry { name: "cache.0.k".into(), bytes: 256, layout: StateLayout::Contiguous }],
             steps: vec![Step { kernel: 0, args: vec![0, 2], label: String::new() }, Step { kernel: 1, args: vec![2, 1], label: String::new() }],
-            entries: vec![EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..2], input: 0, output: 1 }],
+            entries: vec![EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..2], input: 0, output: 1, head: None }],
             arena_bytes: 128,
             blobs: vec![],
         }
@@ -579,8 +612,21 @@ mod tests {
         assert!(e.contains("no `forward` entry point"), "{e}");
         let e = edit(&|h| h.entries.clear());
         assert!(e.contains("no `forward` entry point"), "{e}");
+        // A logits head: within the entry's steps, reading an arena buffer of max_chunk rows.
+        let head = |first, input, row_bytes| Some(LogitsHead { first, input, row_bytes });
+        let mut h = header();
+        h.entries[0].head = head(1, 0, 32);
+        validate(&h).unwrap();
+        let e = edit(&|h| h.entries[0].head = head(2, 0, 32));
+        assert!(e.contains("logits head starts at step 2 of 2"), "{e}");
+        let e = edit(&|h| h.entries[0].head = head(1, 2, 4));
+        assert!(e.contains("logits head reads buffer 2, which is not an arena buffer"), "{e}");
+        let e = edit(&|h| h.entries[0].head = head(1, 0, 33));
+        assert!(e.contains("not an arena buffer of 2 rows of 33 bytes"), "{e}");
+        let e = edit(&|h| h.entries[0].head = head(1, 0, 0));
+        assert!(e.contains("rows of 0 bytes"), "{e}");
         // A second entry is checked like the first.
-        let second = |steps: Vec<std::ops::Range<u32>>, name: &str| EntryPoint { name: name.into(), steps, input: 0, output: 1 };
+        let second = |steps: Vec<std::ops::Range<u32>>, name: &str| EntryPoint { name: name.into(), steps, input: 0, output: 1, head: None };
         let mut h = header();
         h.entries.push(second(vec![0..1, 1..2], "draft"));
         validate(&h).unwrap();

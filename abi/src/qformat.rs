@@ -5,8 +5,9 @@
 //! ## Row format
 //! A `[N, K]` weight is stored as `N` self-contained row records of [`QFormat::row_bytes`] bytes
 //! (so a row-wise `concat {axis = 0}` of packed weights is the concatenation of their bytes):
-//! the scales (one f32 per row, or per group for int4), then for asymmetric int4 one f32 zero
-//! point per group, then the codes ([`QFormat::codes_at`]):
+//! the scales (one f32 per row; for int4 and W4A8 one IEEE half per group, as GGUF's Q4_0 stores
+//! them: 4.5 bits per weight at group 32), then for asymmetric int4 one half zero point per
+//! group, then the codes ([`QFormat::codes_at`]):
 //! - int8: `K` signed bytes, padded to 4; `w = q * scale`.
 //! - int4: blocks of 32 elements in 16 bytes, byte `i` of a block holding element `i` in its low
 //!   nibble and element `16 + i` in its high nibble; symmetric codes stored as `q + 8`, so
@@ -92,6 +93,11 @@ fn f32_at(row: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]])
 }
 
+/// The `i`-th IEEE half of `row`, widened (exactly) to f32.
+fn f16_at(row: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32()
+}
+
 impl QFormat {
     /// Scales per row (`ceil(K / group)` for int4, else 1).
     pub fn groups(self, k: usize) -> usize {
@@ -106,8 +112,8 @@ impl QFormat {
         match self {
             QFormat::Sparse24 { int8 } => 4 * int8 as usize,
             QFormat::W8A8 => 8, // scale, then the row's code sum (i32)
-            QFormat::Int4 { asym, .. } => 4 * self.groups(k) * (1 + asym as usize),
-            QFormat::W4A8 { .. } => 4 * self.groups(k),
+            QFormat::Int4 { asym, .. } => 2 * self.groups(k) * (1 + asym as usize),
+            QFormat::W4A8 { .. } => 2 * self.groups(k),
             QFormat::Int8 => 4,
         }
     }
@@ -190,11 +196,17 @@ impl QFormat {
         let start = out.len();
         let rb = self.row_bytes(k);
         out.reserve(rb);
-        for s in row.scales {
-            out.extend_from_slice(&s.to_le_bytes());
-        }
-        for &z in row.zeros {
-            out.extend_from_slice(&(z as f32).to_le_bytes());
+        if self.half_scales() {
+            for &s in row.scales {
+                out.extend_from_slice(&half::f16::from_f32(s).to_le_bytes());
+            }
+            for &z in row.zeros {
+                out.extend_from_slice(&half::f16::from_f32(z as f32).to_le_bytes());
+            }
+        } else {
+            for s in row.scales {
+                out.extend_from_slice(&s.to_le_bytes());
+            }
         }
         match self {
             QFormat::Sparse24 { int8 } => {
@@ -241,6 +253,12 @@ impl QFormat {
         Ok(())
     }
 
+    /// Whether the scales (and zero points) are IEEE halves: int4 and W4A8 (per group); int8,
+    /// W8A8 and 2:4 int8 keep one f32 per row.
+    pub fn half_scales(self) -> bool {
+        matches!(self, QFormat::Int4 { .. } | QFormat::W4A8 { .. })
+    }
+
     /// Whether `row` holds what the format stores for `k` elements, every code in its range.
     fn check_row(self, k: usize, row: &Row<'_>) -> Result<()> {
         if !self.is_valid() {
@@ -283,6 +301,11 @@ impl QFormat {
         if let Some(z) = row.zeros.iter().find(|z| !(0..=15).contains(*z)) {
             return Err(self.err(k, format!("zero point {z} is outside 0..=15")));
         }
+        if self.half_scales() {
+            if let Some((g, s)) = row.scales.iter().enumerate().find(|(_, &s)| half::f16::from_f32(s).to_f32().to_bits() != s.to_bits()) {
+                return Err(self.err(k, format!("scale {s:e} of group {g} is not an IEEE half (the quantizer rounds them)")));
+            }
+        }
         Ok(())
     }
 
@@ -318,7 +341,7 @@ impl QFormat {
                 let ng = self.groups(k);
                 for (h, o) in out.chunks_mut(16).enumerate() {
                     let g = 16 * h / group;
-                    let (s, z) = (f32_at(row, g), if asym { f32_at(row, ng + g) as i32 } else { 8 });
+                    let (s, z) = (f16_at(row, g), if asym { f16_at(row, ng + g) as i32 } else { 8 });
                     let codes = &row[c + 16 * (h / 2)..c + 16 * (h / 2) + 16];
                     let shift = 4 * (h % 2);
                     for (o, &byte) in o.iter_mut().zip(codes) {
@@ -361,9 +384,9 @@ impl QFormat {
             QFormat::Int4 { .. } | QFormat::W4A8 { .. } => {
                 let asym = matches!(self, QFormat::Int4 { asym: true, .. });
                 let ng = self.groups(k);
-                r.scales.extend((0..ng).map(|g| f32_at(row, g)));
+                r.scales.extend((0..ng).map(|g| f16_at(row, g)));
                 if asym {
-                    r.zeros.extend((0..ng).map(|g| f32_at(row, ng + g) as i8));
+                    r.zeros.extend((0..ng).map(|g| f16_at(row, ng + g) as i8));
                 }
                 r.codes.extend((0..k).map(|e| {
                     let byte = row[c + 16 * (e / 32) + e % 16];
@@ -519,9 +542,11 @@ mod tests {
         let b: Vec<f32> = (0..3 * k).map(|_| rng.value()).collect();
         let ab: Vec<f32> = a.iter().chain(&b).copied().collect();
         assert_eq!(encode(f, l, &ab, k), [encode(f, l, &a, k), encode(f, l, &b, k)].concat());
-        // int4 g32 on K = 688: 22 groups, 22 blocks of 16 bytes.
-        assert_eq!(QFormat::Int4 { group: 32, asym: false }.row_bytes(688), 22 * 4 + 22 * 16);
-        assert_eq!(QFormat::Int4 { group: 32, asym: true }.row_bytes(688), 2 * 22 * 4 + 22 * 16);
+        // int4 g32 on K = 688: 22 half scales (and zero points), 22 blocks of 16 bytes: 4.5 bits
+        // per weight symmetric, as GGUF's Q4_0 (18 bytes per 32 weights).
+        assert_eq!(QFormat::Int4 { group: 32, asym: false }.row_bytes(688), 22 * 2 + 22 * 16);
+        assert_eq!(QFormat::Int4 { group: 32, asym: true }.row_bytes(688), 2 * 22 * 2 + 22 * 16);
+        assert_eq!(QFormat::W4A8 { group: 32 }.row_bytes(2048), 64 * 18);
         assert_eq!(QFormat::Int8.row_bytes(256), 4 + 256);
         assert_eq!(QFormat::Int8.row_bytes(13), 4 + 16);
         assert_eq!(QFormat::W8A8.row_bytes(44), 8 + 48);
@@ -563,6 +588,7 @@ mod tests {
             (QFormat::Int8, 8, Row { scales: &[], ..row }, "0 scales"),
             (int4, 8, Row { codes: &[9; 8], ..row }, "code 9 of element 0"),
             (int4_asym, 8, Row { zeros: &[16], ..row }, "zero point 16"),
+            (int4, 8, Row { scales: &[0.1], ..row }, "scale 1e-1 of group 0 is not an IEEE half"),
             (QFormat::Int4 { group: 8, asym: false }, 8, row, "group size"),
             (QFormat::Sparse24 { int8: true }, 8, Row { kept: &[(0, 1), (2, 2)], ..row }, "kept pair (2, 2)"),
             (QFormat::Sparse24 { int8: false }, 6, sparse_f32, "divisible by 4"),
@@ -574,9 +600,9 @@ mod tests {
         }
         let f = QFormat::Int4 { group: 32, asym: false };
         let e = f.dequant_row(&[0; 10], 32, &mut [0.0; 32]).unwrap_err().to_string();
-        assert!(e.contains("10 bytes, a record is 20"), "{e}");
-        assert!(f.dequant_row(&[0; 20], 32, &mut [0.0; 31]).is_err());
-        assert!(f.unpack_row(&[0; 19], 32).is_err());
+        assert!(e.contains("10 bytes, a record is 18"), "{e}");
+        assert!(f.dequant_row(&[0; 18], 32, &mut [0.0; 31]).is_err());
+        assert!(f.unpack_row(&[0; 17], 32).is_err());
         let mut w8 = Vec::new();
         QFormat::W8A8.encode_row(4, &Row { codes: &[1, 2, 3, 4], scales: &s, ..Row::default() }, &mut w8).unwrap();
         w8[4] ^= 1;

@@ -7,14 +7,15 @@
 //! how its code is laid out in the code section, which storage forms it can read, and the
 //! header's target fields.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use abi::panel::PanelElem;
 use abi::artifact::{
-    ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, Launch, StateEntry, StateLayout, Step, FORWARD_ENTRY,
+    ArtifactWriter, BlobEntry, BufferDecl, EntryPoint, Header, KernelEntry, Launch, LogitsHead, StateEntry, StateLayout, Step,
+    FORWARD_ENTRY,
 };
 use ir::{DType, Graph, Layout, NodeId, Op, TensorType, WeightSource};
 
@@ -241,6 +242,85 @@ pub struct GraphIo {
     pub vocab: usize,
 }
 
+/// Whether `n` computes each row of its `[S, ..]` result from the same row of its activation
+/// operands alone (its other operands compile-time data without an `S` dimension).
+fn rowwise(g: &Graph, n: NodeId) -> bool {
+    let ok_op = match g.op(n) {
+        Op::Unary(_) | Op::Binary(_) | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::GatedLinear { .. } => true,
+        Op::Linear { transpose_b: true, .. } | Op::Matmul { transpose_b: true } => true,
+        _ => false,
+    };
+    let t = g.ty(n);
+    let shape_ok = t.shape.first() == Some(&ir::Dim::S) && t.shape[1..].iter().all(|d| d.as_const().is_some());
+    // Products and norms: the weight operands are data.
+    let data_ok = match g.op(n) {
+        Op::Linear { .. } | Op::Matmul { .. } | Op::GatedLinear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } => {
+            g.inputs(n)[1..].iter().enumerate().all(|(i, &x)| {
+                // Linear's residual (its last operand with `residual`) is an activation.
+                let residual = matches!(g.op(n), Op::Linear { residual: true, .. }) && i + 2 == g.inputs(n).len();
+                residual || is_data(g, x)
+            })
+        }
+        _ => true,
+    };
+    ok_op && shape_ok && data_ok
+}
+
+/// Whether `x` is known at compile time (weights, constants, and reshapes and concats of them).
+fn is_data(g: &Graph, x: NodeId) -> bool {
+    match g.op(x) {
+        Op::Weight { .. } | Op::Const { .. } => true,
+        Op::Reshape | Op::Concat { .. } => g.inputs(x).iter().all(|&i| is_data(g, i)),
+        _ => false,
+    }
+}
+
+/// The logits head of the graph: the row-wise nodes between one activation `x` and the output
+/// (final norm, LM head, logit scaling), with `x` read by them alone; the deepest such `x` along
+/// the output's chain of first activation operands. `None` when the output is not row-wise.
+fn logits_head(g: &Graph, output: NodeId) -> Option<(HashSet<NodeId>, NodeId)> {
+    // The nodes on a path from `x` to the output (excluding `x`), if they form a valid head.
+    let tail_from = |x: NodeId| -> Option<HashSet<NodeId>> {
+        let mut below: HashSet<NodeId> = HashSet::new(); // descendants of x
+        let mut stack = vec![x];
+        while let Some(n) = stack.pop() {
+            for u in g.users(n) {
+                if below.insert(u) {
+                    stack.push(u);
+                }
+            }
+        }
+        if !below.contains(&output) {
+            return None;
+        }
+        let mut tail = HashSet::new(); // descendants of x that are ancestors of the output
+        let mut stack = vec![output];
+        while let Some(n) = stack.pop() {
+            if below.contains(&n) && tail.insert(n) {
+                stack.extend(g.inputs(n));
+            }
+        }
+        let closed = tail.iter().all(|&n| {
+            rowwise(g, n) && g.inputs(n).iter().all(|&i| i == x || tail.contains(&i) || is_data(g, i))
+        });
+        let users_inside = g.users(x).iter().all(|u| tail.contains(u));
+        (closed && users_inside && !g.outputs.contains(&x)).then_some(tail)
+    };
+    let mut best = None;
+    let mut cur = output;
+    while rowwise(g, cur) {
+        let Some(&x) = g.inputs(cur).iter().find(|&&i| !is_data(g, i)) else { break };
+        if matches!(g.op(x), Op::Input { .. }) || g.ty(x).shape.first() != Some(&ir::Dim::S) {
+            break;
+        }
+        if let Some(t) = tail_from(x) {
+            best = Some((t, x));
+        }
+        cur = x;
+    }
+    best
+}
+
 /// The artifact's KV-cache states: one f32 tensor per graph state, with its layout.
 pub(crate) fn state_entries(g: &Graph) -> Result<Vec<StateEntry>> {
     g.states
@@ -254,9 +334,9 @@ pub(crate) fn state_entries(g: &Graph) -> Result<Vec<StateEntry>> {
 }
 
 /// The artifact's one entry point, `forward`: every step, the token ids in, the logits out.
-pub(crate) fn forward_entry(steps: usize, input: u32, output: u32) -> Result<EntryPoint> {
+pub(crate) fn forward_entry(steps: usize, input: u32, output: u32, head: Option<LogitsHead>) -> Result<EntryPoint> {
     let n = u32::try_from(steps).map_err(|_| CodegenError::Target(format!("{steps} steps do not fit the artifact's step indices")))?;
-    Ok(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..n], input, output })
+    Ok(EntryPoint { name: FORWARD_ENTRY.into(), steps: vec![0..n], input, output, head })
 }
 
 /// Verifies `g` and reads its [`GraphIo`].
@@ -387,6 +467,7 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
     let mut ukernel_buf: Option<usize> = None;
     let mut needs_scratch = Vec::new();
     let mut steps = Vec::new();
+    let mut step_nodes = Vec::new();
     for (i, &n) in mp.order.iter().enumerate() {
         if matches!(mp.places[mp.buffer_of[&n]], Place::WeightConcat { .. } | Place::Panels { .. }) {
             continue; // computed at compile time, written to the data section below
@@ -448,6 +529,7 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
             needs_scratch.push((steps.len(), made.scratch_bytes));
         }
         steps.push(Step { kernel: made.kernel, args, label: format!("%{i} = {}", g.op(n).name()) });
+        step_nodes.push(n);
     }
     // One scratch slot at the end of the arena, shared by every kernel that needs one.
     let mut arena_bytes = mp.arena_bytes;
@@ -464,7 +546,17 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
     // a compile-time concat is stored once, inside the concat.
     let mut input_buf = mp.buffer_of[&input] as u32;
     let mut output_buf = mp.buffer_of[&output] as u32;
-    let (places, origin) = retain_used_indexed(places, &mut steps, &mut [&mut input_buf, &mut output_buf]);
+    let head = logits_head(g, output).and_then(|(tail, x)| {
+        let first = step_nodes.iter().position(|n| tail.contains(n))?;
+        let row = g.ty(x).shape[1..].iter().map(|d| d.as_const()).product::<Option<usize>>()? * g.ty(x).dtype.size();
+        // The head is exactly the last steps, and its input an arena buffer.
+        let suffix = step_nodes[first..].iter().all(|n| tail.contains(n));
+        let arena = matches!(places[mp.buffer_of[&x]], Place::Arena { .. });
+        (suffix && arena).then_some(LogitsHead { first: first as u32, input: mp.buffer_of[&x] as u32, row_bytes: row as u64 })
+    });
+    let mut head_input = head.map_or(input_buf, |h| h.input);
+    let (places, origin) = retain_used_indexed(places, &mut steps, &mut [&mut input_buf, &mut output_buf, &mut head_input]);
+    let head = head.map(|h| LogitsHead { input: head_input, ..h });
     let storage: Vec<Storage> = origin.iter().map(|&i| storage[i]).collect();
     let codegen_seconds = t0.elapsed().as_secs_f64();
 
@@ -484,7 +576,7 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
         })
         .collect();
     let states = state_entries(g)?;
-    let entries = vec![forward_entry(steps.len(), input_buf, output_buf)?];
+    let entries = vec![forward_entry(steps.len(), input_buf, output_buf, head)?];
     let mut meta = g.meta.clone();
     let (target, cpu_features) = backend.header(&mut meta);
     let mut header = Header {

@@ -397,7 +397,10 @@ pub fn smooth(g: &ir::Graph, inner: &dyn ir::WeightSource, acts: &Activations, a
             continue;
         }
         let mine: Vec<_> = ws.iter().filter(|w| acts.of.get(&w.1) == Some(&xi)).collect();
-        if mine.is_empty() || mine.iter().any(|w| w.2 != Layout::W8A8) {
+        // A weight read by anything but products (a tied embedding table) cannot take the
+        // activations' scales: its gathered rows would change.
+        let only_products = |w: NodeId| g.users(w).iter().all(|&u| !products_of(g, w).is_empty() && !matches!(g.op(u), Op::Gather));
+        if mine.is_empty() || mine.iter().any(|w| w.2 != Layout::W8A8 || !only_products(w.0)) {
             continue;
         }
         let users_ok = g.users(x).iter().all(|&u| {

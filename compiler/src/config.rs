@@ -90,6 +90,9 @@ pub struct QuantConfig {
     /// `--keep-fp`: weights whose checkpoint name contains a pattern (or matches it as a glob
     /// with `*` and `?`) stay f32.
     pub keep_fp: Vec<String>,
+    /// `--head-quant`: the LM head's format (tied to the embedding table or not), or `none`;
+    /// by default the `quant` format for int8/w8a8 and int8 for the 4-bit formats.
+    pub head_quant: Option<String>,
     /// `--calib`: calibration text (tokenized with the checkpoint's tokenizer.json) for GPTQ,
     /// SmoothQuant (w8a8), Wanda and the report's output errors.
     pub calib: Option<PathBuf>,
@@ -107,6 +110,7 @@ impl Default for QuantConfig {
             quant: None,
             sparsity: None,
             keep_fp: Vec::new(),
+            head_quant: None,
             calib: None,
             calib_tokens: 2048,
             smooth_alpha: 0.5,
@@ -256,7 +260,12 @@ impl QuantConfig {
         ctx: &passes::PassContext,
     ) -> Result<Option<(usize, passes::Quantize)>> {
         use passes::RegisteredPass;
-        let from_flags = passes::Quantize::spec_from_flags(self.quant.as_deref(), self.sparsity.as_deref(), &self.keep_fp)?;
+        let from_flags = passes::Quantize::spec_from_flags_with_head(
+            self.quant.as_deref(),
+            self.sparsity.as_deref(),
+            self.head_quant.as_deref(),
+            &self.keep_fp,
+        )?;
         let named = pipeline.iter().filter(|p| p.name == passes::Quantize::NAME).count();
         if named > 1 {
             return Err(Error::Config(format!("--passes `{pipeline}` quantizes {named} times; give one quantize entry")));
@@ -264,7 +273,7 @@ impl QuantConfig {
         if let Some(spec) = from_flags {
             if named > 0 {
                 return Err(Error::Config(format!(
-                    "--quant/--sparsity/--keep-fp append `{spec}` to the pipeline, and --passes already has a quantize entry: \
+                    "--quant/--sparsity/--keep-fp/--head-quant append `{spec}` to the pipeline, and --passes already has a quantize entry: \
                      give the quantization options in one place"
                 )));
             }

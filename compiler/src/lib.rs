@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use pipeline::{
     default_pipeline, dump_ir, explain, optimize, passes, DumpAfter, DumpIrConfig, Model, Optimized, PassInfo, PassOption, PassRecord,
 };
-pub use quant::QuantSummary;
+pub use quant::{FloatWeight, QuantSummary};
 
 /// The weight layout named in [`QuantSummary`] and [`MatrixReport`] rows (`Layout::name`).
 pub use llmc_ir::Layout;

@@ -31,6 +31,38 @@ pub struct QuantSummary {
     pub params: u64,
     /// Calibration windows of [`CALIB_WINDOW`] tokens used (0 without `--calib`).
     pub calib_windows: usize,
+    /// Every weight matrix left in floating point, and why (norm vectors and biases are not listed).
+    pub float_weights: Vec<FloatWeight>,
+}
+
+/// A weight matrix quantization left in floating point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloatWeight {
+    pub name: String,
+    /// `[R, K]` as printed.
+    pub shape: String,
+    pub why: String,
+}
+
+/// Every 2-D weight of `g` the pass left dense, with the pass's reason ([`passes::Quantize::decide`]).
+pub(crate) fn float_weights(g: &ir::Graph, quantize: &passes::Quantize) -> Vec<FloatWeight> {
+    let mut seen = std::collections::HashSet::new();
+    let mut v: Vec<FloatWeight> = g
+        .g
+        .node_indices()
+        .filter_map(|n| {
+            let ir::Op::Weight { name, layout: ir::Layout::Dense, .. } = g.op(n) else { return None };
+            let t = g.ty(n);
+            if t.rank() != 2 || !seen.insert(name.clone()) {
+                return None;
+            }
+            let passes::quantize::Decision::Float(why) = quantize.decide(g, n) else { return None };
+            let dims: Vec<String> = t.shape.iter().map(|d| d.as_const().map_or("?".into(), |v| v.to_string())).collect();
+            Some(FloatWeight { name: name.clone(), shape: format!("[{}]", dims.join(", ")), why })
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
 }
 
 /// The quantization plan: the summary and the weight source to write the artifact from.
@@ -60,6 +92,7 @@ pub(crate) fn calibrate<'a>(
         tensors,
         params,
         calib_windows: 0,
+        float_weights: float_weights(&m.graph, quantize),
     };
     let Some(path) = &q.calib else { return Ok(Plan { summary: Some(summary), source: None, acts: None }) };
     let text = std::fs::read_to_string(path).map_err(|e| Error::Input(format!("--calib {}: {e}", path.display())))?;

@@ -104,7 +104,12 @@ fn quantized_compile_with_calibration_and_report_rows() {
     assert_eq!((q.layout.name(), q.method, q.calib_windows, q.format.as_deref()), ("int4_g32".into(), "gptq", 1, Some("int4:g32")));
     let rows = r.matrices.as_ref().unwrap();
     assert_eq!(rows.len() as u64, q.tensors);
-    assert!(rows.iter().all(|m| !m.name.contains("lm_head") && m.output_error.is_some()), "{rows:?}");
+    // Every matrix but the kept head, the embedding table included (gathered from: no product
+    // input, so no output error).
+    assert!(rows.iter().all(|m| !m.name.contains("lm_head") && (m.output_error.is_some() == !m.name.contains("embed_tokens"))), "{rows:?}");
+    assert!(rows.iter().any(|m| m.name == "model.embed_tokens.weight"), "{rows:?}");
+    let floats: Vec<(&str, &str)> = q.float_weights.iter().map(|f| (f.name.as_str(), f.why.as_str())).collect();
+    assert_eq!(floats, [("lm_head.weight", "--keep-fp `lm_head`")]);
     assert!(r.tokenizer && r.bits_per_weight() < 32.0, "{}", r.bits_per_weight());
 }
 

@@ -60,7 +60,7 @@ pub fn group_params(layout: Layout, g: &[f32]) -> (f32, Option<i8>) {
         Layout::Int4 { asym: true, .. } => {
             let lo = g.iter().fold(0.0f32, |a, &x| a.min(x));
             let hi = g.iter().fold(0.0f32, |a, &x| a.max(x));
-            let scale = (hi - lo) / 15.0;
+            let scale = half_scale((hi - lo) / 15.0);
             if scale > 0.0 && scale.is_finite() {
                 (scale, Some((-lo / scale).round().clamp(0.0, 15.0) as i8))
             } else {
@@ -68,15 +68,28 @@ pub fn group_params(layout: Layout, g: &[f32]) -> (f32, Option<i8>) {
             }
         }
         _ => {
-            let qmax = if matches!(layout, Layout::Int4 { .. }) { 7.0 } else { 127.0 };
+            let int4 = matches!(layout, Layout::Int4 { .. });
+            let qmax = if int4 { 7.0 } else { 127.0 };
             let amax = g.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-            let scale = amax / qmax;
+            let scale = if int4 { half_scale(amax / qmax) } else { amax / qmax };
             if scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !scale.is_finite() {
                 (0.0, None)
             } else {
                 (scale, None)
             }
         }
+    }
+}
+
+/// An int4 group scale as the packed format stores it: rounded to the nearest IEEE half (as
+/// GGUF's Q4_0 does), a scale beyond the half range saturating at its largest finite value (the
+/// codes then clamp), NaN kept (the caller treats it as no range).
+pub fn half_scale(s: f32) -> f32 {
+    let h = half::f16::from_f32(s);
+    if h.is_infinite() {
+        half::f16::MAX.to_f32().copysign(s)
+    } else {
+        h.to_f32()
     }
 }
 
@@ -231,6 +244,10 @@ mod tests {
                 let r = quantize_row(layout, row);
                 let ngroups = if layout == Layout::Int8 { 1 } else { 2 };
                 assert_eq!(r.scales.len(), ngroups, "{layout}");
+                if layout != Layout::Int8 {
+                    // Stored as IEEE halves: the scales are halves already.
+                    assert!(r.scales.iter().all(|&s| half::f16::from_f32(s).to_f32() == s), "{layout}: {:?}", r.scales);
+                }
                 for (j, (&a, &b)) in row.iter().zip(frow).enumerate() {
                     let s = match layout {
                         Layout::Int8 => r.scales[0],

@@ -139,9 +139,10 @@ impl Layout {
         match self {
             Layout::Dense => 32.0,
             Layout::Int8 | Layout::W8A8 | Layout::W4A8 { .. } => 8.0 + 32.0 / k,
+            // Half-precision scales (and zero points).
             Layout::Int4 { group, asym } => {
                 let groups = (k / group as f64).ceil();
-                4.0 + groups * (if asym { 64.0 } else { 32.0 }) / k
+                4.0 + groups * (if asym { 32.0 } else { 16.0 }) / k
             }
             // Per 4 elements: two kept values and two 2-bit indices.
             Layout::Sparse24 { int8: false } => (2.0 * 32.0 + 4.0) / 4.0,

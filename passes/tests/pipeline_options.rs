@@ -36,15 +36,16 @@ fn header_entries(text: &str) -> Vec<String> {
 
 #[test]
 fn a_pipeline_with_options_round_trips_through_print_ir_after_all() {
-    // Non-canonical spelling on purpose (blanks, a quoted value that need not be, `{}`), and a
-    // value that must be quoted (a pattern with a comma).
+    // Non-canonical spelling on purpose (blanks, quoted values that need not be, `{}`). (A value
+    // that must be quoted, a pattern with a comma, matches no weight name, and a `keep-fp`
+    // pattern that matches nothing is an error: see the end.)
     let spec = "dce, cse{}, constant-fold,dce, optimize{ target = cuda, iterations=12 ,node-limit=\"5000\" }, \
-                dce,cse,quantize{format=int4:g64:asym,keep-fp=\"lm_head;never,matched\"}";
+                dce,cse,quantize{format=int4:g64:asym,keep-fp=\"lm_head;*.down_proj*\"}";
     let want = Pipeline::parse(spec).unwrap();
     assert_eq!(
         want.to_string(),
         "dce,cse,constant-fold,dce,optimize{target=cuda,iterations=12,node-limit=5000},dce,cse,\
-         quantize{format=int4:g64:asym,keep-fp=\"lm_head;never,matched\"}"
+         quantize{format=int4:g64:asym,keep-fp=lm_head;*.down_proj*}"
     );
     let ctx = PassContext::default();
     let mut g = fixture("llama_mha");
@@ -52,7 +53,7 @@ fn a_pipeline_with_options_round_trips_through_print_ir_after_all() {
     let entries = header_entries(&text);
     assert_eq!(entries.len(), want.len(), "{entries:?}");
     assert_eq!(entries[4], "optimize{target=cuda,iterations=12,node-limit=5000}");
-    assert_eq!(entries[7], "quantize{format=int4:g64:asym,keep-fp=\"lm_head;never,matched\"}");
+    assert_eq!(entries[7], "quantize{format=int4:g64:asym,keep-fp=lm_head;*.down_proj*}");
     // The headers, joined, parse back to the same pipeline ...
     let back = Pipeline::parse(&entries.join(",")).unwrap();
     assert_eq!(back, want);
@@ -69,6 +70,13 @@ fn a_pipeline_with_options_round_trips_through_print_ir_after_all() {
     assert!(printed.contains("layout = int4_g64_asym"), "{printed}");
     let lm_head = printed.lines().find(|l| l.contains("\"lm_head.weight\"")).expect("an lm_head weight");
     assert!(!lm_head.contains("layout"), "{lm_head}");
+    // A pattern that keeps nothing would change nothing: an error naming it.
+    let e = PassManager::parse("quantize{format=int8,keep-fp=\"lm_head;never,matched\"}", &ctx)
+        .unwrap()
+        .run(&mut fixture("llama_mha"), &mut std::io::sink())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--keep-fp `never,matched` matches no weight"), "{e}");
 }
 
 #[test]

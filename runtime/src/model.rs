@@ -333,7 +333,7 @@ mod tests {
             buffers: vec![BufferDecl::Arena { offset: 0, bytes: 64 }, BufferDecl::Arena { offset: 64, bytes: 64 }],
             states: vec![],
             steps: vec![crate::artifact::Step { kernel: 0, args: vec![0, 1], label: String::new() }],
-            entries: vec![crate::artifact::EntryPoint { name: "forward".into(), steps: vec![0..1], input: 0, output: 1 }],
+            entries: vec![crate::artifact::EntryPoint { name: "forward".into(), steps: vec![0..1], input: 0, output: 1, head: None }],
             arena_bytes: 128,
             blobs: vec![],
         };

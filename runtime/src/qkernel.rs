@@ -224,6 +224,23 @@ mod avx512 {
         }
     }
 
+    /// The `n` IEEE halves at `src` as f32s at `dst` (exact): 16 per `vcvtph2ps`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_halves(src: *const u8, n: usize, dst: *mut f32) {
+        let mut i = 0;
+        while i + 16 <= n {
+            let h = _mm256_loadu_si256(src.add(2 * i) as *const __m256i);
+            _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(h));
+            i += 16;
+        }
+        if i < n {
+            let mut t = [0u16; 16];
+            std::ptr::copy_nonoverlapping(src.add(2 * i), t.as_mut_ptr() as *mut u8, 2 * (n - i));
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(t.as_ptr() as *const __m256i));
+            _mm512_mask_storeu_ps(dst.add(i), lanes(n - i), v);
+        }
+    }
+
     /// `Σ_g scale_g · Σ_{e in g} (c_e - zero_g) · x[e]` for an int4 row, `xg[g]` = `Σ_{e in g} x[e]`:
     /// the codes are dotted as stored and `zero_g · xg[g]` is taken off per group.
     #[target_feature(enable = "avx512f")]
@@ -235,10 +252,13 @@ mod avx512 {
         group: usize,
         asym: bool,
         xg: *const f32,
+        sbuf: *mut f32,
     ) -> f32 {
         let ng = k.div_ceil(group);
         let codes = row.add(QFormat::Int4 { group, asym }.codes_at(k));
-        let sc = row as *const f32;
+        // The row's half scales (then zero points), widened once into `sbuf`.
+        widen_halves(row, ng * (1 + asym as usize), sbuf);
+        let sc = sbuf as *const f32;
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         if group.is_multiple_of(32) {
             // Block by block (its group's scale applied per block), four independent
@@ -381,7 +401,9 @@ mod avx512 {
             Some(QFormat::Int4 { group, asym }) => {
                 // Per-group sums of the activations, shared by every row.
                 let ng = k.div_ceil(group);
-                let xg = super::scratch(4 * ng) as *mut f32;
+                // Then room for one row's scales (and zero points) widened from halves.
+                let xg = super::scratch(4 * ng + 8 * ng + 64) as *mut f32;
+                let sbuf = xg.add(ng.div_ceil(16) * 16);
                 for g in 0..ng {
                     let (e0, e1) = (g * group, ((g + 1) * group).min(k));
                     *xg.add(g) = (e0..e1).map(|e| *x.add(e)).sum();
@@ -390,10 +412,10 @@ mod avx512 {
                     prefetch_ahead(b, j, rb);
                     let row = b.add(j * rb);
                     *out.add(j) = match group {
-                        32 => dot_int4::<1>(row, x, k, group, asym, xg),
-                        64 => dot_int4::<2>(row, x, k, group, asym, xg),
-                        128 => dot_int4::<4>(row, x, k, group, asym, xg),
-                        _ => dot_int4::<0>(row, x, k, group, asym, xg),
+                        32 => dot_int4::<1>(row, x, k, group, asym, xg, sbuf),
+                        64 => dot_int4::<2>(row, x, k, group, asym, xg, sbuf),
+                        128 => dot_int4::<4>(row, x, k, group, asym, xg, sbuf),
+                        _ => dot_int4::<0>(row, x, k, group, asym, xg, sbuf),
                     };
                 }
             }
@@ -460,9 +482,10 @@ mod avx512 {
             d = _mm512_dpbusd_epi32(d, lo, _mm512_load_si512(re.xl.add(64 * t) as *const __m512i));
             d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(re.xh.add(64 * t) as *const __m512i));
             let st = &re.steps[t];
+            // The step's group scales: halves, widened.
             let s = _mm512_permutexvar_ps(
                 _mm512_load_si512(re.sidx.add(64 * t) as *const __m512i),
-                _mm512_maskz_loadu_ps(st.1, (row as *const f32).add(st.0)),
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(st.1, (row as *const i16).add(st.0))),
             );
             (_mm512_cvtepi32_ps(d), s)
         };
@@ -603,7 +626,9 @@ mod tests {
                 }
             }
             _ => {
-                r.scales = (0..ng).map(|_| f(seed)).collect();
+                // int4 and W4A8 store half scales: draw halves.
+                let half = |v: f32| if fmt.half_scales() { half::f16::from_f32(v).to_f32() } else { v };
+                r.scales = (0..ng).map(|_| half(f(seed))).collect();
                 if let QFormat::Int4 { asym: true, .. } = fmt {
                     r.zeros = (0..ng).map(|_| (lcg(seed) % 16) as i8).collect();
                 }

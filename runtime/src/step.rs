@@ -259,6 +259,9 @@ struct CpuEntry {
     steps: Vec<usize>,
     input: *mut i32,
     output: *const f32,
+    /// The logits head ([`abi::artifact::LogitsHead`]): its first call, the buffer it reads its
+    /// rows from, and the bytes of one row.
+    head: Option<(usize, *mut u8, usize)>,
 }
 
 impl CpuEntry {
@@ -328,7 +331,8 @@ impl Executor {
                 .map(|(&i, a)| Call { kernel: model.kernels[h.steps[i].kernel as usize], args: a.as_ptr() as *const *mut u8 })
                 .collect();
             let (input, output) = (buf_ptr(e.input) as *mut i32, buf_ptr(e.output) as *const f32);
-            entries.push(CpuEntry { calls, args, state_args, steps, input, output });
+            let head = e.head.map(|hd| (hd.first as usize, buf_ptr(hd.input), hd.row_bytes as usize));
+            entries.push(CpuEntry { calls, args, state_args, steps, input, output, head });
         }
         Ok(Executor {
             model,
@@ -439,13 +443,34 @@ impl Executor {
                     *e.input.add(i) = id as i32;
                 }
             }
+            // The logits head (final norm, LM head) is row-wise: a chunk that wants no rows skips
+            // it, one of several tokens that wants only its last row runs it for that row alone,
+            // moved to row 0 (a one-token step runs it with the rest: one job, not two).
+            let head = e.head.filter(|_| rows.iter().all(|&(_, r)| r + 1 == s) && (s > 1 || rows.is_empty()));
             // SAFETY: every pointer covers its buffer at the largest step (the state arguments
-            // point at this cache's buffers, sized by the header); P + S <= max_context.
-            unsafe { self.pool.run(&e.calls, s as i64, cache.len as i64) };
+            // point at this cache's buffers, sized by the header); P + S <= max_context. The
+            // head's input buffer holds max_chunk rows of `row` bytes (validated at load), and
+            // only the head reads it, so its row 0 may be overwritten once the body has run.
+            unsafe {
+                match head {
+                    Some((first, x, row)) => {
+                        self.pool.run(&e.calls[..first], s as i64, cache.len as i64);
+                        if !rows.is_empty() {
+                            if s > 1 {
+                                std::ptr::copy_nonoverlapping(x.add((s - 1) * row), x, row);
+                            }
+                            self.pool.run(&e.calls[first..], 1, (cache.len + s - 1) as i64);
+                        }
+                    }
+                    None => self.pool.run(&e.calls, s as i64, cache.len as i64),
+                }
+            }
             cache.len += s;
-            // SAFETY: the output buffer holds s * vocab f32s after the steps ran.
+            // SAFETY: the output buffer holds s * vocab f32s after the steps ran (the head's one
+            // row at row 0 when it ran for the last row alone).
             let logits = unsafe { std::slice::from_raw_parts(e.output, s * vocab) };
             for &(k, r) in &rows {
+                let r = if head.is_some() { 0 } else { r };
                 out[k * vocab..(k + 1) * vocab].copy_from_slice(&logits[r * vocab..(r + 1) * vocab]);
             }
         }

@@ -82,7 +82,9 @@ impl Backend for CpuBackend {
         let Some((isa, _)) = &self.isa else {
             return Err(CodegenError::Target("bug: CpuBackend::kernel before begin".into()));
         };
-        let panel_elem = match operands.get(1) {
+        // The panel weight's element type: a product's operand 1, a gather's table.
+        let panel_operand = if matches!(g.op(n), ir::Op::Gather) { 0 } else { 1 };
+        let panel_elem = match operands.get(panel_operand) {
             Some(Storage::Panels { elem, .. }) => *elem,
             _ => Default::default(),
         };

@@ -390,6 +390,34 @@ impl<'a> Kb<'a> {
 
     // ---- f32 / f32x4 arithmetic ----
 
+    /// The f32 value of the IEEE half in the low 16 bits of the `i32` `w`, exactly: the magnitude's
+    /// bits moved into an f32 (exponent rebased by a multiply by 2^112, which also scales a
+    /// subnormal half exactly), infinities and NaNs by their bits, then the sign.
+    pub fn f16_to_f32(&mut self, w: Value) -> Value {
+        let mag = self.b.ins().band_imm_s(w, 0x7fff);
+        let sign = self.b.ins().band_imm_s(w, 0x8000);
+        let sign = self.b.ins().ishl_imm_s(sign, 16);
+        let shifted = self.b.ins().ishl_imm_s(mag, 13);
+        let f = self.b.ins().bitcast(F32, MemFlagsData::new(), shifted);
+        let scale = self.b.ins().f32const(f32::from_bits(0x7780_0000)); // 2^112
+        let finite = self.b.ins().fmul(f, scale);
+        let finite = self.b.ins().bitcast(I32, MemFlagsData::new(), finite);
+        let special = self.b.ins().bor_imm_s(shifted, 0x7f80_0000);
+        let is_special = self.b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, mag, 0x7c00);
+        let bits = self.b.ins().select(is_special, special, finite);
+        let bits = self.b.ins().bor(bits, sign);
+        self.b.ins().bitcast(F32, MemFlagsData::new(), bits)
+    }
+
+    /// The IEEE half at element `idx` (an `i64`) of `ptr`, widened exactly to f32 (int4 group
+    /// scales and zero points).
+    pub fn ld_f16(&mut self, ptr: Value, idx: Value) -> Value {
+        let o = self.b.ins().ishl_imm_s(idx, 1);
+        let a = self.b.ins().iadd(ptr, o);
+        let w = self.b.ins().uload16(I32, MemFlagsData::new().with_notrap(), a, 0);
+        self.f16_to_f32(w)
+    }
+
     pub fn ld(&mut self, ty: Type, ptr: Value, idx: Value) -> Value {
         let a = self.addr(ptr, idx);
         self.b.ins().load(ty, data_flags(), a, 0)

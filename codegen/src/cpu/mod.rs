@@ -197,7 +197,13 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
             Op::GatedLinear { act } => linear::gated_linear(&mut kb, g, n, *act)?,
             Op::Moe { top_k, act } => moe::moe(&mut kb, g, n, *top_k, *act)?,
             Op::Positions => movement::positions(&mut kb),
-            Op::Gather => movement::gather(&mut kb, g, n),
+            Op::Gather => match quant::packed_layout(g, ins[0]) {
+                Some(layout) => quant::gather_packed(&mut kb, g, n, layout),
+                None if ctx.panel_weights && panel::panel_groups(g, ins[0]).is_some() => {
+                    panel::gather_panels(&mut kb, g, n, ctx.panel_elem)
+                }
+                None => movement::gather(&mut kb, g, n),
+            },
             Op::Unary(u) => elementwise::unary(&mut kb, g, n, *u),
             Op::Binary(op) => elementwise::binary(&mut kb, g, n, *op),
             Op::Reduce(r) => reduce::reduce(&mut kb, g, n, *r),

@@ -15,7 +15,7 @@
 //! [`super::KernelCode::ukernels`]). Parts own disjoint column chunks; `M` (all leading dims of
 //! `a`) may be symbolic, `N` and `K` are the weight's constant dims.
 
-use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::types::{F32, I32, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
 use llmc_ir::{DType, Graph, NodeId, Op, UnaryOp};
 use abi::panel::{panel_group_len, PANEL};
@@ -44,7 +44,8 @@ fn is_data(g: &Graph, x: NodeId) -> bool {
 /// `Some(groups)` when the data node `x` (a weight or a compile-time concat) is stored in the panel
 /// layout: an f32 `[R, K]` value, not quantization-packed, not a graph output, whose every use is
 /// operand 1 of a row-wise product (`groups` = 1 for `matmul`/`linear`, 2 for `gated_linear`, all
-/// uses agreeing).
+/// uses agreeing) or, with at least one product, the table of a `gather` (a tied embedding and LM
+/// head, stored once: [`gather_panels`] reads its rows).
 pub fn panel_groups(g: &Graph, x: NodeId) -> Option<usize> {
     let data = match g.op(x) {
         Op::Weight { .. } => true,
@@ -61,10 +62,15 @@ pub fn panel_groups(g: &Graph, x: NodeId) -> Option<usize> {
         return None;
     }
     let mut groups = None;
+    let mut gathered = false;
     for u in users {
         let gu = match g.op(u) {
             Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } => 1,
             Op::GatedLinear { .. } => 2,
+            Op::Gather if g.inputs(u).iter().enumerate().all(|(s, &i)| i != x || s == 0) => {
+                gathered = true;
+                continue;
+            }
             _ => return None,
         };
         if g.inputs(u).iter().enumerate().any(|(s, &i)| i == x && s != 1) || groups.is_some_and(|x| x != gu) {
@@ -72,8 +78,54 @@ pub fn panel_groups(g: &Graph, x: NodeId) -> Option<usize> {
         }
         groups = Some(gu);
     }
-    groups.filter(|gr| rows % gr == 0)
+    groups.filter(|&gr| rows % gr == 0 && !(gathered && gr != 1))
 }
+
+/// `gather` from a table stored in the panel layout (one group; f32, bf16 or f16 elements): row
+/// `r` is lane `r % 16` of panel `r / 16`, its element `k` at `16 k` elements into the panel;
+/// each element is widened exactly to f32 (bf16: the top half of an f32; f16: rebased exponent,
+/// subnormals through an exact multiply, infinities and NaNs kept). Parts split the ids. Ids are
+/// in range: the runtime checks them before a step.
+pub(crate) fn gather_panels(kb: &mut Kb, g: &Graph, n: NodeId, elem: PanelElem) {
+    let ins = g.inputs(n);
+    let h = g.ty(ins[0]).shape[1].as_const().unwrap_or(0) as i64;
+    let nids = kb.dims(&g.ty(ins[1]).shape);
+    let (table, ids, out) = (kb.buf(0), kb.buf(1), kb.buf(2));
+    let eb = elem.bytes() as i64;
+    let hv = kb.ic(h);
+    let one = kb.ic(1);
+    kb.rows(&[nids], &[vec![one], vec![hv]], hv, &[one, one], None, &mut |kb, offs, _, len| {
+        let ip = kb.addr(ids, offs[0]);
+        let id = kb.b.ins().sload32(MemFlagsData::new().with_notrap(), ip, 0);
+        let panel = kb.b.ins().ushr_imm_s(id, 4);
+        let lane = kb.b.ins().band_imm_s(id, PANEL as i64 - 1);
+        let po = kb.muli(panel, PANEL as i64 * h * eb);
+        let lo = kb.muli(lane, eb);
+        let base = kb.add(table, po);
+        let base = kb.add(base, lo);
+        let dp = kb.addr(out, offs[1]);
+        let z = kb.ic(0);
+        kb.for_steps(z, len, 1, &mut |kb, j| {
+            let off = kb.muli(j, PANEL as i64 * eb);
+            let a = kb.add(base, off);
+            let fl = MemFlagsData::new().with_notrap();
+            let v = match elem {
+                PanelElem::F32 => kb.b.ins().load(F32, fl, a, 0),
+                PanelElem::BF16 => {
+                    let w = kb.b.ins().uload16(I32, fl, a, 0);
+                    let w = kb.b.ins().ishl_imm_s(w, 16);
+                    kb.b.ins().bitcast(F32, MemFlagsData::new(), w)
+                }
+                PanelElem::F16 => {
+                    let w = kb.b.ins().uload16(I32, fl, a, 0);
+                    kb.f16_to_f32(w)
+                }
+            };
+            kb.st(v, dp, j);
+        });
+    });
+}
+
 
 /// The kernel of `matmul`, `linear` or `gated_linear` node `n` whose operand 1 is a panel weight in
 /// `groups` groups.

@@ -84,14 +84,22 @@ fn concat_layout(g: &Graph, c: NodeId) -> Option<Layout> {
     (!g.outputs.contains(&c) && g.users(c).iter().all(|&u| rhs_use(g, u, c))).then_some(layout?)
 }
 
+/// `x` appears among `u`'s operands only as a gather's table.
+fn table_use(g: &Graph, u: NodeId, x: NodeId) -> bool {
+    matches!(g.op(u), Op::Gather) && g.inputs(u).iter().enumerate().all(|(s, &i)| i != x || s == 0)
+}
+
 /// How the data node `x` (a weight or a concat of weights) is stored: `Some(layout)` when packed,
-/// `None` when as f32 (dequantized for a non-packable or mixed use).
+/// `None` when as f32 (dequantized for a non-packable or mixed use). A packed weight may also be
+/// a gather's table (a tied embedding and LM head): [`gather_packed`] dequantizes its rows.
 pub fn packed_layout(g: &Graph, x: NodeId) -> Option<Layout> {
     match g.op(x) {
         Op::Weight { layout, .. } if packable(*layout) && g.ty(x).rank() == 2 => {
             let ok = !g.outputs.contains(&x)
                 && g.users(x).iter().all(|&u| {
-                    rhs_use(g, u, x) || (matches!(g.op(u), Op::Concat { .. }) && concat_layout(g, u).is_some())
+                    rhs_use(g, u, x)
+                        || table_use(g, u, x)
+                        || (matches!(g.op(u), Op::Concat { .. }) && concat_layout(g, u).is_some())
                 });
             ok.then_some(*layout)
         }
@@ -169,9 +177,13 @@ fn int8x16_to_f32(kb: &mut Kb, pc: Value) -> [Value; 4] {
 }
 
 /// Dequantizes packed row `prow` (`k` elements) into the f32 buffer `dst`.
+///
+/// W8A8 and W4A8 rows decode as their weight formats (int8, symmetric int4): the codes start at
+/// `codes_at(layout)`, the scales where int8's and int4's do. `dst` must hold `k` rounded up to
+/// 32 floats for int4 layouts (whole blocks are written).
 fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
     let codes = kb.addi(prow, codes_at(layout, k) as i64);
-    match layout {
+    match layout.weight_format() {
         Layout::Int8 => {
             let s = kb.b.ins().load(F32, flags(), prow, 0);
             let sv = kb.splat(V4, s);
@@ -209,10 +221,10 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
                 for (h, &nib) in [lo, hi][..halves].iter().enumerate() {
                     let eh = kb.addi(e0, 16 * h as i64);
                     let gi = kb.b.ins().udiv_imm_s(eh, group as i64);
-                    let s = kb.ld(F32, prow, gi);
+                    let s = kb.ld_f16(prow, gi);
                     let z = if asym {
                         let gz = kb.addi(gi, g as i64);
-                        kb.ld(F32, prow, gz)
+                        kb.ld_f16(prow, gz)
                     } else {
                         kb.b.ins().f32const(8.0)
                     };
@@ -243,7 +255,7 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
                 block(kb, blk, if rest > 16 { 2 } else { 1 });
             }
         }
-        Layout::W8A8 | Layout::W4A8 { .. } => {}
+        Layout::W8A8 | Layout::W4A8 { .. } => unreachable!("weight_format() maps these to int8 and int4"),
         Layout::Sparse24 { int8 } => {
             let zero = kb.fc(V4, 0.0);
             let z = kb.ic(0);
@@ -257,6 +269,34 @@ fn dequant_row(kb: &mut Kb, layout: Layout, k: usize, prow: Value, dst: Value) {
         }
         Layout::Dense => {}
     }
+}
+
+/// `gather` from a packed `[V, H]` table (a tied embedding and LM head): each id's row record is
+/// dequantized into a stack row (whole int4 blocks), then its `H` values copied out. Parts split
+/// the ids. Ids are in range: the runtime checks them before a step.
+pub(crate) fn gather_packed(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout) {
+    let ins = g.inputs(n);
+    let h = g.ty(ins[0]).shape[1].as_const().unwrap_or(0);
+    let nids = kb.dims(&g.ty(ins[1]).shape);
+    let rb = row_bytes(layout, h) as i64;
+    let (table, ids, out) = (kb.buf(0), kb.buf(1), kb.buf(2));
+    let padded = h.div_ceil(32) * 32;
+    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (padded * 4) as u32, 6));
+    let hv = kb.ic(h as i64);
+    let one = kb.ic(1);
+    kb.rows(&[nids], &[vec![one], vec![hv]], hv, &[one, one], None, &mut |kb, offs, _, len| {
+        let ip = kb.addr(ids, offs[0]);
+        let id = kb.b.ins().sload32(flags(), ip, 0);
+        let ro = kb.muli(id, rb);
+        let prow = kb.add(table, ro);
+        let row = kb.b.ins().stack_addr(I64, slot, 0);
+        dequant_row(kb, layout, h, prow, row);
+        let dp = kb.addr(out, offs[1]);
+        kb.vloop(len, 2, &mut |kb, ty, i, _| {
+            let v = kb.ld(ty, row, i);
+            kb.st(v, dp, i);
+        });
+    });
 }
 
 /// `sum_k a[k] * w[k]` for one packed row `prow` and one row `a` of `k` f32s, dequantizing in
@@ -320,11 +360,11 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
                 // The scale (and zero point) of the group holding element `e`, as f32x4 splats.
                 let group_of = |kb: &mut Kb, e: Value| {
                     let gi = kb.b.ins().udiv_imm_s(e, group as i64);
-                    let s = kb.ld(F32, prow, gi);
+                    let s = kb.ld_f16(prow, gi);
                     let sv = kb.splat(V4, s);
                     let zv = asym.then(|| {
                         let gz = kb.addi(gi, g as i64);
-                        let z = kb.ld(F32, prow, gz);
+                        let z = kb.ld_f16(prow, gz);
                         kb.splat(V4, z)
                     });
                     (sv, zv)
@@ -537,7 +577,7 @@ fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Va
         let d = dpbusd(kb, d, hi, x1);
         let f = kb.b.ins().fcvt_from_sint(V4, d);
         let gi = if per == 1 { blk } else { kb.b.ins().udiv_imm_s(blk, per as i64) };
-        let sg = kb.ld(F32, prow, gi);
+        let sg = kb.ld_f16(prow, gi);
         let sv = kb.splat(V4, sg);
         let a = kb.get(acc[slot]);
         let a = kb.fma(f, sv, a);
@@ -602,10 +642,13 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
     kb.b.ins().isub(s, corr)
 }
 
-/// The W8A8 / W4A8 product: per row of `a`, the activations are quantized to int8 as
-/// `ir::quant::quantize_act` does into a stack buffer (W8A8: stored as `q + 128`, the unsigned
-/// operand; W4A8: signed, with per-32-block code sums), then every output column is an integer
-/// dot product scaled by the weight's scale(s) times the row's activation scale.
+/// The W8A8 / W4A8 product. Rows of `a` go in blocks of up to [`a8_block_rows`]: each row of a
+/// block is quantized to int8 as `ir::quant::quantize_act` does into a stack buffer (W8A8: stored
+/// as `q + 128`, the unsigned operand; W4A8: signed, with per-32-block code sums), then every
+/// output column is an integer dot product scaled by the weight's scale(s) times the row's
+/// activation scale. With the runtime's GEMV, columns go in chunks of [`QCH`] and each chunk serves
+/// every row of the block while its packed rows are in cache: a prefill reads the weights once
+/// per block of rows, not once per row.
 #[allow(clippy::too_many_arguments)]
 fn a8_gemm(
     kb: &mut Kb,
@@ -625,117 +668,152 @@ fn a8_gemm(
         _ => None,
     };
     let kpad = k.div_ceil(32) * 32;
-    let gated = matches!(epi, Epi::Gated { .. });
-    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, kpad.max(32) as u32, 6));
-    let u = kb.b.ins().stack_addr(I64, slot, 0);
     let nblk = k.div_ceil(32);
-    let bslot =
-        kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * nblk).max(16) as u32, 6));
-    let bsum = kb.b.ins().stack_addr(I64, bslot, 0);
-    // Padding lanes hold code 0 (stored +128 for W8A8): they meet zero weight codes.
+    let rows = a8_block_rows(k);
+    let gated = matches!(epi, Epi::Gated { .. });
+    let stack = |kb: &mut Kb, bytes: usize| {
+        let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes.max(16) as u32, 6));
+        kb.b.ins().stack_addr(I64, slot, 0)
+    };
+    // Per block row: its codes (`kpad` bytes), its W4A8 block sums, its activation scale.
+    let ubase = stack(kb, rows * kpad);
+    let bbase = stack(kb, rows * 4 * nblk);
+    let sbase = stack(kb, rows * 4);
+    // Padding lanes hold code 0 (stored +128 for W8A8): they meet zero weight codes. The
+    // quantization below writes every byte before `k`.
     let c128 = kb.b.ins().iconst(I8, if w4.is_some() { 0 } else { -128i64 });
     let v128 = kb.b.ins().splat(I8X16, c128);
-    for c in (0..kpad).step_by(16) {
-        kb.b.ins().store(flags(), v128, u, c as i32);
-    }
+    let z = kb.ic(0);
+    let rv = kb.ic(rows as i64);
+    kb.for_steps(z, rv, 1, &mut |kb, i| {
+        let ui = kb.muli(i, kpad as i64);
+        let ui = kb.add(ubase, ui);
+        for c in (k / 16 * 16..kpad).step_by(16) {
+            kb.b.ins().store(flags(), v128, ui, c as i32);
+        }
+    });
     let bias = if w4.is_some() { 0 } else { 128 };
     let nv = kb.ic(n as i64);
     let (lo, hi) = kb.part_range(nv);
-    let z = kb.ic(0);
     let kv = kb.ic(k as i64);
-    kb.for_steps(z, m, 1, &mut |kb, r| {
-        let ar = kb.muli(r, 4 * k as i64);
-        let ar = kb.add(a, ar);
-        // max |x| over the row
-        let zv = kb.fc(V4, 0.0);
-        let zs = kb.fc(F32, 0.0);
-        let mv = kb.var(V4, zv);
-        let ms = kb.var(F32, zs);
-        let e = kb.for_steps(z, kv, 4, &mut |kb, c| {
-            let x = kb.ld(V4, ar, c);
-            let x = kb.b.ins().fabs(x);
-            let cur = kb.get(mv);
-            let y = kb.fmax(V4, cur, x);
-            kb.set(mv, y);
-        });
-        kb.for_steps(e, kv, 1, &mut |kb, c| {
-            let x = kb.ld(F32, ar, c);
-            let x = kb.b.ins().fabs(x);
-            let cur = kb.get(ms);
-            let y = kb.fmax(F32, cur, x);
-            kb.set(ms, y);
-        });
-        let v = kb.get(mv);
-        let hm = kb.hmax(v);
-        let s = kb.get(ms);
-        let amax = kb.fmax(F32, hm, s);
-        let c127 = kb.fc(F32, 127.0);
-        let inv = kb.fdiv(c127, amax);
-        let pos = kb.b.ins().fcmp(FloatCC::GreaterThan, amax, zs);
-        let inv = kb.b.ins().select(pos, inv, zs);
-        let sa = kb.fdiv(amax, c127);
-        let invv = kb.splat(V4, inv);
-        let i128 = kb.b.ins().iconst(I32, bias);
-        let i128v = kb.b.ins().splat(I32X4, i128);
-        if w4.is_some() {
-            let zi = kb.b.ins().iconst(I32, 0);
-            for bi in 0..nblk {
-                kb.b.ins().store(flags(), zi, bsum, 4 * bi as i32);
+    let nblocks = kb.div_ceil(m, rows as i64);
+    kb.for_steps(z, nblocks, 1, &mut |kb, blk| {
+        let r0 = kb.muli(blk, rows as i64);
+        let left = kb.sub(m, r0);
+        let rc = kb.min(left, rv);
+        // The block's rows, quantized.
+        kb.for_steps(z, rc, 1, &mut |kb, i| {
+            let r = kb.add(r0, i);
+            let ar = kb.muli(r, 4 * k as i64);
+            let ar = kb.add(a, ar);
+            let u = kb.muli(i, kpad as i64);
+            let u = kb.add(ubase, u);
+            let bsum = kb.muli(i, 4 * nblk as i64);
+            let bsum = kb.add(bbase, bsum);
+            // max |x| over the row
+            let zv = kb.fc(V4, 0.0);
+            let zs = kb.fc(F32, 0.0);
+            let mv = kb.var(V4, zv);
+            let ms = kb.var(F32, zs);
+            let e = kb.for_steps(z, kv, 4, &mut |kb, c| {
+                let x = kb.ld(V4, ar, c);
+                let x = kb.b.ins().fabs(x);
+                let cur = kb.get(mv);
+                let y = kb.fmax(V4, cur, x);
+                kb.set(mv, y);
+            });
+            kb.for_steps(e, kv, 1, &mut |kb, c| {
+                let x = kb.ld(F32, ar, c);
+                let x = kb.b.ins().fabs(x);
+                let cur = kb.get(ms);
+                let y = kb.fmax(F32, cur, x);
+                kb.set(ms, y);
+            });
+            let v = kb.get(mv);
+            let hm = kb.hmax(v);
+            let s = kb.get(ms);
+            let amax = kb.fmax(F32, hm, s);
+            let c127 = kb.fc(F32, 127.0);
+            let inv = kb.fdiv(c127, amax);
+            let pos = kb.b.ins().fcmp(FloatCC::GreaterThan, amax, zs);
+            let inv = kb.b.ins().select(pos, inv, zs);
+            let sa = kb.fdiv(amax, c127);
+            kb.st(sa, sbase, i);
+            let invv = kb.splat(V4, inv);
+            let i128 = kb.b.ins().iconst(I32, bias);
+            let i128v = kb.b.ins().splat(I32X4, i128);
+            if w4.is_some() {
+                let zi = kb.b.ins().iconst(I32, 0);
+                let nb = kb.ic(nblk as i64);
+                kb.for_steps(z, nb, 1, &mut |kb, bi| kb.st(zi, bsum, bi));
             }
-        }
-        // Adds `v` (i32) to the block sum of element `c`.
-        let add_bsum = |kb: &mut Kb, c: Value, v: Value| {
-            let v = kb.b.ins().imul_imm_s(v, -8);
-            let bi = kb.b.ins().ushr_imm_s(c, 5);
-            let cur = kb.ld(I32, bsum, bi);
-            let nv = kb.b.ins().iadd(cur, v);
-            kb.st(nv, bsum, bi);
-        };
-        let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
-            let mut q = Vec::new();
-            for j in 0..4 {
-                let cj = kb.addi(c, 4 * j);
-                let x = kb.ld(V4, ar, cj);
-                let x = kb.fmul(x, invv);
+            // Adds `v` (i32) to the block sum of element `c`.
+            let add_bsum = |kb: &mut Kb, c: Value, v: Value| {
+                let v = kb.b.ins().imul_imm_s(v, -8);
+                let bi = kb.b.ins().ushr_imm_s(c, 5);
+                let cur = kb.ld(I32, bsum, bi);
+                let nv = kb.b.ins().iadd(cur, v);
+                kb.st(nv, bsum, bi);
+            };
+            let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
+                let mut q = Vec::new();
+                for j in 0..4 {
+                    let cj = kb.addi(c, 4 * j);
+                    let x = kb.ld(V4, ar, cj);
+                    let x = kb.fmul(x, invv);
+                    let x = kb.b.ins().nearest(x);
+                    let x = kb.b.ins().fcvt_to_sint_sat(I32X4, x);
+                    q.push(if w4.is_some() { x } else { kb.b.ins().iadd(x, i128v) });
+                }
+                let h0 = kb.b.ins().snarrow(q[0], q[1]);
+                let h1 = kb.b.ins().snarrow(q[2], q[3]);
+                let bytes = if w4.is_some() { kb.b.ins().snarrow(h0, h1) } else { kb.b.ins().unarrow(h0, h1) };
+                let pu = kb.add(u, c);
+                kb.b.ins().store(flags(), bytes, pu, 0);
+                if w4.is_some() {
+                    let s01 = kb.b.ins().iadd(q[0], q[1]);
+                    let s23 = kb.b.ins().iadd(q[2], q[3]);
+                    let sv = kb.b.ins().iadd(s01, s23);
+                    let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(sv, i)).collect();
+                    let a01 = kb.b.ins().iadd(l[0], l[1]);
+                    let a23 = kb.b.ins().iadd(l[2], l[3]);
+                    let t = kb.b.ins().iadd(a01, a23);
+                    add_bsum(kb, c, t);
+                }
+            });
+            kb.for_steps(e, kv, 1, &mut |kb, c| {
+                let x = kb.ld(F32, ar, c);
+                let x = kb.fmul(x, inv);
                 let x = kb.b.ins().nearest(x);
-                let x = kb.b.ins().fcvt_to_sint_sat(I32X4, x);
-                q.push(if w4.is_some() { x } else { kb.b.ins().iadd(x, i128v) });
-            }
-            let h0 = kb.b.ins().snarrow(q[0], q[1]);
-            let h1 = kb.b.ins().snarrow(q[2], q[3]);
-            let bytes = if w4.is_some() { kb.b.ins().snarrow(h0, h1) } else { kb.b.ins().unarrow(h0, h1) };
-            let pu = kb.add(u, c);
-            kb.b.ins().store(flags(), bytes, pu, 0);
-            if w4.is_some() {
-                let s01 = kb.b.ins().iadd(q[0], q[1]);
-                let s23 = kb.b.ins().iadd(q[2], q[3]);
-                let sv = kb.b.ins().iadd(s01, s23);
-                let l: Vec<Value> = (0..4u8).map(|i| kb.b.ins().extractlane(sv, i)).collect();
-                let a01 = kb.b.ins().iadd(l[0], l[1]);
-                let a23 = kb.b.ins().iadd(l[2], l[3]);
-                let t = kb.b.ins().iadd(a01, a23);
-                add_bsum(kb, c, t);
-            }
+                let x = kb.b.ins().fcvt_to_sint_sat(I32, x);
+                if w4.is_some() {
+                    add_bsum(kb, c, x);
+                }
+                let x = kb.b.ins().iadd_imm_s(x, bias);
+                let pu = kb.add(u, c);
+                kb.b.ins().istore8(flags(), x, pu, 0);
+            });
         });
-        kb.for_steps(e, kv, 1, &mut |kb, c| {
-            let x = kb.ld(F32, ar, c);
-            let x = kb.fmul(x, inv);
-            let x = kb.b.ins().nearest(x);
-            let x = kb.b.ins().fcvt_to_sint_sat(I32, x);
-            if w4.is_some() {
-                add_bsum(kb, c, x);
-            }
-            let x = kb.b.ins().iadd_imm_s(x, bias);
-            let pu = kb.add(u, c);
-            kb.b.ins().istore8(flags(), x, pu, 0);
-        });
-        let oi0 = kb.muli(r, n as i64);
+        // Row `i` of the block: its codes, block sums, scale and output offset.
+        let row = |kb: &mut Kb, i: Value| {
+            let u = kb.muli(i, kpad as i64);
+            let u = kb.add(ubase, u);
+            let bsum = kb.muli(i, 4 * nblk as i64);
+            let bsum = kb.add(bbase, bsum);
+            let sa = kb.ld(F32, sbase, i);
+            let r = kb.add(r0, i);
+            let oi0 = kb.muli(r, n as i64);
+            (u, bsum, sa, oi0)
+        };
         let generated = &mut |kb: &mut Kb| {
-            a8_columns(kb, w4, k, n, b, u, bsum, sa, lo, hi, gated, &mut |kb, j, x, up| {
-                let oi = kb.add(oi0, j);
-                let y = epilogue(kb, epi, x, up, j, oi);
-                kb.st(y, o, oi);
-            })
+            kb.for_steps(z, rc, 1, &mut |kb, i| {
+                let (u, bsum, sa, oi0) = row(kb, i);
+                a8_columns(kb, w4, k, n, b, u, bsum, sa, lo, hi, gated, &mut |kb, j, x, up| {
+                    let oi = kb.add(oi0, j);
+                    let y = epilogue(kb, epi, x, up, j, oi);
+                    kb.st(y, o, oi);
+                })
+            });
         };
         let Some(f) = qk else {
             generated(kb);
@@ -746,18 +824,27 @@ fn a8_gemm(
             have,
             &mut |kb| {
                 chunks(kb, lo, hi, &mut |kb, c, cnt| {
-                    qgemv_chunk(kb, f, layout, k, n, u, bsum, b, c, cnt, gated, &mut |kb, j, x, up| {
-                        let x = kb.fmul(x, sa);
-                        let up = up.map(|u| kb.fmul(u, sa));
-                        let oi = kb.add(oi0, j);
-                        let y = epilogue(kb, epi, x, up, j, oi);
-                        kb.st(y, o, oi);
-                    })
+                    kb.for_steps(z, rc, 1, &mut |kb, i| {
+                        let (u, bsum, sa, oi0) = row(kb, i);
+                        qgemv_chunk(kb, f, layout, k, n, u, bsum, b, c, cnt, gated, &mut |kb, j, x, up| {
+                            let x = kb.fmul(x, sa);
+                            let up = up.map(|u| kb.fmul(u, sa));
+                            let oi = kb.add(oi0, j);
+                            let y = epilogue(kb, epi, x, up, j, oi);
+                            kb.st(y, o, oi);
+                        })
+                    });
                 })
             },
             generated,
         );
     });
+}
+
+/// Rows of `a` a W8A8 / W4A8 product quantizes per block: their int8 codes fit 64 KiB of stack
+/// (16 rows up to `K = 4096`, fewer beyond).
+pub(crate) fn a8_block_rows(k: usize) -> usize {
+    (65536 / (k.div_ceil(32) * 32)).clamp(1, 16)
 }
 
 /// The generated W8A8 / W4A8 column loop over `[lo, hi)` for one quantized activation row `u`

@@ -257,9 +257,9 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
             let c32 = k.ci(32);
             let c16 = k.ci(16);
             let gidx = k.div(j, &gv);
-            let g4 = k.mulc(&gidx, 4);
-            let sat = k.add(&base, &g4);
-            let s = k.load_f32_at_byte(b, &sat);
+            let g2 = k.mulc(&gidx, 2);
+            let sat = k.add(&base, &g2);
+            let s = k.load_f16_at_byte(b, &sat);
             let blk = k.div(j, &c32);
             let i = k.rem(j, &c32);
             let i16 = k.rem(&i, &c16);
@@ -274,8 +274,8 @@ fn packed_elem(k: &mut Kt, b: &str, layout: Layout, n: &str, j: &str, kdim: usiz
             let q = k.select(&is_lo, &lo, &hi, "i64");
             let qf = k.i64_to_f32(&q);
             let z = if asym {
-                let zo = k.addc(&sat, 4 * groups);
-                k.load_f32_at_byte(b, &zo)
+                let zo = k.addc(&sat, 2 * groups);
+                k.load_f16_at_byte(b, &zo)
             } else {
                 k.cf(8.0)
             };
@@ -415,7 +415,9 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
     let err = |m: String| unsupported(g, n, m);
     // Packed operands are only valid as a product's right-hand side.
     for (i, e) in elems.iter().enumerate() {
-        if matches!(e, Elem::Packed(_)) && !(i == 1 && matches!(node.op, Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. })) {
+        let product_rhs = i == 1 && matches!(node.op, Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. });
+        let table = i == 0 && matches!(node.op, Op::Gather);
+        if matches!(e, Elem::Packed(_)) && !product_rhs && !table {
             return Err(err(format!("operand {i} is a packed weight, which this op cannot read")));
         }
     }
@@ -519,9 +521,21 @@ pub fn kernel(g: &Graph, n: NodeId, elems: &[Elem], max_context: usize, max_chun
                 let lt = k.cmp("slt", &id, &vv);
                 let ok = k.and(&ge, &lt);
                 let safe = k.select(&ok, &id, &zero, "i64");
-                let r = k.mul(&safe, &hv);
-                let idx = k.add(&r, &col);
-                let x = k.loadf("%b0", &idx, elems[0]);
+                let x = match elems[0] {
+                    // A packed table (a tied embedding and LM head): the element dequantized.
+                    Elem::Packed(layout) => match packed_elem(k, "%b0", layout, &safe, &col, h as usize) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            failure = Some(e);
+                            k.cf(0.0)
+                        }
+                    },
+                    e => {
+                        let r = k.mul(&safe, &hv);
+                        let idx = k.add(&r, &col);
+                        k.loadf("%b0", &idx, e)
+                    }
+                };
                 let zf = k.cf(0.0);
                 let y = k.select(&ok, &x, &zf, "f32");
                 k.storef(&ob, gid, &y);

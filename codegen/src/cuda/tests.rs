@@ -423,6 +423,27 @@ mod numerics {
         assert!(c.check(mo, &[IDS], Elem::F32) < 1e-5);
     }
 
+    /// A gather from a packed table (a tied embedding and LM head stored once) dequantizes the
+    /// rows it reads exactly as the interpreter does, for every packed format and ragged widths.
+    #[test]
+    fn gather_from_packed_tables_matches_the_interpreter() {
+        let mut c = Case::new();
+        let ids = c.ids();
+        for (name, layout, h) in [
+            ("int8", Layout::Int8, 45),
+            ("int4", Layout::Int4 { group: 32, asym: false }, 40),
+            ("int4a", Layout::Int4 { group: 16, asym: true }, 75),
+            ("w8a8", Layout::W8A8, 36),
+            ("w4a8", Layout::W4A8 { group: 32 }, 64),
+            ("s24", Layout::Sparse24 { int8: true }, 48),
+        ] {
+            let t = c.weight(&format!("t_{name}"), vec![20, h], layout);
+            let x = c.g.add(Op::Gather, &[t, ids], None).unwrap();
+            let e = c.check(x, &[IDS], Elem::F32);
+            assert_eq!(e, 0.0, "gather from {name}");
+        }
+    }
+
     /// The products of one weight layout (linear with its epilogue, gated_linear, matmul) at
     /// reduction length `kd` match the interpreter; returns the largest error seen.
     fn products_of(c: &mut Case, name: &str, layout: Layout, kd: usize) -> f32 {

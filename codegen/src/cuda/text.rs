@@ -276,6 +276,14 @@ impl Kt {
         let a = self.gep(ptr, byte, "i8");
         self.op(&format!("llvm.load {a} : !llvm.ptr<{space}> -> f32"))
     }
+    /// The IEEE half at byte offset `byte` (2-aligned) of a buffer, widened to f32 (int4 group
+    /// scales and zero points).
+    pub fn load_f16_at_byte(&mut self, ptr: &str, byte: &str) -> String {
+        let space = if ptr.starts_with("%sh") { 3 } else { 1 };
+        let a = self.gep(ptr, byte, "i8");
+        let h = self.op(&format!("llvm.load {a} : !llvm.ptr<{space}> -> f16"));
+        self.op(&format!("arith.extf {h} : f16 to f32"))
+    }
     pub fn store(&mut self, ptr: &str, idx: &str, v: &str, ty: &str) {
         let space = if ptr.starts_with("%sh") { 3 } else { 1 };
         let a = self.gep(ptr, idx, ty);
