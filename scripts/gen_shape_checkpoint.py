@@ -13,11 +13,18 @@ of 64, MLP 8192, vocab 128256, tied, theta 500000 with llama3 scaling factor 32 
 Weights are seeded normal values (std 0.02; norms 1 + small noise), written as f32, bf16 (rounded
 to nearest even) or f16, one file or N shards with an index. Needs numpy only (no torch), and
 writes the safetensors format directly. Outputs are never committed.
+
+`--tokenizer PATH/tokenizer.json` copies a tokenizer beside the weights (e.g. the bundled seedlm's
+byte-level BPE, `shared/models/seedlm/tokenizer.json`, 4096 tokens): GGUF converters need one, and
+llmc and llama.cpp then tokenize text the same way. A vocabulary smaller than the shape's is
+fine (the ids above it are never produced; scripts/hf_to_gguf.py pads the GGUF's token list). The
+config's bos/eos ids are taken from a config.json beside that tokenizer when there is one.
 """
 
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -86,6 +93,7 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="bf16")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer.json to copy beside the weights")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
     s = SHAPES[a.shape]
@@ -122,6 +130,15 @@ def main():
     }
     if "rope_scaling" in s:
         cfg["rope_scaling"] = s["rope_scaling"]
+    if a.tokenizer:
+        shutil.copyfile(a.tokenizer, os.path.join(a.out, "tokenizer.json"))
+        tcfg = os.path.join(os.path.dirname(os.path.abspath(a.tokenizer)), "config.json")
+        if os.path.isfile(tcfg):
+            with open(tcfg) as f:
+                t = json.load(f)
+            for k in ("bos_token_id", "eos_token_id"):
+                if isinstance(t.get(k), int) and t[k] < s["vocab"]:
+                    cfg[k] = t[k]
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     print(f"{a.out}: {a.shape} {a.dtype}, {len(names)} tensors, {total / 2**20:.0f} MiB in {a.shards} file(s)")
