@@ -50,9 +50,10 @@ pub(crate) struct CompileArgs {
     #[arg(long, num_args = 1..=2, value_names = ["KIND", "DIR"], default_values = ["artifact"])]
     emit: Vec<String>,
     /// Element type of float weights in the artifact: f32, f16, bf16, or keep (as the checkpoint
-    /// stores each). Default: f16 for --target cuda, f32 for the CPU (whose kernels read f32
-    /// weights: it takes f32 and keep). Activations and accumulation are f32 either way; a value
-    /// beyond f16's range is an error naming the weight.
+    /// stores each). Default: f16 for --target cuda, keep for the CPU (16-bit product weights, and
+    /// a tied embedding/head, stay 16-bit; norms, biases and untied embeddings are f32).
+    /// Activations and accumulation are f32 either way; a value beyond f16's range is an error
+    /// naming the weight.
     #[arg(long = "weights-dtype", value_name = "TYPE")]
     weights_dtype: Option<String>,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
