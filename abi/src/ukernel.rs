@@ -6,7 +6,7 @@
 //! relocation-free and the runtime picks the implementation (AVX-512, AVX2+FMA, portable) per
 //! process. This module is the table's one definition: the slot indices ([`GEMM_PANELS`], ...),
 //! each slot's name and signature ([`TABLE`], the function types [`GemmPanelsFn`], [`QGemvFn`],
-//! [`QGemmFn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
+//! [`QGemmFn`], [`AttnBlockFn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
 //! and [`Table`], the typed set of functions the runtime fills it from. Codegen reads slot indices
 //! and call signatures from here; the implementations live in the runtime.
 //!
@@ -20,8 +20,9 @@
 /// History: 1, the panel GEMM alone; 2, the quantized GEMVs added (3 slots); 3, the tiled
 /// quantized product [`QGEMM`] (4 slots; it was added under version 2 at first, so a version-2
 /// runtime with 3 slots would have accepted artifacts that call slot 3); 4, the panel GEMMs over
-/// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots).
-pub const ABI_VERSION: u32 = 4;
+/// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots); 5, the attention
+/// block [`ATTN_BLOCK`] (7 slots).
+pub const ABI_VERSION: u32 = 5;
 
 /// Every released table layout, oldest first: `(ABI_VERSION, fingerprint)`. The last entry is the
 /// current table. (Version 1 predates the fingerprint.)
@@ -29,6 +30,7 @@ pub const HISTORY: &[(u32, u64)] = &[
     (2, 0x1b85_aa45_4446_a995), // gemm_panels, qgemv, qgemv_a8
     (3, 0x9e79_8df7_6910_185f), // + qgemm
     (4, 0x45ed_6d87_66c3_cdc8), // + gemm_panels_bf16, gemm_panels_f16
+    (5, 0xa33c_80ac_e589_6c39), // + attn_block
 ];
 
 /// A microkernel's signature as text (its Rust tokens), with its parameter count and whether it
@@ -150,6 +152,28 @@ microkernel_fn! {
     ) -> *mut f32
 }
 
+microkernel_fn! {
+    /// `attn_block(q, k, v, kstride, n, dims, scale, state)`: online-softmax attention of `gh`
+    /// query heads over `n` keys, continuing a running state. `q` holds the heads' queries (`gh`
+    /// rows of `d` f32s, adjacent); key `j` is `d` f32s at `k + j * kstride` and its value at
+    /// `v + j * kstride` (`kstride` in elements); `dims = d | gh << 32`; `scale` is the f32
+    /// score scale's bits. `state` is `gh` rows of `d + 2` f32s: the unnormalized accumulator
+    /// `acc[0..d]`, the running max `m` and the running sum `l` (start: 0, -inf, 0). For each
+    /// head, with scores `s_j = scale * q . k_j`: `m' = max(m, max_j s_j)`,
+    /// `l' = l e^{m - m'} + sum_j e^{s_j - m'}`, `acc' = acc e^{m - m'} + sum_j e^{s_j - m'} v_j`
+    /// (`e^{m - m'}` is 0 when `m` is -inf). Nothing changes when `n = 0`.
+    AttnBlockFn, ATTN_BLOCK_SIG = fn(
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        kstride: i64,
+        n: i64,
+        dims: i64,
+        scale: i64,
+        state: *mut f32,
+    )
+}
+
 /// Slot of the panel GEMM, a [`GemmPanelsFn`].
 pub const GEMM_PANELS: usize = 0;
 /// Slot of the weight-only quantized GEMV, a [`QGemvFn`]; 0 when this CPU has no
@@ -163,8 +187,10 @@ pub const QGEMM: usize = 3;
 pub const GEMM_PANELS_BF16: usize = 4;
 /// Slot of the panel GEMM over f16 panels, a [`GemmPanels16Fn`].
 pub const GEMM_PANELS_F16: usize = 5;
+/// Slot of the attention block, an [`AttnBlockFn`].
+pub const ATTN_BLOCK: usize = 6;
 /// Entries in the table.
-pub const SLOTS: usize = 6;
+pub const SLOTS: usize = 7;
 
 /// Every slot, in table order.
 pub const TABLE: [Slot; SLOTS] = [
@@ -174,6 +200,7 @@ pub const TABLE: [Slot; SLOTS] = [
     Slot { index: QGEMM, name: "qgemm", signature: QGEMM_SIG, optional: false },
     Slot { index: GEMM_PANELS_BF16, name: "gemm_panels_bf16", signature: GEMM_PANELS16_SIG, optional: false },
     Slot { index: GEMM_PANELS_F16, name: "gemm_panels_f16", signature: GEMM_PANELS16_SIG, optional: false },
+    Slot { index: ATTN_BLOCK, name: "attn_block", signature: ATTN_BLOCK_SIG, optional: false },
 ];
 
 /// The functions a runtime provides, one field per slot, typed by the slot's signature
@@ -186,6 +213,7 @@ pub struct Table {
     pub qgemm: QGemmFn,
     pub gemm_panels_bf16: GemmPanels16Fn,
     pub gemm_panels_f16: GemmPanels16Fn,
+    pub attn_block: AttnBlockFn,
 }
 
 impl Table {
@@ -199,6 +227,7 @@ impl Table {
         t[QGEMM] = self.qgemm as usize;
         t[GEMM_PANELS_BF16] = self.gemm_panels_bf16 as usize;
         t[GEMM_PANELS_F16] = self.gemm_panels_f16 as usize;
+        t[ATTN_BLOCK] = self.attn_block as usize;
         t
     }
 }
@@ -378,6 +407,8 @@ mod tests {
         std::ptr::null_mut()
     }
 
+    unsafe extern "sysv64" fn attn(_: *const f32, _: *const f32, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *mut f32) {}
+
     /// Each function lands at its slot; only optional slots may be 0.
     #[test]
     fn table_addresses_follow_the_slots() {
@@ -388,6 +419,7 @@ mod tests {
             qgemm,
             gemm_panels_bf16: gemm16,
             gemm_panels_f16: gemm16_b,
+            attn_block: attn,
         };
         let t = full.addresses();
         assert_eq!(t[GEMM_PANELS], gemm as GemmPanelsFn as usize);
@@ -396,6 +428,7 @@ mod tests {
         assert_eq!(t[QGEMM], qgemm as QGemmFn as usize);
         assert_eq!(t[GEMM_PANELS_BF16], gemm16 as GemmPanels16Fn as usize);
         assert_eq!(t[GEMM_PANELS_F16], gemm16_b as GemmPanels16Fn as usize);
+        assert_eq!(t[ATTN_BLOCK], attn as AttnBlockFn as usize);
         let bare = Table { qgemv: None, qgemv_a8: None, ..full }.addresses();
         for s in TABLE {
             assert_eq!(bare[s.index] == 0, s.optional, "slot `{}`", s.name);

@@ -142,12 +142,16 @@ pub struct CompileReport {
 }
 
 /// One node's kernel, as a backend generated it.
+#[derive(Clone)]
 pub struct NodeKernel {
     /// `<op>_<node index>`, for listings and errors.
     pub name: String,
     /// What identifies the kernel's code: nodes whose sources are equal share one kernel (the CPU
     /// backend's machine code, the CUDA backend's MLIR text).
     pub source: Vec<u8>,
+    /// Further kernels of the node (CPU: a split attention's merge), in run order, each with the
+    /// same arguments as the first and run after all of its parts: one more step each.
+    pub phases: Vec<Vec<u8>>,
     /// Constant f32 arrays passed after the output, in order.
     pub tables: Vec<Vec<f32>>,
     /// The kernel takes the runtime's microkernel table as its last argument (CPU).
@@ -454,7 +458,8 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
     /// A distinct kernel's index, with the tables and extra arguments its nodes pass.
     #[derive(Clone)]
     struct Made {
-        kernel: u32,
+        /// The node's kernels, one step each, in run order.
+        kernels: Vec<u32>,
         tables: Vec<Vec<f32>>,
         microkernels: bool,
         scratch_bytes: u64,
@@ -491,17 +496,29 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
                 let Some(nk) = backend.kernel(g, n, &operands)? else {
                     continue;
                 };
-                let kernel = match by_source.get(&nk.source) {
-                    Some(&k) => k,
-                    None => {
-                        let entry = backend.emit_code(kernels.len(), &nk, &mut code)?;
-                        kernels.push(entry);
-                        let k = (kernels.len() - 1) as u32;
-                        by_source.insert(nk.source, k);
-                        k
-                    }
+                let mut made_kernels = Vec::new();
+                let sources = std::iter::once(nk.source.clone()).chain(nk.phases.iter().cloned());
+                for (phase, source) in sources.enumerate() {
+                    let k = match by_source.get(&source) {
+                        Some(&k) => k,
+                        None => {
+                            let name = if phase == 0 { nk.name.clone() } else { format!("{}.{phase}", nk.name) };
+                            let one = NodeKernel { name, source: source.clone(), phases: Vec::new(), ..nk.clone() };
+                            let entry = backend.emit_code(kernels.len(), &one, &mut code)?;
+                            kernels.push(entry);
+                            let k = (kernels.len() - 1) as u32;
+                            by_source.insert(source, k);
+                            k
+                        }
+                    };
+                    made_kernels.push(k);
+                }
+                let m = Made {
+                    kernels: made_kernels,
+                    tables: nk.tables,
+                    microkernels: nk.microkernels,
+                    scratch_bytes: nk.scratch_bytes,
                 };
-                let m = Made { kernel, tables: nk.tables, microkernels: nk.microkernels, scratch_bytes: nk.scratch_bytes };
                 by_key.insert(key, m.clone());
                 m
             }
@@ -525,11 +542,17 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
             });
             args.push(b as u32);
         }
-        if made.scratch_bytes > 0 {
-            needs_scratch.push((steps.len(), made.scratch_bytes));
+        for (phase, &kernel) in made.kernels.iter().enumerate() {
+            if made.scratch_bytes > 0 {
+                needs_scratch.push((steps.len(), made.scratch_bytes));
+            }
+            let label = match phase {
+                0 => format!("%{i} = {}", g.op(n).name()),
+                _ => format!("%{i} = {} (phase {})", g.op(n).name(), phase + 1),
+            };
+            steps.push(Step { kernel, args: args.clone(), label });
+            step_nodes.push(n);
         }
-        steps.push(Step { kernel: made.kernel, args, label: format!("%{i} = {}", g.op(n).name()) });
-        step_nodes.push(n);
     }
     // One scratch slot at the end of the arena, shared by every kernel that needs one.
     let mut arena_bytes = mp.arena_bytes;

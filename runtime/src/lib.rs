@@ -10,6 +10,7 @@
 //! kernels call), [`embed`] (sentence embeddings from encoder artifacts), [`tokenizer`] (text in
 //! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
+pub mod akernel;
 pub mod artifact;
 pub mod bandwidth;
 #[cfg(feature = "cuda")]

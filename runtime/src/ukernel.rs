@@ -32,6 +32,7 @@ pub fn table() -> &'static [usize; SLOTS] {
             qgemm: crate::qkernel::select_qgemm(),
             gemm_panels_bf16: select_gemm_panels16::<BF16>(),
             gemm_panels_f16: select_gemm_panels16::<F16>(),
+            attn_block: crate::akernel::select_attn_block(),
         }
         .addresses()
     })

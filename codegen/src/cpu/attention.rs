@@ -19,6 +19,11 @@
 //! 3. `acc[h] += sum_t p[h, t] v[t]`: the `[heads, D]` accumulator lives on the stack (in L1) and is
 //!    updated four keys per load/store of each of its vectors.
 //!
+//! When the runtime's microkernels are in use (the default; not with `--no-microkernels`), steps
+//! 1-3 over all of an item's keys are one call of the table's attention block
+//! (`abi::ukernel::ATTN_BLOCK`, AVX-512 in `runtime/src/akernel.rs`) on a stack state of `acc`,
+//! `m`, `l` per head; the rest of the kernel (items, chunks, the epilogue, the merge) is the same.
+//!
 //! At the end `out = acc / l` (0 when no key is visible, as the reference gives). `D` is a
 //! compile-time constant: the dot products loop over it two `f32x4` steps at a time (so every
 //! accumulator advances each iteration and the loads stay in order: pure loads would be hoisted
@@ -26,10 +31,28 @@
 //! handles `D % 4 != 0`. Items are ordered KV head major, and within a head the query rows
 //! alternate from both ends (`0, S-1, 1, S-2, ..`) so that each part's contiguous share of items
 //! carries about the same causal work.
+//!
+//! **Split over the key range (flash-decoding).** A decode step has `S * NKV * (G / heads per
+//! item)` items: 3 for a model with 3 KV heads, so 2 threads split it 2:1 and 16 threads leave
+//! 13 idle. When a causal node has fewer than [`SPLIT_ITEMS`] items per query row, steps of at
+//! most `smax = SPLIT_ITEMS / items per row` rows divide each item's keys into `C = min(ceil(T /
+//! BT), CMAX)` chunks of `ceil(T / C)` positions (chunk `c` covers positions `[c L, (c+1) L)`
+//! intersected with the row's visible keys, possibly empty) and the node runs as two kernels
+//! (phases, with the runtime's barrier between them):
+//! 1. [`attention`]: every (item, chunk) computes its partial `m`, `l` and unnormalized `acc`
+//!    as above and writes them to the node's scratch (`[smax, NH, CMAX, D + 2]` f32: `acc`, `m`,
+//!    `l`);
+//! 2. [`attention_merge`]: every (row, head) merges its `C` partials: `M = max m_c`,
+//!    `w_c = e^{m_c - M}` (0 for an empty chunk), `out = sum w_c acc_c / sum w_c l_c`.
+//!
+//! `C` depends only on `S` and `T`, never on `nparts`: the result is the same at any thread count.
+//! Outside the split (`S > smax`, or `C = 1`) phase 1 writes the output directly and phase 2 does
+//! nothing.
 
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, I64};
-use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value};
+use abi::ukernel::{ATTN_BLOCK, ATTN_BLOCK_SIG};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_frontend::Variable;
 use llmc_ir::{Dim, Graph, NodeId};
 
@@ -43,6 +66,65 @@ use crate::error::Result;
 const GMAX: usize = 8;
 /// Loops over `D` are unrolled up to this many elements.
 const UNROLL_D: usize = 256;
+/// A causal node whose query rows have fewer items than this splits small steps over the key
+/// range.
+const SPLIT_ITEMS: usize = 16;
+/// Most key chunks per item in a split step.
+pub(crate) const CMAX: usize = 16;
+
+/// How an attention node splits over the key range: steps of at most `smax` rows, chunks of at
+/// least `bt` keys. `None`: the node never splits (one kernel, no scratch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Split {
+    smax: usize,
+    bt: usize,
+    nh: usize,
+    d: usize,
+}
+
+impl Split {
+    /// Scratch bytes of the partials: `[smax, NH, CMAX, D + 2]` f32.
+    pub(crate) fn scratch_bytes(&self) -> u64 {
+        (self.smax * self.nh * CMAX * (self.d + 2) * 4) as u64
+    }
+}
+
+/// Head layout `(NH, D, NKV, heads per item, items per query row)`.
+fn heads(g: &Graph, n: NodeId) -> Result<(usize, usize, usize, usize, usize)> {
+    let ins = g.inputs(n);
+    let (qt, kt) = (g.ty(ins[0]), g.ty(ins[1]));
+    let (Some(nh), Some(d), Some(nkv)) = (qt.shape[1].as_const(), qt.shape[2].as_const(), kt.shape[1].as_const())
+    else {
+        return Err(unsupported(g, n, "head counts and head dim must be constants"));
+    };
+    if d == 0 || nkv == 0 || nh % nkv != 0 {
+        return Err(unsupported(g, n, format!("unsupported head layout NH={nh} NKV={nkv} D={d}")));
+    }
+    let gsz = nh / nkv;
+    let gh = (1..=GMAX.min(gsz)).rev().find(|c| gsz % c == 0).unwrap_or(1);
+    Ok((nh, d, nkv, gh, nkv * (gsz / gh)))
+}
+
+/// The key-range split of causal attention node `n` with a cache of `max_context` rows.
+pub(crate) fn split_of(g: &Graph, n: NodeId, causal: bool, max_context: usize) -> Result<Option<Split>> {
+    let (nh, d, _, _, items) = heads(g, n)?;
+    let bt = block_keys(d);
+    let smax = SPLIT_ITEMS / items;
+    Ok((causal && smax > 0 && max_context > bt).then_some(Split { smax, bt, nh, d }))
+}
+
+/// This step's chunk count: `min(ceil(T / BT), CMAX)` when `S <= smax`, else 1.
+fn chunks(kb: &mut Kb, split: Option<Split>) -> Value {
+    let Some(sp) = split else { return kb.ic(1) };
+    let t = kb.add(kb.s, kb.p);
+    let n = kb.div_ceil(t, sp.bt as i64);
+    let cmax = kb.ic(CMAX as i64);
+    let n = kb.min(n, cmax);
+    let one = kb.ic(1);
+    let n = kb.max(n, one);
+    let ok = kb.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, kb.s, sp.smax as i64);
+    kb.b.ins().select(ok, n, one)
+}
 
 /// Runs `body(ty, index)` over `0..d` in `f32x4` steps then an `f32` tail, unrolled when small.
 fn dsweep(kb: &mut Kb, d: usize, body: &mut dyn FnMut(&mut Kb, Type, Value)) {
@@ -71,6 +153,9 @@ fn stack(kb: &mut Kb, bytes: usize) -> Value {
     kb.b.ins().stack_addr(I64, slot, 0)
 }
 
+/// Phase 1 (the whole kernel when `split` is `None`): every item's attention over its keys, or
+/// over one chunk of them in a split step (partials to the scratch, `bufs[4]`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     kb: &mut Kb,
     g: &Graph,
@@ -78,16 +163,12 @@ pub(crate) fn attention(
     scale: f32,
     window: Option<usize>,
     causal: bool,
+    split: Option<Split>,
+    ukernel: bool,
 ) -> Result<()> {
     let ins = g.inputs(n);
-    let (qt, kt) = (g.ty(ins[0]), g.ty(ins[1]));
-    let (Some(nh), Some(d), Some(nkv)) = (qt.shape[1].as_const(), qt.shape[2].as_const(), kt.shape[1].as_const())
-    else {
-        return Err(unsupported(g, n, "head counts and head dim must be constants"));
-    };
-    if d == 0 || nkv == 0 || nh % nkv != 0 {
-        return Err(unsupported(g, n, format!("unsupported head layout NH={nh} NKV={nkv} D={d}")));
-    }
+    let kt = g.ty(ins[1]);
+    let (nh, d, nkv, gh, _) = heads(g, n)?;
     // Key row `t` at `t * kstride` below: a contiguous cache (or this step's keys).
     for kv in &ins[1..3] {
         crate::plan::require_contiguous_kv_of(g, *kv, "the CPU attention kernel")?;
@@ -98,17 +179,36 @@ pub(crate) fn attention(
         return Err(unsupported(g, n, "causal attention reads its keys from the KV cache ([T, ..])"));
     }
     let gsz = nh / nkv;
-    let gh = (1..=GMAX.min(gsz)).rev().find(|c| gsz % c == 0).unwrap_or(1);
     let ng = gsz / gh;
     let bt = block_keys(d);
     let (q, k, v, o) = (kb.buf(0), kb.buf(1), kb.buf(2), kb.buf(3));
-    let scores = stack(kb, gh * bt * 4);
-    let accb = stack(kb, gh * d * 4);
+    // With the runtime's attention block: its table is `bufs[4]`, the scratch after it.
+    let attn_fn = ukernel.then(|| {
+        let table = kb.buf(4);
+        let flags = MemFlagsData::trusted().with_readonly();
+        kb.b.ins().load(I64, flags, table, (8 * ATTN_BLOCK) as i32)
+    });
+    let scratch = match split {
+        Some(_) => kb.buf(4 + ukernel as usize),
+        None => kb.ic(0),
+    };
+    let astride = if ukernel { d + 2 } else { d };
+    let scores = stack(kb, if ukernel { 16 } else { gh * bt * 4 });
+    let accb = stack(kb, gh * astride * 4);
     let kstride = (nkv * d * 4) as i64; // bytes between key rows
     let s = kb.s;
+    // Chunks per item, and positions per chunk.
+    let nc = chunks(kb, split);
+    let tk = kb.add(kb.s, kb.p);
+    let ncm1 = kb.addi(nc, -1);
+    let tk1 = kb.add(tk, ncm1);
+    let clen = kb.b.ins().udiv(tk1, nc);
     let total = kb.muli(s, (nkv * ng) as i64);
+    let total = kb.mul(total, nc);
     let (lo, hi) = kb.part_range(total);
     kb.for_steps(lo, hi, 1, &mut |kb, i| {
+        let ci = kb.b.ins().urem(i, nc);
+        let i = kb.b.ins().udiv(i, nc);
         // Item -> (KV head, head group, query row).
         let hh = kb.b.ins().udiv(i, kb.s);
         let hs = kb.mul(hh, kb.s);
@@ -155,93 +255,240 @@ pub(crate) fn attention(
             }
             None => kb.ic(0),
         };
-        let ninf = kb.fc(F32, f32::NEG_INFINITY);
-        let zf = kb.fc(F32, 0.0);
-        let m: Vec<Variable> = (0..gh).map(|_| kb.var(F32, ninf)).collect();
-        let l: Vec<Variable> = (0..gh).map(|_| kb.var(F32, zf)).collect();
-        dsweep(kb, gh * d, &mut |kb, ty, x| {
-            let z = kb.fc(ty, 0.0);
-            kb.st(z, accb, x);
-        });
-        let span = kb.sub(thi, tlo);
-        let nblk = kb.div_ceil(span, bt as i64);
-        let z = kb.ic(0);
-        kb.for_steps(z, nblk, 1, &mut |kb, bi| {
-            let t0 = kb.muli(bi, bt as i64);
-            let t0 = kb.add(tlo, t0);
-            let left = kb.sub(thi, t0);
-            let btv = kb.ic(bt as i64);
-            let bl = kb.min(left, btv);
-            let k0o = kb.muli(t0, kstride);
-            let kblk = kb.add(kbase, k0o);
-            let vblk = kb.add(vbase, k0o);
-            // 1. Scores, in head subgroups of at most 4.
-            let mut g0 = 0;
-            while g0 < gh {
-                let gq = (gh - g0).min(4);
-                let ku = (8 / gq).clamp(1, 4);
-                let heads: Vec<usize> = (g0..g0 + gq).collect();
-                let zi = kb.ic(0);
-                let e = kb.for_steps(zi, bl, ku as i64, &mut |kb, jj| {
-                    scores_tile(kb, d, bt, scale, &heads, ku, qbase, kblk, kstride, scores, jj)
-                });
-                if ku > 1 {
-                    kb.for_steps(e, bl, 1, &mut |kb, jj| {
-                        scores_tile(kb, d, bt, scale, &heads, 1, qbase, kblk, kstride, scores, jj)
-                    });
-                }
-                g0 += gq;
-            }
-            // 2. Online softmax; 3. accumulate p v.
+        // This item's chunk of them (everything when there is one chunk).
+        let c0 = kb.mul(ci, clen);
+        let c1 = kb.add(c0, clen);
+        let tlo = kb.max(tlo, c0);
+        let thi = kb.min(thi, c1);
+        let thi = kb.max(thi, tlo);
+        // The running state of each head: `acc` (row `hgi` at `hgi * astride` floats of `accb`),
+        // `m` and `l`.
+        let (mv, lv): (Vec<Value>, Vec<Value>) = if let Some(fptr) = attn_fn {
+            // The runtime's attention block over all of this item's keys: state rows of `d + 2`
+            // floats (`acc`, `m`, `l`) in `accb`.
+            let ninf = kb.fc(F32, f32::NEG_INFINITY);
+            let zf = kb.fc(F32, 0.0);
             for hgi in 0..gh {
-                let sp = kb.addi(scores, (hgi * bt * 4) as i64);
-                let ap = kb.addi(accb, (hgi * d * 4) as i64);
-                let bm = row_max(kb, sp, bl);
-                let m_old = kb.get(m[hgi]);
-                let m_new = kb.fmax(F32, bm, m_old);
-                let dm = kb.fsub(m_old, m_new);
-                let corr = math::exp(kb, F32, dm);
-                let sum = row_sum(kb, bl, &mut |kb, ty, i| {
-                    let x = kb.ld(ty, sp, i);
-                    let mv = kb.splat(ty, m_new);
-                    let dx = kb.fsub(x, mv);
-                    let e = math::exp(kb, ty, dx);
-                    kb.st(e, sp, i);
-                    e
+                let ap = kb.addi(accb, (hgi * astride * 4) as i64);
+                dsweep(kb, d, &mut |kb, ty, x| {
+                    let z = kb.fc(ty, 0.0);
+                    kb.st(z, ap, x);
                 });
-                let l_old = kb.get(l[hgi]);
-                let l_new = kb.fma(l_old, corr, sum);
-                kb.set(l[hgi], l_new);
-                kb.set(m[hgi], m_new);
+                kb.st_at(ninf, ap, (d * 4) as i32);
+                kb.st_at(zf, ap, (d * 4 + 4) as i32);
+            }
+            let span = kb.sub(thi, tlo);
+            let k0o = kb.muli(tlo, kstride);
+            let kp = kb.add(kbase, k0o);
+            let vp = kb.add(vbase, k0o);
+            let ksv = kb.ic((nkv * d) as i64);
+            let dims = kb.ic(d as i64 | (gh as i64) << 32);
+            let sc = kb.ic(scale.to_bits() as i64);
+            let sig = kb.microkernel_sig(ATTN_BLOCK_SIG.params, ATTN_BLOCK_SIG.returns);
+            kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
+            (0..gh)
+                .map(|hgi| {
+                    let ap = kb.addi(accb, (hgi * astride * 4) as i64);
+                    (kb.ld_at(F32, ap, (d * 4) as i32), kb.ld_at(F32, ap, (d * 4 + 4) as i32))
+                })
+                .unzip()
+        } else {
+            let ninf = kb.fc(F32, f32::NEG_INFINITY);
+            let zf = kb.fc(F32, 0.0);
+            let m: Vec<Variable> = (0..gh).map(|_| kb.var(F32, ninf)).collect();
+            let l: Vec<Variable> = (0..gh).map(|_| kb.var(F32, zf)).collect();
+            dsweep(kb, gh * d, &mut |kb, ty, x| {
+                let z = kb.fc(ty, 0.0);
+                kb.st(z, accb, x);
+            });
+            let span = kb.sub(thi, tlo);
+            let nblk = kb.div_ceil(span, bt as i64);
+            let z = kb.ic(0);
+            kb.for_steps(z, nblk, 1, &mut |kb, bi| {
+                let t0 = kb.muli(bi, bt as i64);
+                let t0 = kb.add(tlo, t0);
+                let left = kb.sub(thi, t0);
+                let btv = kb.ic(bt as i64);
+                let bl = kb.min(left, btv);
+                let k0o = kb.muli(t0, kstride);
+                let kblk = kb.add(kbase, k0o);
+                let vblk = kb.add(vbase, k0o);
+                // 1. Scores, in head subgroups of at most 4.
+                let mut g0 = 0;
+                while g0 < gh {
+                    let gq = (gh - g0).min(4);
+                    let ku = (8 / gq).clamp(1, 4);
+                    let heads: Vec<usize> = (g0..g0 + gq).collect();
+                    let zi = kb.ic(0);
+                    let e = kb.for_steps(zi, bl, ku as i64, &mut |kb, jj| {
+                        scores_tile(kb, d, bt, scale, &heads, ku, qbase, kblk, kstride, scores, jj)
+                    });
+                    if ku > 1 {
+                        kb.for_steps(e, bl, 1, &mut |kb, jj| {
+                            scores_tile(kb, d, bt, scale, &heads, 1, qbase, kblk, kstride, scores, jj)
+                        });
+                    }
+                    g0 += gq;
+                }
+                // 2. Online softmax; 3. accumulate p v.
+                for hgi in 0..gh {
+                    let sp = kb.addi(scores, (hgi * bt * 4) as i64);
+                    let ap = kb.addi(accb, (hgi * d * 4) as i64);
+                    let bm = row_max(kb, sp, bl);
+                    let m_old = kb.get(m[hgi]);
+                    let m_new = kb.fmax(F32, bm, m_old);
+                    let dm = kb.fsub(m_old, m_new);
+                    let corr = math::exp(kb, F32, dm);
+                    let sum = row_sum(kb, bl, &mut |kb, ty, i| {
+                        let x = kb.ld(ty, sp, i);
+                        let mv = kb.splat(ty, m_new);
+                        let dx = kb.fsub(x, mv);
+                        let e = math::exp(kb, ty, dx);
+                        kb.st(e, sp, i);
+                        e
+                    });
+                    let l_old = kb.get(l[hgi]);
+                    let l_new = kb.fma(l_old, corr, sum);
+                    kb.set(l[hgi], l_new);
+                    kb.set(m[hgi], m_new);
+                    dsweep(kb, d, &mut |kb, ty, x| {
+                        let a = kb.ld(ty, ap, x);
+                        let c = kb.splat(ty, corr);
+                        let a = kb.fmul(a, c);
+                        kb.st(a, ap, x);
+                    });
+                    let zi = kb.ic(0);
+                    let e = kb.for_steps(zi, bl, 4, &mut |kb, jj| pv_tile(kb, d, 4, sp, ap, vblk, kstride, jj));
+                    kb.for_steps(e, bl, 1, &mut |kb, jj| pv_tile(kb, d, 1, sp, ap, vblk, kstride, jj));
+                }
+            });
+            (m.iter().map(|&x| kb.get(x)).collect(), l.iter().map(|&x| kb.get(x)).collect())
+        };
+        // out = acc / l (0 when nothing was visible).
+        let write_out = &mut |kb: &mut Kb| {
+            for (hgi, &lv) in lv.iter().enumerate() {
+                let one = kb.fc(F32, 1.0);
+                let inv = kb.fdiv(one, lv);
+                let zf = kb.fc(F32, 0.0);
+                let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
+                let ap = kb.addi(accb, (hgi * astride * 4) as i64);
+                let op = kb.addi(obase, (hgi * d * 4) as i64);
                 dsweep(kb, d, &mut |kb, ty, x| {
                     let a = kb.ld(ty, ap, x);
-                    let c = kb.splat(ty, corr);
-                    let a = kb.fmul(a, c);
-                    kb.st(a, ap, x);
+                    let iv = kb.splat(ty, inv);
+                    let y = kb.fmul(a, iv);
+                    kb.st(y, op, x);
                 });
-                let zi = kb.ic(0);
-                let e = kb.for_steps(zi, bl, 4, &mut |kb, jj| pv_tile(kb, d, 4, sp, ap, vblk, kstride, jj));
-                kb.for_steps(e, bl, 1, &mut |kb, jj| pv_tile(kb, d, 1, sp, ap, vblk, kstride, jj));
             }
-        });
-        // out = acc / l (0 when nothing was visible).
-        for (hgi, &lh) in l.iter().enumerate() {
-            let lv = kb.get(lh);
-            let one = kb.fc(F32, 1.0);
-            let inv = kb.fdiv(one, lv);
-            let zf = kb.fc(F32, 0.0);
-            let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
-            let ap = kb.addi(accb, (hgi * d * 4) as i64);
-            let op = kb.addi(obase, (hgi * d * 4) as i64);
-            dsweep(kb, d, &mut |kb, ty, x| {
-                let a = kb.ld(ty, ap, x);
-                let iv = kb.splat(ty, inv);
-                let y = kb.fmul(a, iv);
-                kb.st(y, op, x);
-            });
+        };
+        if split.is_none() {
+            write_out(kb);
+            return;
         }
+        // A split step: the partials of heads `h0..h0+gh`, chunk `ci`, to the scratch.
+        let one = kb.ic(1);
+        let is_split = kb.b.ins().icmp(IntCC::SignedGreaterThan, nc, one);
+        kb.if_else(
+            is_split,
+            &mut |kb| {
+                for (hgi, (&mv, &lv)) in mv.iter().zip(&lv).enumerate() {
+                    let slot = kb.addi(row, hgi as i64);
+                    let slot = kb.muli(slot, CMAX as i64);
+                    let slot = kb.add(slot, ci);
+                    let base = kb.muli(slot, (d + 2) as i64);
+                    let sp = kb.addr(scratch, base);
+                    let ap = kb.addi(accb, (hgi * astride * 4) as i64);
+                    dsweep(kb, d, &mut |kb, ty, x| {
+                        let a = kb.ld(ty, ap, x);
+                        kb.st(a, sp, x);
+                    });
+                    kb.st_at(mv, sp, (d * 4) as i32);
+                    kb.st_at(lv, sp, (d * 4 + 4) as i32);
+                }
+            },
+            &mut |kb| write_out(kb),
+        );
     });
     Ok(())
+}
+
+/// Phase 2 of a split node: each (query row, head) of a split step merges its chunks' partials
+/// from the scratch (`bufs[4]`) into the output; nothing when the step did not split.
+pub(crate) fn attention_merge(kb: &mut Kb, split: Split, ukernel: bool) {
+    let Split { nh, d, .. } = split;
+    let (o, scratch) = (kb.buf(3), kb.buf(4 + ukernel as usize));
+    let nc = chunks(kb, Some(split));
+    let one = kb.ic(1);
+    let is_split = kb.b.ins().icmp(IntCC::SignedGreaterThan, nc, one);
+    let rows = kb.muli(kb.s, nh as i64);
+    let zero = kb.ic(0);
+    let total = kb.b.ins().select(is_split, rows, zero);
+    let (lo, hi) = kb.part_range(total);
+    let wts = stack(kb, CMAX * 4);
+    kb.for_steps(lo, hi, 1, &mut |kb, i| {
+        // Item `i` is (row, head) `i`: its partials are the `CMAX` slots from `i * CMAX`.
+        let slot = kb.muli(i, CMAX as i64);
+        let base = kb.muli(slot, (d + 2) as i64);
+        let sp = kb.addr(scratch, base);
+        let oo = kb.muli(i, d as i64);
+        let op = kb.addr(o, oo);
+        let cstride = ((d + 2) * 4) as i64;
+        let ninf = kb.fc(F32, f32::NEG_INFINITY);
+        let mx = kb.var(F32, ninf);
+        let z = kb.ic(0);
+        kb.for_steps(z, nc, 1, &mut |kb, c| {
+            let off = kb.muli(c, cstride);
+            let pc = kb.add(sp, off);
+            let mc = kb.ld_at(F32, pc, (d * 4) as i32);
+            let cur = kb.get(mx);
+            let nx = kb.fmax(F32, mc, cur);
+            kb.set(mx, nx);
+        });
+        let mv = kb.get(mx);
+        let zf = kb.fc(F32, 0.0);
+        let lsum = kb.var(F32, zf);
+        kb.for_steps(z, nc, 1, &mut |kb, c| {
+            let off = kb.muli(c, cstride);
+            let pc = kb.add(sp, off);
+            let mc = kb.ld_at(F32, pc, (d * 4) as i32);
+            let lc = kb.ld_at(F32, pc, (d * 4 + 4) as i32);
+            let dm = kb.fsub(mc, mv);
+            let e = math::exp(kb, F32, dm);
+            let zf = kb.fc(F32, 0.0);
+            let w = kb.fsel(F32, FloatCC::GreaterThan, lc, zf, e, zf);
+            kb.st(w, wts, c);
+            let cur = kb.get(lsum);
+            let nx = kb.fma(w, lc, cur);
+            kb.set(lsum, nx);
+        });
+        dsweep(kb, d, &mut |kb, ty, x| {
+            let z = kb.fc(ty, 0.0);
+            kb.st(z, op, x);
+        });
+        kb.for_steps(z, nc, 1, &mut |kb, c| {
+            let off = kb.muli(c, cstride);
+            let pc = kb.add(sp, off);
+            let w = kb.ld(F32, wts, c);
+            dsweep(kb, d, &mut |kb, ty, x| {
+                let a = kb.ld(ty, pc, x);
+                let cur = kb.ld(ty, op, x);
+                let wv = kb.splat(ty, w);
+                let y = kb.fma(a, wv, cur);
+                kb.st(y, op, x);
+            });
+        });
+        let lv = kb.get(lsum);
+        let onef = kb.fc(F32, 1.0);
+        let inv = kb.fdiv(onef, lv);
+        let zf = kb.fc(F32, 0.0);
+        let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
+        dsweep(kb, d, &mut |kb, ty, x| {
+            let a = kb.ld(ty, op, x);
+            let iv = kb.splat(ty, inv);
+            let y = kb.fmul(a, iv);
+            kb.st(y, op, x);
+        });
+    });
 }
 
 /// Max of `x[0..len]`, `len >= 1`.

@@ -89,13 +89,8 @@ impl Backend for CpuBackend {
             _ => Default::default(),
         };
         let ctx = KernelCtx { max_context: self.max_context, panel_weights: self.panels(), panel_elem };
-        Ok(compile_kernel(&**isa, &ctx, g, n)?.map(|KernelCode { name, code, tables, ukernels }| NodeKernel {
-            name,
-            source: code,
-            tables,
-            microkernels: ukernels,
-            scratch_bytes: 0,
-            launch: None,
+        Ok(compile_kernel(&**isa, &ctx, g, n)?.map(|KernelCode { name, code, phases, tables, ukernels, scratch_bytes }| {
+            NodeKernel { name, source: code, phases, tables, microkernels: ukernels, scratch_bytes, launch: None }
         }))
     }
 

@@ -3,14 +3,17 @@
 //! Every kernel has the System V signature
 //! `fn(bufs: *const *mut u8, s: i64, p: i64, part: i64, nparts: i64)`:
 //! `bufs[0..arity]` are the node's operands in operand order, `bufs[arity]` its output and
-//! `bufs[arity+1..]` the kernel's [`KernelCode::tables`], in order. Tensors are contiguous
+//! `bufs[arity+1..]` the kernel's [`KernelCode::tables`], in order, then the microkernel table
+//! when it calls microkernels, then its scratch when it has one. Tensors are contiguous
 //! row-major at their IR shape under `S = s`, `P = p`, `T = s + p`; f32 for float tensors, i32
 //! for ids and positions. `kv_concat`'s output pointer is the state buffer itself (`f32[C, ..]`):
 //! the kernel writes the `S` new rows at row `p`.
 //!
 //! A call does only part `part` of `nparts` of the work (its share of the outermost independent
 //! loop: rows, row blocks, chunks); the runtime calls every part, possibly concurrently, and the
-//! union is the whole result. `nparts = 1` does everything.
+//! union is the whole result. `nparts = 1` does everything. Most nodes are one kernel; a node
+//! with [`KernelCode::phases`] (a split attention) is several, run one after another on the same
+//! buffers, every part of one before any part of the next.
 //!
 //! The code is self-contained and position-independent: no relocations (no libcalls; exp, tanh,
 //! erf are inline polynomials, see [`math`]), no stack probes, constants in the function's own
@@ -62,12 +65,17 @@ pub struct KernelCode {
     pub name: String,
     /// Position-independent x86-64 code, entry at offset 0; load at a [`KERNEL_ALIGN`] boundary.
     pub code: Vec<u8>,
+    /// Further kernels of the same node (same buffers), each run after every part of the
+    /// previous one has finished: a split attention's merge.
+    pub phases: Vec<Vec<u8>>,
     /// Constant f32 arrays passed as `bufs[arity + 1 ..]`, in order.
     pub tables: Vec<Vec<f32>>,
     /// The kernel calls runtime microkernels: it takes the runtime's function table
     /// (`BufferDecl::Microkernels`, the slots of [`abi::ukernel::TABLE`]) as one more buffer,
     /// after the tables.
     pub ukernels: bool,
+    /// Bytes of scratch the kernel's phases share, passed as the last buffer (0: none).
+    pub scratch_bytes: u64,
 }
 
 /// What kernels need to know beyond the graph.
@@ -76,7 +84,9 @@ pub struct KernelCtx {
     /// `C`: KV-cache rows, the largest value `T` takes.
     pub max_context: usize,
     /// Store eligible weights in the runtime's panel layout and run their products through the
-    /// runtime's GEMM microkernel ([`panel`]); the memory plan must be made with the same flag.
+    /// runtime's GEMM microkernel ([`panel`]), and attention through its attention block
+    /// ([`attention`]): the runtime's microkernels are in use (`--no-microkernels` clears it);
+    /// the memory plan must be made with the same flag.
     pub panel_weights: bool,
     /// The element type of this node's panel weight (operand 1), when it has one: the kernel
     /// calls the panel GEMM of that type (`abi::panel::PanelElem::slot`).
@@ -153,13 +163,6 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         }
     }
     let name = format!("{}_{}", node.op.name(), n.index());
-
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..5 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    let mut func = Function::with_name_signature(UserFuncName::testcase(&name), sig);
-    let mut fctx = FunctionBuilderContext::new();
     let mut tables = Vec::new();
     let panels = match &node.op {
         Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. }
@@ -175,6 +178,70 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         }
         _ => None,
     };
+    let split = match &node.op {
+        Op::Attention { causal, .. } => attention::split_of(g, n, *causal, ctx.max_context)?,
+        _ => None,
+    };
+    let code = build(isa, &name, &mut |kb| {
+        let kb = &mut *kb;
+        match &node.op {
+            Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
+            _ if packed.is_some() => quant::packed_product(kb, g, n, packed.unwrap_or_default(), ctx.panel_weights),
+            _ if panels.is_some() => panel::panel_product(kb, g, n, panels.unwrap_or(1), ctx.panel_elem)?,
+            Op::Concat { axis, .. } => concat::concat(kb, g, n, *axis),
+            Op::Attention { scale, window, causal } => attention::attention(kb, g, n, *scale, *window, *causal, split, ctx.panel_weights)?,
+            Op::RmsNorm { eps } => norm::rms_norm(kb, g, n, *eps),
+            Op::LayerNorm { eps } => norm::layer_norm(kb, g, n, *eps),
+            Op::Linear { transpose_b, bias, act, residual } => {
+                linear::linear(kb, g, n, *transpose_b, *bias, *act, *residual)?
+            }
+            Op::GatedLinear { act } => linear::gated_linear(kb, g, n, *act)?,
+            Op::Moe { top_k, act } => moe::moe(kb, g, n, *top_k, *act)?,
+            Op::Positions => movement::positions(kb),
+            Op::Gather => match quant::packed_layout(g, ins[0]) {
+                Some(layout) => quant::gather_packed(kb, g, n, layout),
+                None if ctx.panel_weights && panel::panel_groups(g, ins[0]).is_some() => {
+                    panel::gather_panels(kb, g, n, ctx.panel_elem)
+                }
+                None => movement::gather(kb, g, n),
+            },
+            Op::Unary(u) => elementwise::unary(kb, g, n, *u),
+            Op::Binary(op) => elementwise::binary(kb, g, n, *op),
+            Op::Reduce(r) => reduce::reduce(kb, g, n, *r),
+            Op::Softmax => reduce::softmax(kb, g, n),
+            Op::Matmul { transpose_b } => matmul::matmul(kb, g, n, *transpose_b),
+            Op::Transpose { perm } => movement::transpose(kb, g, n, perm),
+            Op::Slice { axis, start, end } => movement::slice(kb, g, n, *axis, *start, *end),
+            Op::Rope { rotary_dim } => tables = rope::rope(kb, g, n, *rotary_dim, ctx.max_context)?,
+            Op::CausalMask { window } => rope::causal_mask(kb, g, n, *window),
+            Op::KvConcat { state } => movement::kv_concat(kb, g, n, state)?,
+        }
+        Ok(())
+    })?;
+    let (phases, scratch_bytes) = match split {
+        Some(sp) => {
+            let merge = build(isa, &format!("{name}.merge"), &mut |kb| {
+                attention::attention_merge(kb, sp, ctx.panel_weights);
+                Ok(())
+            })?;
+            (vec![merge], sp.scratch_bytes())
+        }
+        None => (Vec::new(), 0),
+    };
+    let attention = matches!(node.op, Op::Attention { .. });
+    let ukernels = panels.is_some() || (packed.is_some() && ctx.panel_weights) || (attention && ctx.panel_weights);
+    Ok(Some(KernelCode { name, code, phases, tables, ukernels, scratch_bytes }))
+}
+
+/// One kernel function: `body` emits its code into a fresh function of the kernel ABI, compiled
+/// for `isa` and checked to be self-contained.
+fn build(isa: &dyn TargetIsa, name: &str, body: &mut dyn FnMut(&mut Kb) -> Result<()>) -> Result<Vec<u8>> {
+    let mut sig = Signature::new(CallConv::SystemV);
+    for _ in 0..5 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    let mut func = Function::with_name_signature(UserFuncName::testcase(name), sig);
+    let mut fctx = FunctionBuilderContext::new();
     {
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
         let entry = b.create_block();
@@ -183,58 +250,25 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         let ps = b.block_params(entry).to_vec();
         let mut kb =
             Kb { b, has_fma: isa.has_native_fma(), bufs: ps[0], s: ps[1], p: ps[2], part: ps[3], nparts: ps[4] };
-        match &node.op {
-            Op::Input { .. } | Op::Weight { .. } | Op::Const { .. } | Op::Reshape => unreachable!("handled above"),
-            _ if packed.is_some() => quant::packed_product(&mut kb, g, n, packed.unwrap_or_default(), ctx.panel_weights),
-            _ if panels.is_some() => panel::panel_product(&mut kb, g, n, panels.unwrap_or(1), ctx.panel_elem)?,
-            Op::Concat { axis, .. } => concat::concat(&mut kb, g, n, *axis),
-            Op::Attention { scale, window, causal } => attention::attention(&mut kb, g, n, *scale, *window, *causal)?,
-            Op::RmsNorm { eps } => norm::rms_norm(&mut kb, g, n, *eps),
-            Op::LayerNorm { eps } => norm::layer_norm(&mut kb, g, n, *eps),
-            Op::Linear { transpose_b, bias, act, residual } => {
-                linear::linear(&mut kb, g, n, *transpose_b, *bias, *act, *residual)?
-            }
-            Op::GatedLinear { act } => linear::gated_linear(&mut kb, g, n, *act)?,
-            Op::Moe { top_k, act } => moe::moe(&mut kb, g, n, *top_k, *act)?,
-            Op::Positions => movement::positions(&mut kb),
-            Op::Gather => match quant::packed_layout(g, ins[0]) {
-                Some(layout) => quant::gather_packed(&mut kb, g, n, layout),
-                None if ctx.panel_weights && panel::panel_groups(g, ins[0]).is_some() => {
-                    panel::gather_panels(&mut kb, g, n, ctx.panel_elem)
-                }
-                None => movement::gather(&mut kb, g, n),
-            },
-            Op::Unary(u) => elementwise::unary(&mut kb, g, n, *u),
-            Op::Binary(op) => elementwise::binary(&mut kb, g, n, *op),
-            Op::Reduce(r) => reduce::reduce(&mut kb, g, n, *r),
-            Op::Softmax => reduce::softmax(&mut kb, g, n),
-            Op::Matmul { transpose_b } => matmul::matmul(&mut kb, g, n, *transpose_b),
-            Op::Transpose { perm } => movement::transpose(&mut kb, g, n, perm),
-            Op::Slice { axis, start, end } => movement::slice(&mut kb, g, n, *axis, *start, *end),
-            Op::Rope { rotary_dim } => tables = rope::rope(&mut kb, g, n, *rotary_dim, ctx.max_context)?,
-            Op::CausalMask { window } => rope::causal_mask(&mut kb, g, n, *window),
-            Op::KvConcat { state } => movement::kv_concat(&mut kb, g, n, state)?,
-        }
+        body(&mut kb)?;
         kb.finish(isa.frontend_config());
     }
     let mut cctx = Context::for_function(func);
     let compiled = cctx
         .compile(isa, &mut ControlPlane::default())
-        .map_err(|e| CodegenError::Cranelift { kernel: name.clone(), msg: format!("{:?}", e.inner) })?;
+        .map_err(|e| CodegenError::Cranelift { kernel: name.to_string(), msg: format!("{:?}", e.inner) })?;
     let relocs = compiled.buffer.relocs();
     if !relocs.is_empty() {
         return Err(CodegenError::Cranelift {
-            kernel: name,
+            kernel: name.to_string(),
             msg: format!("{} relocation(s) in generated code (first: {:?})", relocs.len(), relocs[0]),
         });
     }
     if compiled.buffer.alignment as usize > KERNEL_ALIGN {
         return Err(CodegenError::Cranelift {
-            kernel: name,
+            kernel: name.to_string(),
             msg: format!("code needs {}-byte alignment, more than {KERNEL_ALIGN}", compiled.buffer.alignment),
         });
     }
-    let code = compiled.code_buffer().to_vec();
-    let ukernels = panels.is_some() || (packed.is_some() && ctx.panel_weights);
-    Ok(Some(KernelCode { name, code, tables, ukernels }))
+    Ok(compiled.code_buffer().to_vec())
 }

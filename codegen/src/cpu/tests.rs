@@ -58,25 +58,52 @@ fn isas() -> Vec<(&'static str, OwnedTargetIsa)> {
     vec![("host", host), ("sse2", base)]
 }
 
+/// A kernel in executable memory: its phases (each run for every part before the next) and
+/// the scratch they share, filled with NaN before every run (a phase must not read what it did
+/// not write).
 struct Exec {
-    map: memmap2::Mmap,
+    maps: Vec<memmap2::Mmap>,
     tables: Vec<Vec<f32>>,
     ukernels: bool,
+    scratch: std::cell::RefCell<Vec<u32>>,
 }
 
 impl Exec {
     fn new(k: &KernelCode) -> Exec {
-        let mut m = memmap2::MmapMut::map_anon(k.code.len().max(1)).expect("mmap");
-        m[..k.code.len()].copy_from_slice(&k.code);
-        let map = m.make_exec().expect("make_exec");
-        assert_eq!(map.as_ptr() as usize % KERNEL_ALIGN, 0);
-        Exec { map, tables: k.tables.clone(), ukernels: k.ukernels }
+        let maps = std::iter::once(&k.code)
+            .chain(&k.phases)
+            .map(|code| {
+                let mut m = memmap2::MmapMut::map_anon(code.len().max(1)).expect("mmap");
+                m[..code.len()].copy_from_slice(code);
+                let map = m.make_exec().expect("make_exec");
+                assert_eq!(map.as_ptr() as usize % KERNEL_ALIGN, 0);
+                map
+            })
+            .collect();
+        let scratch = vec![f32::NAN.to_bits(); (k.scratch_bytes as usize).div_ceil(4)];
+        Exec { maps, tables: k.tables.clone(), ukernels: k.ukernels, scratch: scratch.into() }
     }
     fn run(&self, ins: &mut [Vec<u32>], out: &mut [u32], s: usize, p: usize, nparts: usize) {
-        for part in 0..nparts {
-            self.run_parts(ins, out, s, p, part..part + 1, nparts);
-        }
+        self.run_parts(ins, out, s, p, 0..nparts, nparts);
     }
+    /// The argument array for `ins` and `out`.
+    fn bufs(&self, ins: &mut [Vec<u32>], out: &mut [u32]) -> Vec<*mut u8> {
+        let mut bufs: Vec<*mut u8> = ins.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
+        bufs.push(out.as_mut_ptr() as *mut u8);
+        for t in &self.tables {
+            bufs.push(t.as_ptr() as *mut u8);
+        }
+        if self.ukernels {
+            bufs.push(llmc_runtime::ukernel::table().as_ptr() as *mut u8);
+        }
+        if !self.scratch.borrow().is_empty() {
+            let mut sc = self.scratch.borrow_mut();
+            sc.fill(f32::NAN.to_bits());
+            bufs.push(sc.as_mut_ptr() as *mut u8);
+        }
+        bufs
+    }
+    /// Parts `parts` of every phase, phase by phase.
     fn run_parts(
         &self,
         ins: &mut [Vec<u32>],
@@ -86,21 +113,15 @@ impl Exec {
         parts: std::ops::Range<usize>,
         nparts: usize,
     ) {
-        let mut bufs: Vec<*mut u8> = ins.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
-        bufs.push(out.as_mut_ptr() as *mut u8);
-        for t in &self.tables {
-            bufs.push(t.as_ptr() as *mut u8);
-        }
-        if self.ukernels {
-            bufs.push(llmc_runtime::ukernel::table().as_ptr() as *mut u8);
-        }
-        let f = self.entry();
-        for part in parts {
-            unsafe { f(bufs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
+        let bufs = self.bufs(ins, out);
+        for f in self.entries() {
+            for part in parts.clone() {
+                unsafe { f(bufs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
+            }
         }
     }
-    fn entry(&self) -> KernelFn {
-        unsafe { std::mem::transmute::<*const u8, KernelFn>(self.map.as_ptr()) }
+    fn entries(&self) -> Vec<KernelFn> {
+        self.maps.iter().map(|m| unsafe { std::mem::transmute::<*const u8, KernelFn>(m.as_ptr()) }).collect()
     }
 }
 
@@ -315,7 +336,10 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let panels = PANELS.with(|p| p.get());
     let panel_elem = if panels { PANEL_ELEM.with(|e| e.get()) } else { PanelElem::F32 };
     let what = format!("{what} panels {}", panel_elem.name());
-    let ctx = KernelCtx { max_context: CTX, panel_weights: panels, panel_elem };
+    // The longest cache of the graph (attention splits over the key range only when the cache
+    // holds more than one block of keys).
+    let max_context = g.states.iter().filter_map(|st| st.ty.shape[0].as_const()).max().unwrap_or(CTX).max(CTX);
+    let ctx = KernelCtx { max_context, panel_weights: panels, panel_elem };
     let kc = compile_kernel(isa, &ctx, g, n).unwrap_or_else(|e| panic!("{what}: {e}")).expect("a kernel");
     assert_eq!(kc.ukernels, panels, "{what}: microkernel use");
     let exec = Exec::new(&kc);
@@ -348,7 +372,8 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let outs = last.expect("at least one step");
     let s = *steps.last().unwrap();
     let mut inputs: Vec<Vec<u32>> = ops.iter().zip(&outs).map(|(&o, t)| to_bits(g.ty(o).dtype, &t.data)).collect();
-    if panels {
+    // (Attention uses the microkernels without a panel weight.)
+    if panels && !matches!(g.op(n), Op::Attention { .. }) {
         let groups = panel::panel_groups(g, ops[1]).expect("a panel weight");
         let sh = &g.ty(ops[1]).shape;
         let (rows, k) = (sh[0].as_const().unwrap(), sh[1].as_const().unwrap());
@@ -851,11 +876,11 @@ fn parts_run_concurrently() {
     let lin_t = gb.op(Op::Linear { transpose_b: true, bias: false, act: None, residual: false }, &[x, wt]);
     let bn = gb.op(Op::RmsNorm { eps: 1e-5 }, &[gl, bias]);
     let (isa, _) = host_isa().unwrap();
-    let ctx = KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() };
-    for n in [mm, a.probs, a.out, att, gl, lin, lin_t, bn] {
+    // A cache of 300 rows: the attention of a 2-row step after 250 splits over the key range.
+    let ctx = KernelCtx { max_context: 300, panel_weights: false, panel_elem: Default::default() };
+    for (n, (s, p)) in [mm, a.probs, a.out, att, gl, lin, lin_t, bn, att].into_iter().zip(std::iter::repeat((37, 5)).take(8).chain([(2, 250)])) {
         let kc = compile_kernel(&*isa, &ctx, &gb.g, n).unwrap().unwrap();
         let exec = Exec::new(&kc);
-        let (s, p) = (37, 5);
         let b = llmc_ir::Bindings { s, p };
         let mut rng = Rng::new(3);
         let inputs: Vec<Vec<u32>> =
@@ -868,18 +893,20 @@ fn parts_run_concurrently() {
         exec.run(&mut inputs.clone(), &mut want, s, p, 1);
         for nparts in [2, 5, 16] {
             let mut got = vec![SENTINEL; len];
-            let (outp, f) = (got.as_mut_ptr() as usize, exec.entry());
-            let mut bufs: Vec<usize> = inputs.iter().map(|v| v.as_ptr() as usize).collect();
-            bufs.push(outp);
-            std::thread::scope(|sc| {
-                for part in 0..nparts {
-                    let bufs = bufs.clone();
-                    sc.spawn(move || {
-                        let ptrs: Vec<*mut u8> = bufs.iter().map(|&a| a as *mut u8).collect();
-                        unsafe { f(ptrs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
-                    });
-                }
-            });
+            let mut ins = inputs.clone();
+            let bufs: Vec<usize> = exec.bufs(&mut ins, &mut got).into_iter().map(|b| b as usize).collect();
+            // Each phase on every thread, then the next (the runtime's barrier between steps).
+            for f in exec.entries() {
+                std::thread::scope(|sc| {
+                    for part in 0..nparts {
+                        let bufs = bufs.clone();
+                        sc.spawn(move || {
+                            let ptrs: Vec<*mut u8> = bufs.iter().map(|&a| a as *mut u8).collect();
+                            unsafe { f(ptrs.as_ptr(), s as i64, p as i64, part as i64, nparts as i64) };
+                        });
+                    }
+                });
+            }
             assert!(got == want, "{}: {nparts} concurrent parts differ from one", kc.name);
         }
     }
@@ -908,6 +935,16 @@ fn attn_graph(nh: usize, nkv: usize, d: usize, window: Option<usize>, cap: usize
 /// Outputs are convex combinations of `v` in [-1, 1); relative errors are reported for |out| >= 0.01.
 const ATTN_TOL: Tol = Tol { atol: 1e-6, rtol: 1e-5, floor: 1e-2 };
 
+/// [`check`] of an attention node both ways: in generated code alone, and through the runtime's
+/// attention block (`panel_weights`: the microkernels in use).
+fn check_attn(gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
+    let mut st = check(gb, n, steps, tol);
+    PANELS.with(|p| p.set(true));
+    st.merge(check(gb, n, steps, tol));
+    PANELS.with(|p| p.set(false));
+    st
+}
+
 #[test]
 fn attention_heads_windows_and_history() {
     // (NH, NKV, D): G = 1, 2, 3, 8 (one group), 16 (two groups of 8); D with and without a tail,
@@ -918,7 +955,7 @@ fn attention_heads_windows_and_history() {
         for window in [None, Some(1), Some(7), Some(40)] {
             let (gb, n) = attn_graph(nh, nkv, d, window, 300, 1.0);
             for steps in [&[1][..], &[7], &[5, 9], &[40, 1], &[150, 1], &[100, 37]] {
-                all.merge(check(&gb, n, steps, ATTN_TOL));
+                all.merge(check_attn(&gb, n, steps, ATTN_TOL));
             }
         }
     }
@@ -933,8 +970,9 @@ fn attention_long_prefill_and_sharp_scores() {
     for (nh, nkv, d, amp) in [(12, 4, 64, 1.0), (4, 2, 32, 3.0), (2, 1, 128, 1.5)] {
         for window in [None, Some(100)] {
             let (gb, n) = attn_graph(nh, nkv, d, window, 300, amp);
-            for steps in [&[260][..], &[200, 100], &[299, 1]] {
-                all.merge(check(&gb, n, steps, ATTN_TOL));
+            // [296, 3]: a 3-row step split over the key range (rows see different key ranges).
+            for steps in [&[260][..], &[200, 100], &[299, 1], &[296, 3]] {
+                all.merge(check_attn(&gb, n, steps, ATTN_TOL));
             }
         }
     }
@@ -970,7 +1008,7 @@ fn bidirectional_attention_sees_every_key() {
         for cached in [false, true] {
             let (gb, n) = bidir_attn_graph(nh, nkv, d, cached, 1.0);
             for steps in [&[1][..], &[7], &[150], &[5, 9], &[40, 1]] {
-                all.merge(check(&gb, n, steps, ATTN_TOL));
+                all.merge(check_attn(&gb, n, steps, ATTN_TOL));
             }
         }
     }
@@ -981,7 +1019,7 @@ fn bidirectional_attention_sees_every_key() {
 fn attention_with_an_empty_window_gives_zeros() {
     // A zero-width window sees no key: the reference gives 0, not NaN.
     let (gb, n) = attn_graph(2, 1, 8, Some(0), CTX, 1.0);
-    check(&gb, n, &[3, 4], EXACT);
+    check_attn(&gb, n, &[3, 4], EXACT);
 }
 
 #[test]
@@ -1418,7 +1456,8 @@ fn time_kernel(gb: &Gb, n: NodeId, s: usize, flops: f64, label: &str) {
 fn time_kernel_at(gb: &Gb, n: NodeId, s: usize, p: usize, flops: f64, label: &str) {
     let (isa, _) = host_isa().unwrap();
     let g = &gb.g;
-    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() }, g, n).unwrap().unwrap();
+    let ctx = KernelCtx { max_context: CTX.max(s + p), panel_weights: false, panel_elem: Default::default() };
+    let kc = compile_kernel(&*isa, &ctx, g, n).unwrap().unwrap();
     if let Ok(dir) = std::env::var("LLMC_DUMP_DIR") {
         let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         std::fs::write(format!("{dir}/{file}.bin"), &kc.code).unwrap();
@@ -1494,6 +1533,9 @@ fn bench_fused() {
     let fl = |s: usize, p: usize| pairs(s, p) * (nh * 4 * d) as f64;
     time_kernel_at(&gb, n, 512, 0, fl(512, 0), "attention 12/4x64 prefill S=512 P=0");
     time_kernel_at(&gb, n, 1, 511, fl(1, 511), "attention 12/4x64 decode S=1 P=511");
+    // SmolLM2-135M's heads (9 / 3 KV heads, D = 64) decoding at depth 2048.
+    let (gb9, n9) = attn_graph(9, 3, d, None, 2048, 1.0);
+    time_kernel_at(&gb9, n9, 1, 2047, 2048.0 * (9 * 4 * d) as f64, "attention 9/3x64 decode S=1 P=2047");
     let (gb, n) = attn_graph(nh, nkv, d, Some(128), 512, 1.0);
     let wfl = (0..512).map(|i: usize| (i + 1).min(128)).sum::<usize>() as f64 * (nh * 4 * d) as f64;
     time_kernel_at(&gb, n, 512, 0, wfl, "attention 12/4x64 window 128 prefill S=512");

@@ -104,7 +104,7 @@ impl Backend for CudaBackend {
     fn kernel(&mut self, g: &Graph, n: NodeId, operands: &[Storage]) -> Result<Option<NodeKernel>> {
         let elems = operands.iter().map(|&s| elem(s)).collect::<Result<Vec<_>>>()?;
         Ok(kernel(g, n, &elems, self.max_context, self.max_chunk)?.map(|GpuKernel { name, mlir, launch, scratch_bytes, tables }| {
-            NodeKernel { name, source: mlir.into_bytes(), tables, microkernels: false, scratch_bytes, launch: Some(launch) }
+            NodeKernel { name, source: mlir.into_bytes(), phases: Vec::new(), tables, microkernels: false, scratch_bytes, launch: Some(launch) }
         }))
     }
 

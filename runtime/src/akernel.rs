@@ -1,0 +1,360 @@
+//! The attention microkernel ([`llmc_abi::ukernel::AttnBlockFn`], slot
+//! [`llmc_abi::ukernel::ATTN_BLOCK`]): online-softmax attention of a group of query heads over a
+//! run of keys, the inner loop of the generated attention kernel (`codegen/src/cpu/attention.rs`,
+//! which splits the work into items and key chunks and merges the chunks).
+//!
+//! Generated code has 128-bit vectors only; at long contexts attention is half of a decode step,
+//! so the loop runs here with AVX-512 where the CPU has it:
+//! - keys in blocks of 16: for each head, 16 dot products accumulate in 16 registers over `D`
+//!   (`q` in registers, each key row read once per head from L1) and are reduced together by a
+//!   shuffle tree into one register of 16 scores (3 shuffles/adds per key instead of a horizontal
+//!   sum each);
+//! - the block's softmax update on those 16 lanes, `e^x` by a Cephes-style polynomial with
+//!   `scalef` (within 2 ulp over the range used; arguments are `<= 0`);
+//! - `acc += sum_j p_j v_j` with the accumulator's `D / 16` registers live across the block and
+//!   two interleaved sets of them, so the FMA chains are not latency-bound.
+//!
+//! The portable implementation computes the same quantities with scalar loops (it is the
+//! reference for the AVX-512 path in the tests below; both agree with the interpreter within the
+//! kernel tests' tolerance, not bit for bit).
+
+use llmc_abi::ukernel::AttnBlockFn;
+
+/// Keys per block.
+const BLOCK: usize = 16;
+
+/// The implementation for this CPU.
+pub fn select_attn_block() -> AttnBlockFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return attn_block_avx512;
+        }
+    }
+    attn_block_portable
+}
+
+/// `(d, gh)` from the packed `dims` argument.
+fn unpack(dims: i64) -> (usize, usize) {
+    ((dims as u64 & 0xffff_ffff) as usize, (dims as u64 >> 32) as usize)
+}
+
+/// `e^{m - m'}`: 0 when nothing was seen yet (`m = -inf`).
+fn correction(m: f32, m_new: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (m - m_new).exp()
+    }
+}
+
+/// # Safety
+/// The pointers cover what [`AttnBlockFn`] describes for these arguments.
+pub unsafe extern "sysv64" fn attn_block_portable(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    kstride: i64,
+    n: i64,
+    dims: i64,
+    scale: i64,
+    state: *mut f32,
+) {
+    let (d, gh) = unpack(dims);
+    let scale = f32::from_bits(scale as u32);
+    let (n, ks) = (n.max(0) as usize, kstride as usize);
+    let mut p = [0f32; BLOCK];
+    for b0 in (0..n).step_by(BLOCK) {
+        let nb = (n - b0).min(BLOCK);
+        for h in 0..gh {
+            let qh = std::slice::from_raw_parts(q.add(h * d), d);
+            let st = std::slice::from_raw_parts_mut(state.add(h * (d + 2)), d + 2);
+            let mut bm = f32::NEG_INFINITY;
+            for (j, pj) in p.iter_mut().enumerate().take(nb) {
+                let kj = std::slice::from_raw_parts(k.add((b0 + j) * ks), d);
+                let dot: f32 = qh.iter().zip(kj).map(|(a, b)| a * b).sum();
+                *pj = dot * scale;
+                bm = bm.max(*pj);
+            }
+            let m = st[d];
+            let m_new = m.max(bm);
+            let corr = correction(m, m_new);
+            let mut sum = 0.0;
+            for pj in p.iter_mut().take(nb) {
+                *pj = (*pj - m_new).exp();
+                sum += *pj;
+            }
+            st[d + 1] = st[d + 1] * corr + sum;
+            st[d] = m_new;
+            for (e, a) in st[..d].iter_mut().enumerate() {
+                let mut x = *a * corr;
+                for (j, &pj) in p.iter().enumerate().take(nb) {
+                    x += pj * *v.add((b0 + j) * ks + e);
+                }
+                *a = x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe extern "sysv64" fn attn_block_avx512(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    kstride: i64,
+    n: i64,
+    dims: i64,
+    scale: i64,
+    state: *mut f32,
+) {
+    let (d, gh) = unpack(dims);
+    avx512::attn(q, k, v, kstride as usize, n.max(0) as usize, d, gh, f32::from_bits(scale as u32), state)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{correction, BLOCK};
+
+    /// `e^x` for `x <= 0` (and small positive `x`), 16 lanes: `2^n e^r` with `n = round(x log2 e)`,
+    /// `r = x - n ln 2` in two parts, Cephes' `expf` polynomial for `e^r`. Underflows to 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        _mm512_scalef_ps(y, n)
+    }
+
+    /// Lane `j` = the sum of the lanes of `a[j]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum16(a: &[__m512; BLOCK]) -> __m512 {
+        let mut s = [_mm512_setzero_ps(); 8];
+        for (i, si) in s.iter_mut().enumerate() {
+            let lo = _mm512_shuffle_ps::<0x44>(a[2 * i], a[2 * i + 1]);
+            let hi = _mm512_shuffle_ps::<0xEE>(a[2 * i], a[2 * i + 1]);
+            *si = _mm512_add_ps(lo, hi);
+        }
+        let mut u = [_mm512_setzero_ps(); 4];
+        for (i, ui) in u.iter_mut().enumerate() {
+            let lo = _mm512_shuffle_ps::<0x88>(s[2 * i], s[2 * i + 1]);
+            let hi = _mm512_shuffle_ps::<0xDD>(s[2 * i], s[2 * i + 1]);
+            *ui = _mm512_add_ps(lo, hi);
+        }
+        let w01 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(u[0], u[1]), _mm512_shuffle_f32x4::<0xEE>(u[0], u[1]));
+        let w23 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(u[2], u[3]), _mm512_shuffle_f32x4::<0xEE>(u[2], u[3]));
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(w01, w23), _mm512_shuffle_f32x4::<0xDD>(w01, w23))
+    }
+
+    /// Mask of the first `len` lanes of a chunk (`1..=16`).
+    fn lanes(len: usize) -> __mmask16 {
+        if len >= 16 {
+            0xffff
+        } else {
+            (1u16 << len) - 1
+        }
+    }
+
+    /// Scores of keys `0..nb` (`nb <= 16`) for one head, scaled; lanes past `nb` are -inf.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores(qh: *const f32, k: *const f32, ks: usize, nb: usize, d: usize, scale: f32) -> __m512 {
+        let mut acc = [_mm512_setzero_ps(); BLOCK];
+        let nch = d.div_ceil(16);
+        for c in 0..nch {
+            let m = lanes(d - 16 * c);
+            let qv = _mm512_maskz_loadu_ps(m, qh.add(16 * c));
+            if nb == BLOCK {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k.add(j * ks + 16 * c)), *a);
+                }
+            } else {
+                for (j, a) in acc.iter_mut().enumerate().take(nb) {
+                    *a = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k.add(j * ks + 16 * c)), *a);
+                }
+            }
+        }
+        let s = _mm512_mul_ps(hsum16(&acc), _mm512_set1_ps(scale));
+        _mm512_mask_blend_ps(lanes(nb), _mm512_set1_ps(f32::NEG_INFINITY), s)
+    }
+
+    /// `acc[0..d] = acc * corr + sum_{j < nb} p[j] v_j` with `NCH = ceil(d / 16)` chunks in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv<const NCH: usize>(acc: *mut f32, corr: f32, p: &[f32; BLOCK], v: *const f32, ks: usize, nb: usize, d: usize) {
+        let mut a = [_mm512_setzero_ps(); NCH];
+        let mut b = [_mm512_setzero_ps(); NCH];
+        let cv = _mm512_set1_ps(corr);
+        for (c, x) in a.iter_mut().enumerate() {
+            *x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(d - 16 * c), acc.add(16 * c)), cv);
+        }
+        let mut j = 0;
+        while j + 2 <= nb {
+            let (p0, p1) = (_mm512_set1_ps(p[j]), _mm512_set1_ps(p[j + 1]));
+            for c in 0..NCH {
+                let m = lanes(d - 16 * c);
+                a[c] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m, v.add(j * ks + 16 * c)), a[c]);
+                b[c] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(m, v.add((j + 1) * ks + 16 * c)), b[c]);
+            }
+            j += 2;
+        }
+        if j < nb {
+            let p0 = _mm512_set1_ps(p[j]);
+            for (c, x) in a.iter_mut().enumerate() {
+                *x = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(lanes(d - 16 * c), v.add(j * ks + 16 * c)), *x);
+            }
+        }
+        for c in 0..NCH {
+            _mm512_mask_storeu_ps(acc.add(16 * c), lanes(d - 16 * c), _mm512_add_ps(a[c], b[c]));
+        }
+    }
+
+    /// [`pv`] for any `d`: one chunk of 16 at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv_any(acc: *mut f32, corr: f32, p: &[f32; BLOCK], v: *const f32, ks: usize, nb: usize, d: usize) {
+        let cv = _mm512_set1_ps(corr);
+        for c in 0..d.div_ceil(16) {
+            let m = lanes(d - 16 * c);
+            let mut a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc.add(16 * c)), cv);
+            let mut b = _mm512_setzero_ps();
+            let mut j = 0;
+            while j + 2 <= nb {
+                a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v.add(j * ks + 16 * c)), a);
+                b = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), _mm512_maskz_loadu_ps(m, v.add((j + 1) * ks + 16 * c)), b);
+                j += 2;
+            }
+            if j < nb {
+                a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v.add(j * ks + 16 * c)), a);
+            }
+            _mm512_mask_storeu_ps(acc.add(16 * c), m, _mm512_add_ps(a, b));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attn(
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        ks: usize,
+        n: usize,
+        d: usize,
+        gh: usize,
+        scale: f32,
+        state: *mut f32,
+    ) {
+        let mut p = [0f32; BLOCK];
+        for b0 in (0..n).step_by(BLOCK) {
+            let nb = (n - b0).min(BLOCK);
+            let (kb, vb) = (k.add(b0 * ks), v.add(b0 * ks));
+            for h in 0..gh {
+                let st = state.add(h * (d + 2));
+                let s = scores(q.add(h * d), kb, ks, nb, d, scale);
+                let m = *st.add(d);
+                let m_new = m.max(_mm512_reduce_max_ps(s));
+                let corr = correction(m, m_new);
+                // Lanes past `nb` are e^{-inf} = 0.
+                let e = exp(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+                let e = _mm512_maskz_mov_ps(lanes(nb), e);
+                _mm512_storeu_ps(p.as_mut_ptr(), e);
+                *st.add(d + 1) = *st.add(d + 1) * corr + _mm512_reduce_add_ps(e);
+                *st.add(d) = m_new;
+                match d.div_ceil(16) {
+                    1 => pv::<1>(st, corr, &p, vb, ks, nb, d),
+                    2 => pv::<2>(st, corr, &p, vb, ks, nb, d),
+                    3 => pv::<3>(st, corr, &p, vb, ks, nb, d),
+                    4 => pv::<4>(st, corr, &p, vb, ks, nb, d),
+                    5 => pv::<5>(st, corr, &p, vb, ks, nb, d),
+                    6 => pv::<6>(st, corr, &p, vb, ks, nb, d),
+                    7 => pv::<7>(st, corr, &p, vb, ks, nb, d),
+                    8 => pv::<8>(st, corr, &p, vb, ks, nb, d),
+                    _ => pv_any(st, corr, &p, vb, ks, nb, d),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f64 reference of one call from the start state.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], ks: usize, n: usize, d: usize, gh: usize, scale: f32) -> Vec<f64> {
+        let mut out = Vec::new();
+        for h in 0..gh {
+            let s: Vec<f64> = (0..n)
+                .map(|j| (0..d).map(|e| q[h * d + e] as f64 * k[j * ks + e] as f64).sum::<f64>() * scale as f64)
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            for e in 0..d {
+                out.push((0..n).map(|j| p[j] * v[j * ks + e] as f64).sum());
+            }
+            out.push(m);
+            out.push(p.iter().sum());
+        }
+        out
+    }
+
+    /// Every implementation this CPU can run, against the f64 reference: head dims with and
+    /// without a tail (and past 8 chunks), partial blocks, two calls continuing one state.
+    #[test]
+    fn implementations_match_the_reference() {
+        let mut imps: Vec<(&str, AttnBlockFn)> = vec![("portable", attn_block_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            imps.push(("avx512", attn_block_avx512));
+        }
+        let mut seed = 0x2545_f491_u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for (d, gh, n, split) in [(64, 3, 37, 16), (64, 1, 16, 5), (8, 2, 5, 0), (20, 4, 50, 33), (264, 2, 19, 7), (128, 8, 40, 17), (3, 1, 1, 0)] {
+            let ks = d * 2 + 3;
+            let q: Vec<f32> = (0..gh * d).map(|_| 2.0 * rnd()).collect();
+            let k: Vec<f32> = (0..n * ks).map(|_| rnd()).collect();
+            let v: Vec<f32> = (0..n * ks).map(|_| rnd()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = reference(&q, &k, &v, ks, n, d, gh, scale);
+            for (name, f) in &imps {
+                let mut st = vec![0f32; gh * (d + 2)];
+                for h in 0..gh {
+                    st[h * (d + 2) + d] = f32::NEG_INFINITY;
+                }
+                let dims = d as i64 | (gh as i64) << 32;
+                let sb = scale.to_bits() as i64;
+                unsafe {
+                    f(q.as_ptr(), k.as_ptr(), v.as_ptr(), ks as i64, split as i64, dims, sb, st.as_mut_ptr());
+                    let (k1, v1) = (k.as_ptr().add(split * ks), v.as_ptr().add(split * ks));
+                    f(q.as_ptr(), k1, v1, ks as i64, (n - split) as i64, dims, sb, st.as_mut_ptr());
+                }
+                for h in 0..gh {
+                    let (m, w) = (st[h * (d + 2) + d] as f64, want[h * (d + 2) + d]);
+                    let rescale = (m - w).exp(); // the state is relative to its own max
+                    for e in 0..d + 2 {
+                        let i = h * (d + 2) + e;
+                        let (got, w) = if e == d { (st[i] as f64, want[i]) } else { (st[i] as f64 * rescale, want[i]) };
+                        assert!((got - w).abs() <= 2e-5 * (1.0 + w.abs()), "{name} d={d} gh={gh} n={n}: [{h}][{e}] {got} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}
