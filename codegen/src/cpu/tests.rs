@@ -1454,9 +1454,14 @@ fn time_kernel(gb: &Gb, n: NodeId, s: usize, flops: f64, label: &str) {
 
 /// [`time_kernel`] at `p` cached tokens; inputs are smooth pseudo-random values in [-1, 1].
 fn time_kernel_at(gb: &Gb, n: NodeId, s: usize, p: usize, flops: f64, label: &str) {
+    time_kernel_with(gb, n, s, p, flops, label, false)
+}
+
+/// [`time_kernel_at`], with the runtime's microkernels in use when `ukernels`.
+fn time_kernel_with(gb: &Gb, n: NodeId, s: usize, p: usize, flops: f64, label: &str, ukernels: bool) {
     let (isa, _) = host_isa().unwrap();
     let g = &gb.g;
-    let ctx = KernelCtx { max_context: CTX.max(s + p), panel_weights: false, panel_elem: Default::default() };
+    let ctx = KernelCtx { max_context: CTX.max(s + p), panel_weights: ukernels, panel_elem: Default::default() };
     let kc = compile_kernel(&*isa, &ctx, g, n).unwrap().unwrap();
     if let Ok(dir) = std::env::var("LLMC_DUMP_DIR") {
         let file: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
@@ -1532,10 +1537,15 @@ fn bench_fused() {
     let pairs = |s: usize, p: usize| (0..s).map(|i| p + i + 1).sum::<usize>() as f64;
     let fl = |s: usize, p: usize| pairs(s, p) * (nh * 4 * d) as f64;
     time_kernel_at(&gb, n, 512, 0, fl(512, 0), "attention 12/4x64 prefill S=512 P=0");
+    time_kernel_with(&gb, n, 512, 0, fl(512, 0), "attention 12/4x64 prefill S=512 P=0 (ukernel)", true);
     time_kernel_at(&gb, n, 1, 511, fl(1, 511), "attention 12/4x64 decode S=1 P=511");
+    time_kernel_with(&gb, n, 1, 511, fl(1, 511), "attention 12/4x64 decode S=1 P=511 (ukernel)", true);
     // SmolLM2-135M's heads (9 / 3 KV heads, D = 64) decoding at depth 2048.
     let (gb9, n9) = attn_graph(9, 3, d, None, 2048, 1.0);
     time_kernel_at(&gb9, n9, 1, 2047, 2048.0 * (9 * 4 * d) as f64, "attention 9/3x64 decode S=1 P=2047");
+    let fl9 = |s: usize, p: usize| pairs(s, p) * (9 * 4 * d) as f64;
+    time_kernel_with(&gb9, n9, 1, 2047, fl9(1, 2047), "attention 9/3x64 decode S=1 P=2047 (ukernel)", true);
+    time_kernel_with(&gb9, n9, 512, 1536, fl9(512, 1536), "attention 9/3x64 prefill S=512 P=1536 (ukernel)", true);
     let (gb, n) = attn_graph(nh, nkv, d, Some(128), 512, 1.0);
     let wfl = (0..512).map(|i: usize| (i + 1).min(128)).sum::<usize>() as f64 * (nh * 4 * d) as f64;
     time_kernel_at(&gb, n, 512, 0, wfl, "attention 12/4x64 window 128 prefill S=512");
