@@ -154,7 +154,8 @@ fn stack(kb: &mut Kb, bytes: usize) -> Value {
 }
 
 /// Phase 1 (the whole kernel when `split` is `None`): every item's attention over its keys, or
-/// over one chunk of them in a split step (partials to the scratch, `bufs[4]`).
+/// over one chunk of them in a split step (partials to the scratch: `bufs[4]`, or `bufs[5]` after
+/// the microkernel table when `ukernel`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     kb: &mut Kb,
@@ -193,7 +194,8 @@ pub(crate) fn attention(
         None => kb.ic(0),
     };
     let astride = if ukernel { d + 2 } else { d };
-    let scores = stack(kb, if ukernel { 16 } else { gh * bt * 4 });
+    // Generated code's score block (the attention block keeps its scores itself).
+    let scores = if ukernel { kb.ic(0) } else { stack(kb, gh * bt * 4) };
     let accb = stack(kb, gh * astride * 4);
     let kstride = (nkv * d * 4) as i64; // bytes between key rows
     let s = kb.s;
@@ -413,7 +415,8 @@ pub(crate) fn attention(
 }
 
 /// Phase 2 of a split node: each (query row, head) of a split step merges its chunks' partials
-/// from the scratch (`bufs[4]`) into the output; nothing when the step did not split.
+/// from the scratch (the same buffer as phase 1's) into the output; nothing when the step did not
+/// split.
 pub(crate) fn attention_merge(kb: &mut Kb, split: Split, ukernel: bool) {
     let Split { nh, d, .. } = split;
     let (o, scratch) = (kb.buf(3), kb.buf(4 + ukernel as usize));
