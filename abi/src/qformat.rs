@@ -21,6 +21,26 @@
 //! - W8A8: the scale, the row's code sum (i32), then the int8 codes padded to 16.
 //! - W4A8: exactly a symmetric int4 row (groups a multiple of 32).
 //!
+//! ## Quantized activation rows
+//! W8A8 and W4A8 products quantize each activation row to int8 codes `q` (one scale per row, as
+//! `ir::quant::quantize_act`) and hand the kernels ([`crate::ukernel::QGemvFn`],
+//! [`crate::ukernel::QGemmA8Fn`]) the codes in the layout the VNNI `vpdpbusd` steps read
+//! ([`QFormat::act_bytes`], [`QFormat::act_at`], [`QFormat::aux_words`]):
+//! - W8A8: the codes stored as `q + 128` (the unsigned operand) in element order, padded to a
+//!   multiple of 32 with 128.
+//! - W4A8: signed codes, padded with 0, in two regions. The first `512 · ⌊K / 512⌋` elements go
+//!   in *super-steps* of 16 blocks (512 elements), laid out so that each 32-bit lane of a
+//!   64-byte vector belongs to one block: lane `L` holds block `β(L) = 4 · (L % 4) + L / 4` of
+//!   the super-step, and vector `4h + j` (`h` = 0 for a block's first 16 codes, 1 for its last
+//!   16; `j` = 0..4) holds codes `16h + 4j .. 16h + 4j + 4` of each lane's block. That is the
+//!   order the packed rows' code bytes take after a 4 x 4 transpose of 32-bit words within each
+//!   128-bit lane, so 8 `vpdpbusd` give 16 blocks' sums in 16 lanes, converted and scaled once.
+//!   The remaining elements go in *steps* of 4 blocks (128 elements): the first 16 codes of the
+//!   four blocks (16 bytes each, block order), then their last 16, padded to a whole step.
+//!   Beside the codes, `aux`: `-8 · Σ` of block `b`'s codes, the term that turns the stored
+//!   nibbles `c = w + 8` back into `w`, at word [`QFormat::aux_at`]`(b)` (16 words per super-step
+//!   in lane order, then 16 per step with block `4t + i` at word `4i`, the others 0).
+//!
 //! Every value decodes as `(q - zero) as f32 * scale` in f32, exactly as `ir::quant` (the
 //! interpreter) computes it; the round-trip test below checks that for every format on ragged `K`.
 
@@ -139,9 +159,59 @@ impl QFormat {
         self.codes_at(k) + self.code_bytes(k)
     }
 
-    /// Whether the activations are quantized too (the `QGEMV_A8` microkernel).
+    /// Whether the activations are quantized too (the `QGEMV_A8` and `QGEMM_A8` microkernels).
     pub fn a8(self) -> bool {
         matches!(self, QFormat::W8A8 | QFormat::W4A8 { .. })
+    }
+
+    /// Bytes of one quantized activation row of `k` elements (see the module docs): W8A8 `k`
+    /// rounded up to 32; W4A8 its super-steps and its steps (the rest rounded up to 128); 0 for
+    /// the weight-only formats.
+    pub fn act_bytes(self, k: usize) -> usize {
+        match self {
+            QFormat::W8A8 => k.div_ceil(32) * 32,
+            QFormat::W4A8 { .. } => k / 512 * 512 + (k % 512).div_ceil(128) * 128,
+            _ => 0,
+        }
+    }
+
+    /// Byte position of element `e`'s code in a quantized activation row of `k` elements: `e`
+    /// for W8A8, the super-step or step order for W4A8.
+    pub fn act_at(self, k: usize, e: usize) -> usize {
+        match self {
+            QFormat::W4A8 { .. } => {
+                let sup = k / 512 * 512;
+                if e < sup {
+                    let (u, blk, i) = (e / 512, e % 512 / 32, e % 32);
+                    512 * u + 64 * (i / 4) + 4 * Self::lane_of(blk) + i % 4
+                } else {
+                    let e = e - sup;
+                    sup + 128 * (e / 128) + 64 * (e / 16 % 2) + 16 * (e / 32 % 4) + e % 16
+                }
+            }
+            _ => e,
+        }
+    }
+
+    /// The 32-bit lane of a W4A8 super-step that holds its block `blk` (`blk < 16`; the map is its
+    /// own inverse: lane `L` holds block `lane_of(L)`).
+    pub fn lane_of(blk: usize) -> usize {
+        4 * (blk % 4) + blk / 4
+    }
+
+    /// i32 words of a quantized activation row's `aux` (W4A8: 16 per super-step and per step);
+    /// 0 for W8A8, which has none.
+    pub fn aux_words(self, k: usize) -> usize {
+        match self {
+            QFormat::W4A8 { .. } => 16 * (k / 512) + 16 * (k % 512).div_ceil(128),
+            _ => 0,
+        }
+    }
+
+    /// The `aux` word of W4A8 block `b` in a row of `k` elements.
+    pub fn aux_at(k: usize, b: usize) -> usize {
+        let sup = k / 512 * 16;
+        if b < sup { 16 * (b / 16) + Self::lane_of(b % 16) } else { sup + 4 * (b - sup) }
     }
 
     /// Whether the format's parameters are ones the kernels read: int4 groups a positive multiple
@@ -553,6 +623,41 @@ mod tests {
         // 2:4 f32 on K = 44: 22 kept f32, 11 groups in 6 index bytes padded to 8.
         assert_eq!(QFormat::Sparse24 { int8: false }.row_bytes(44), 22 * 4 + 8);
         assert_eq!(QFormat::Sparse24 { int8: true }.row_bytes(44), 4 + 24 + 8);
+    }
+
+    /// The W4A8 activation order is a permutation of each super-step and step, a super-step's
+    /// lanes each hold one block, and the block terms' words are distinct and in range.
+    #[test]
+    fn w4a8_activation_order_is_a_permutation_by_region() {
+        let f = QFormat::W4A8 { group: 32 };
+        assert_eq!([100, 256, 512, 576, 1024, 1100].map(|k| f.act_bytes(k)), [128, 256, 512, 640, 1024, 1152]);
+        assert_eq!([129, 512, 576].map(|k| f.aux_words(k)), [32, 16, 32]);
+        // Steps only (K < 512): block halves in 16-byte runs.
+        assert_eq!([0, 15, 16, 31, 32, 48, 127, 128].map(|e| f.act_at(300, e)), [0, 15, 64, 79, 16, 80, 127, 128]);
+        // A super-step: element 4j + b of block 0 in lane 0 of vector j; block 1 in lane 4.
+        assert_eq!([0, 3, 4, 16, 32, 64].map(|e| f.act_at(576, e)), [0, 3, 64, 256, 16, 32]);
+        for k in [300, 512, 576, 1100] {
+            let n = f.act_bytes(k);
+            let mut seen = vec![false; n];
+            for e in 0..k {
+                let p = f.act_at(k, e);
+                let region = |x: usize| if x < k / 512 * 512 { x / 512 } else { 1000 + (x - k / 512 * 512) / 128 };
+                assert!(p < n && region(p) == region(e) && !seen[p], "k={k} e={e}: {p}");
+                seen[p] = true;
+                if e < k / 512 * 512 {
+                    let blk = e % 512 / 32;
+                    assert_eq!(p % 64 / 4, QFormat::lane_of(blk), "k={k} e={e}: lane");
+                }
+            }
+            let mut words = vec![false; f.aux_words(k)];
+            for b in 0..k.div_ceil(32) {
+                let w = QFormat::aux_at(k, b);
+                assert!(!words[w], "k={k}: block {b} word {w} twice");
+                words[w] = true;
+            }
+        }
+        assert!((0..16).all(|l| QFormat::lane_of(QFormat::lane_of(l)) == l));
+        assert_eq!((QFormat::W8A8.act_bytes(44), QFormat::W8A8.act_at(44, 43), QFormat::W8A8.aux_words(44)), (64, 43, 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! relocation-free and the runtime picks the implementation (AVX-512, AVX2+FMA, portable) per
 //! process. This module is the table's one definition: the slot indices ([`GEMM_PANELS`], ...),
 //! each slot's name and signature ([`TABLE`], the function types [`GemmPanelsFn`], [`QGemvFn`],
-//! [`QGemmFn`], [`AttnBlockFn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
+//! [`QGemmFn`], [`AttnBlockFn`], [`QGemmA8Fn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
 //! and [`Table`], the typed set of functions the runtime fills it from. Codegen reads slot indices
 //! and call signatures from here; the implementations live in the runtime.
 //!
@@ -21,8 +21,9 @@
 /// quantized product [`QGEMM`] (4 slots; it was added under version 2 at first, so a version-2
 /// runtime with 3 slots would have accepted artifacts that call slot 3); 4, the panel GEMMs over
 /// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots); 5, the attention
-/// block [`ATTN_BLOCK`] (7 slots).
-pub const ABI_VERSION: u32 = 5;
+/// block [`ATTN_BLOCK`] (7 slots); 6, the multi-row A8 product [`QGEMM_A8`] (8 slots), and W4A8
+/// activations in step order ([`crate::qformat`]) for both A8 kernels.
+pub const ABI_VERSION: u32 = 6;
 
 /// Every released table layout, oldest first: `(ABI_VERSION, fingerprint)`. The last entry is the
 /// current table. (Version 1 predates the fingerprint.)
@@ -31,6 +32,7 @@ pub const HISTORY: &[(u32, u64)] = &[
     (3, 0x9e79_8df7_6910_185f), // + qgemm
     (4, 0x45ed_6d87_66c3_cdc8), // + gemm_panels_bf16, gemm_panels_f16
     (5, 0xa33c_80ac_e589_6c39), // + attn_block
+    (6, 0x712a_1588_f0b6_1e5a), // + qgemm_a8; W4A8 activations in step order
 ];
 
 /// A microkernel's signature as text (its Rust tokens), with its parameter count and whether it
@@ -114,11 +116,11 @@ microkernel_fn! {
     /// [`QFormat::from_arg`](crate::QFormat::from_arg)`(fmt)`, `k` elements):
     /// - weight-only formats: `x` is `k` f32s; `out[j] = Σ_e w_j[e] · x[e]` with the dequantized
     ///   weights (up to f32 rounding order);
-    /// - W8A8: `x` holds the activation codes stored as `q + 128` (u8), padded to a multiple of 32
-    ///   with 128; `out[j] = (Σ_e w_j[e] · q[e]) · scale_j` (the integer sum is exact), without
+    /// - W8A8: `x` is a quantized activation row ([`crate::qformat`]: the codes stored as
+    ///   `q + 128`); `out[j] = (Σ_e w_j[e] · q[e]) · scale_j` (the integer sum is exact), without
     ///   the activation scale;
-    /// - W4A8: `x` holds the signed activation codes (i8), padded to a multiple of 32 with 0, and
-    ///   `aux[b] = -8 · Σ` of 32-block `b`'s codes; `out[j] = Σ_b scale(b) · (Σ_{e in b} c_e · q_e + aux[b])`
+    /// - W4A8: `x` is a quantized activation row (signed codes in step order) and `aux` its block
+    ///   terms (`-8 · Σ` of block `b`'s codes at word `QFormat::aux_at(k, b)`); `out[j] = Σ_b scale(b) · (Σ_{e in b} c_e · q_e + aux_b)`
     ///   over the stored nibbles `c`, without the activation scale.
     QGemvFn, QGEMV_SIG = fn(
         fmt: i64,
@@ -150,6 +152,25 @@ microkernel_fn! {
         rows: i64,
         up: *const u8,
     ) -> *mut f32
+}
+
+microkernel_fn! {
+    /// `qgemm_a8(fmt, x, aux, m, b, rb, k, rows, out)`: [`QGemvFn`]'s W8A8 / W4A8 product for `m`
+    /// activation rows at once, each packed row read once for all of them: row `r`'s codes at
+    /// `x + r * fmt.act_bytes(k)`, its `aux` at word `r * fmt.aux_words(k)` (see
+    /// [`crate::qformat`]); `out[r * rows + j]` is [`QGemvFn`]'s `out[j]` for row `r` (up to f32
+    /// rounding order).
+    QGemmA8Fn, QGEMM_A8_SIG = fn(
+        fmt: i64,
+        x: *const u8,
+        aux: *const i32,
+        m: i64,
+        b: *const u8,
+        rb: i64,
+        k: i64,
+        rows: i64,
+        out: *mut f32,
+    )
 }
 
 microkernel_fn! {
@@ -189,8 +210,10 @@ pub const GEMM_PANELS_BF16: usize = 4;
 pub const GEMM_PANELS_F16: usize = 5;
 /// Slot of the attention block, an [`AttnBlockFn`].
 pub const ATTN_BLOCK: usize = 6;
+/// Slot of the multi-row W8A8 / W4A8 product, a [`QGemmA8Fn`]; 0 as [`QGEMV`].
+pub const QGEMM_A8: usize = 7;
 /// Entries in the table.
-pub const SLOTS: usize = 7;
+pub const SLOTS: usize = 8;
 
 /// Every slot, in table order.
 pub const TABLE: [Slot; SLOTS] = [
@@ -201,6 +224,7 @@ pub const TABLE: [Slot; SLOTS] = [
     Slot { index: GEMM_PANELS_BF16, name: "gemm_panels_bf16", signature: GEMM_PANELS16_SIG, optional: false },
     Slot { index: GEMM_PANELS_F16, name: "gemm_panels_f16", signature: GEMM_PANELS16_SIG, optional: false },
     Slot { index: ATTN_BLOCK, name: "attn_block", signature: ATTN_BLOCK_SIG, optional: false },
+    Slot { index: QGEMM_A8, name: "qgemm_a8", signature: QGEMM_A8_SIG, optional: true },
 ];
 
 /// The functions a runtime provides, one field per slot, typed by the slot's signature
@@ -214,6 +238,7 @@ pub struct Table {
     pub gemm_panels_bf16: GemmPanels16Fn,
     pub gemm_panels_f16: GemmPanels16Fn,
     pub attn_block: AttnBlockFn,
+    pub qgemm_a8: Option<QGemmA8Fn>,
 }
 
 impl Table {
@@ -228,6 +253,7 @@ impl Table {
         t[GEMM_PANELS_BF16] = self.gemm_panels_bf16 as usize;
         t[GEMM_PANELS_F16] = self.gemm_panels_f16 as usize;
         t[ATTN_BLOCK] = self.attn_block as usize;
+        t[QGEMM_A8] = self.qgemm_a8.map_or(0, |f| f as usize);
         t
     }
 }
@@ -306,6 +332,7 @@ mod tests {
         assert_eq!((QGEMV_SIG.params, QGEMV_SIG.returns), (8, false));
         assert_eq!((QGEMM_SIG.params, QGEMM_SIG.returns), (9, true));
         assert_eq!((GEMM_PANELS16_SIG.params, GEMM_PANELS16_SIG.returns), (8, true));
+        assert_eq!((QGEMM_A8_SIG.params, QGEMM_A8_SIG.returns), (9, false));
     }
 
     /// The fingerprint sees every part of a slot, and not the text's spacing.
@@ -408,6 +435,7 @@ mod tests {
     }
 
     unsafe extern "sysv64" fn attn(_: *const f32, _: *const f32, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *mut f32) {}
+    unsafe extern "sysv64" fn gemm_a8(_: i64, _: *const u8, _: *const i32, _: i64, _: *const u8, _: i64, _: i64, _: i64, _: *mut f32) {}
 
     /// Each function lands at its slot; only optional slots may be 0.
     #[test]
@@ -420,6 +448,7 @@ mod tests {
             gemm_panels_bf16: gemm16,
             gemm_panels_f16: gemm16_b,
             attn_block: attn,
+            qgemm_a8: Some(gemm_a8),
         };
         let t = full.addresses();
         assert_eq!(t[GEMM_PANELS], gemm as GemmPanelsFn as usize);
@@ -429,7 +458,8 @@ mod tests {
         assert_eq!(t[GEMM_PANELS_BF16], gemm16 as GemmPanels16Fn as usize);
         assert_eq!(t[GEMM_PANELS_F16], gemm16_b as GemmPanels16Fn as usize);
         assert_eq!(t[ATTN_BLOCK], attn as AttnBlockFn as usize);
-        let bare = Table { qgemv: None, qgemv_a8: None, ..full }.addresses();
+        assert_eq!(t[QGEMM_A8], gemm_a8 as QGemmA8Fn as usize);
+        let bare = Table { qgemv: None, qgemv_a8: None, qgemm_a8: None, ..full }.addresses();
         for s in TABLE {
             assert_eq!(bare[s.index] == 0, s.optional, "slot `{}`", s.name);
         }

@@ -16,7 +16,7 @@
 use std::cell::UnsafeCell;
 
 pub use llmc_abi::qformat::QFormat;
-pub use llmc_abi::ukernel::{QGemmFn, QGemvFn};
+pub use llmc_abi::ukernel::{QGemmA8Fn, QGemmFn, QGemvFn};
 
 struct PanelScratch(UnsafeCell<Vec<f32>>);
 
@@ -105,6 +105,15 @@ pub(crate) fn select_qgemv_a8() -> Option<QGemvFn> {
     None
 }
 
+/// The multi-row W8A8 / W4A8 kernel for this CPU, or none as [`select_qgemv_a8`].
+pub(crate) fn select_qgemm_a8() -> Option<QGemmA8Fn> {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni512() {
+        return Some(avx512::qgemm_a8);
+    }
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_vnni512() -> bool {
     use std::arch::is_x86_feature_detected as has;
@@ -152,7 +161,14 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn prefetch_ahead(b: *const u8, j: usize, rb: usize) {
-        let start = j * rb + PREFETCH;
+        prefetch_row(b, j, rb, PREFETCH)
+    }
+
+    /// Requests the cache lines of the `rb` bytes `ahead` bytes past row `j` (into L2).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn prefetch_row(b: *const u8, j: usize, rb: usize, ahead: usize) {
+        let start = j * rb + ahead;
         let mut line = start & !63;
         while line < start + rb {
             _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(line) as *const i8);
@@ -433,89 +449,365 @@ mod avx512 {
         }
     }
 
-    /// `(Σ_e w[e] · (u[e] - 128)) · scale` for a W8A8 row (`k16` = codes padded to 16).
+    /// The lane sums of `v[0..4]` (`vpermps`-free: two 128-bit-lane shuffles and an add per pair,
+    /// then two in-lane levels), about 3 instructions per vector instead of `reduce_add`'s 8.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum4(v: [__m512; 4]) -> [f32; 4] {
+        let pair = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xee>(a, b))
+        };
+        let (ab, cd) = (pair(v[0], v[1]), pair(v[2], v[3]));
+        // 128-bit lanes: a's two partial quarters, b's, c's, d's -> one quarter each.
+        let q = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(ab, cd), _mm512_shuffle_f32x4::<0xdd>(ab, cd));
+        let q = _mm512_add_ps(q, _mm512_permute_ps::<0x4e>(q));
+        let q = _mm512_add_ps(q, _mm512_permute_ps::<0xb1>(q));
+        let mut out = [0.0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), q);
+        [out[0], out[4], out[8], out[12]]
+    }
+
+    /// [`hsum4`] over i32 lanes (exact, wrapping as `reduce_add`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum4_epi32(v: [__m512i; 4]) -> [i32; 4] {
+        let pair = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_shuffle_i32x4::<0x44>(a, b), _mm512_shuffle_i32x4::<0xee>(a, b))
+        };
+        let (ab, cd) = (pair(v[0], v[1]), pair(v[2], v[3]));
+        let q = _mm512_add_epi32(_mm512_shuffle_i32x4::<0x88>(ab, cd), _mm512_shuffle_i32x4::<0xdd>(ab, cd));
+        let q = _mm512_add_epi32(q, _mm512_shuffle_epi32::<0x4e>(q));
+        let q = _mm512_add_epi32(q, _mm512_shuffle_epi32::<0xb1>(q));
+        let mut out = [0i32; 16];
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, q);
+        [out[0], out[4], out[8], out[12]]
+    }
+
+    /// A W8A8 tile: `R` activation rows (codes `q + 128`, `xs` bytes apart) against `C` packed
+    /// rows, `(Σ_e w[e] · (u[e] - 128)) · scale` each (`k16` = codes padded to 16) into
+    /// `out[r * ld + c]`. The integer sums are exact, so any tiling gives the same results.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot_w8a8(row: *const u8, u: *const u8, k16: usize) -> f32 {
-        let w = row.add(QFormat::W8A8.codes_at(k16));
-        let ld = |e: usize| (_mm512_loadu_si512(u.add(e) as *const __m512i), _mm512_loadu_si512(w.add(e) as *const __m512i));
-        let (mut acc0, mut acc1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    unsafe fn tile_w8a8<const R: usize, const C: usize>(
+        rows: [*const u8; C],
+        x: *const u8,
+        xs: usize,
+        k16: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let at = QFormat::W8A8.codes_at(k16);
+        let mut acc = [[_mm512_setzero_si512(); C]; R];
+        let mut wv = [_mm512_setzero_si512(); C];
         let mut e = 0;
-        while e + 128 <= k16 {
-            let ((x0, q0), (x1, q1)) = (ld(e), ld(e + 64));
-            acc0 = _mm512_dpbusd_epi32(acc0, x0, q0);
-            acc1 = _mm512_dpbusd_epi32(acc1, x1, q1);
-            e += 128;
-        }
-        if e + 64 <= k16 {
-            let (x, q) = ld(e);
-            acc0 = _mm512_dpbusd_epi32(acc0, x, q);
+        while e < k16 {
+            let m = lanes((k16 - e) / 4);
+            for c in 0..C {
+                wv[c] = _mm512_maskz_loadu_epi32(m, rows[c].add(at + e) as *const i32);
+            }
+            for r in 0..R {
+                let xv = _mm512_maskz_loadu_epi32(m, x.add(r * xs + e) as *const i32);
+                for c in 0..C {
+                    acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
+                }
+            }
             e += 64;
         }
-        if e < k16 {
-            let m = lanes((k16 - e) / 4);
-            let x = _mm512_maskz_loadu_epi32(m, u.add(e) as *const i32);
-            let q = _mm512_maskz_loadu_epi32(m, w.add(e) as *const i32);
-            acc1 = _mm512_dpbusd_epi32(acc1, x, q);
+        let mut i = 0;
+        while i < R * C {
+            let mut v = [_mm512_setzero_si512(); 4];
+            for (l, v) in v.iter_mut().enumerate().take(R * C - i) {
+                *v = acc[(i + l) / C][(i + l) % C];
+            }
+            let s = hsum4_epi32(v);
+            for (l, &dot) in s.iter().enumerate().take(R * C - i) {
+                let (r, c) = ((i + l) / C, (i + l) % C);
+                let wsum = (rows[c].add(4) as *const i32).read_unaligned();
+                *out.add(r * ld + c) = dot.wrapping_sub(wsum.wrapping_mul(128)) as f32 * f32_at(rows[c], 0);
+            }
+            i += 4;
         }
-        let dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1));
-        let wsum = (row.add(4) as *const i32).read_unaligned();
-        dot.wrapping_sub(wsum.wrapping_mul(128)) as f32 * f32_at(row, 0)
     }
 
-    /// A W4A8 row against activations re-laid for 4 blocks per step (see [`qgemv_a8`]): per step
-    /// the 64 code bytes' low and high nibbles are the unsigned operands of two `vpdpbusd` onto
-    /// the blocks' `aux` terms (128-bit lane `i` = block `4t + i`), converted once and multiplied
-    /// by each block's group scale.
+    /// The group scales of a W4A8 super-step (16 blocks) or step (4 blocks): the first half scale
+    /// it loads, the mask of the halves loaded from there, and the lane -> loaded scale
+    /// permutation (super-step lane `L` holds block `lane_of(L)`; step lanes `4i .. 4i + 4` hold
+    /// block `i`).
+    #[derive(Clone, Copy)]
+    struct Scales {
+        first: usize,
+        mask: u16,
+        sidx: __m512i,
+    }
+
+    /// The scales of the W4A8 blocks `b0 + block(l)` for lanes `l` (`n` blocks from `b0` exist),
+    /// in groups of `per` blocks.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scales_of(b0: usize, n: usize, per: usize, block: impl Fn(usize) -> usize) -> Scales {
+        let first = b0 / per;
+        let last = (b0 + n - 1) / per;
+        let mut rel = [0i32; 16];
+        for (l, v) in rel.iter_mut().enumerate() {
+            *v = ((b0 + block(l)) / per - first) as i32;
+        }
+        Scales { first, mask: lanes(last - first + 1), sidx: _mm512_loadu_si512(rel.as_ptr() as *const __m512i) }
+    }
+
+    /// A W4A8 row of `k` elements: its super-steps' and steps' scales.
+    struct W4Plan {
+        sup: Vec<Scales>,
+        steps: Vec<Scales>,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn w4a8_plan(k: usize, per: usize, nsup: usize) -> W4Plan {
+        let nb = k.div_ceil(32);
+        let sup = (0..nsup).map(|u| scales_of(16 * u, 16, per, |l| QFormat::lane_of(l))).collect();
+        let steps = (0..(nb - 16 * nsup).div_ceil(4))
+            .map(|t| {
+                let b0 = 16 * nsup + 4 * t;
+                scales_of(b0, (nb - b0).min(4), per, |l| (l / 4).min(nb - b0 - 1))
+            })
+            .collect();
+        W4Plan { sup, steps }
+    }
+
+    /// Loads the group scales `sc` of the packed row at `row` (halves, widened, permuted to lanes).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_scales(row: *const u8, sc: &Scales) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(sc.mask, (row as *const i16).add(sc.first));
+        _mm512_permutexvar_ps(sc.sidx, _mm512_cvtph_ps(h))
+    }
+
+    /// A W4A8 tile: `R` activation rows (`abi::qformat` order, `xs` bytes apart; `aux` rows `auxs`
+    /// words apart) against `C` packed rows, into `out[r * ld + c]`.
+    ///
+    /// Super-steps (16 blocks): a packed row's 256 code bytes are loaded as four vectors of four
+    /// blocks, 32-bit words transposed 4 x 4 within each 128-bit lane (so each lane holds one
+    /// block) and split into low and high nibbles once for all `R` rows; per row, 8 `vpdpbusd`
+    /// onto the row's `aux` terms give the 16 blocks' sums, converted and multiplied by their
+    /// scales into the (row, column) accumulator. Steps (the last `K % 512` elements, 4 blocks):
+    /// the 64 code bytes' nibbles meet the activations' block halves directly, 2 `vpdpbusd` per
+    /// row. One accumulator per (row, column), so every result is the same whatever the tile's
+    /// shape.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot_w4a8(row: *const u8, nb: usize, codes_at: usize, re: &Relaid) -> f32 {
-        let codes = row.add(codes_at);
-        let m = _mm512_set1_epi8(0x0f);
-        let step = |t: usize| {
-            let v = if 4 * t + 4 <= nb {
-                _mm512_loadu_si512(codes.add(64 * t) as *const __m512i)
-            } else {
-                _mm512_maskz_loadu_epi32(lanes(4 * (nb - 4 * t)), codes.add(64 * t) as *const i32)
-            };
-            let lo = _mm512_and_si512(v, m);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
-            let mut d = _mm512_load_si512(re.aux.add(64 * t) as *const __m512i);
-            d = _mm512_dpbusd_epi32(d, lo, _mm512_load_si512(re.xl.add(64 * t) as *const __m512i));
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(re.xh.add(64 * t) as *const __m512i));
-            let st = &re.steps[t];
-            // The step's group scales: halves, widened.
-            let s = _mm512_permutexvar_ps(
-                _mm512_load_si512(re.sidx.add(64 * t) as *const __m512i),
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(st.1, (row as *const i16).add(st.0))),
-            );
-            (_mm512_cvtepi32_ps(d), s)
-        };
-        let ns = nb.div_ceil(4);
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut t = 0;
-        while t + 2 <= ns {
-            let (d, s) = step(t);
-            acc0 = _mm512_fmadd_ps(d, s, acc0);
-            let (d, s) = step(t + 1);
-            acc1 = _mm512_fmadd_ps(d, s, acc1);
-            t += 2;
+    unsafe fn tile_w4a8<const R: usize, const C: usize>(
+        rows: [*const u8; C],
+        codes_at: usize,
+        x: *const u8,
+        xs: usize,
+        aux: *const i32,
+        auxs: usize,
+        nb: usize,
+        plan: &W4Plan,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let nib = _mm512_set1_epi8(0x0f);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for (u, sc) in plan.sup.iter().enumerate() {
+            for c in 0..C {
+                let p = rows[c].add(codes_at + 256 * u);
+                let v: [__m512i; 4] = std::array::from_fn(|t| _mm512_loadu_si512(p.add(64 * t) as *const __m512i));
+                let a0 = _mm512_unpacklo_epi32(v[0], v[1]);
+                let a1 = _mm512_unpackhi_epi32(v[0], v[1]);
+                let a2 = _mm512_unpacklo_epi32(v[2], v[3]);
+                let a3 = _mm512_unpackhi_epi32(v[2], v[3]);
+                let w = [
+                    _mm512_unpacklo_epi64(a0, a2),
+                    _mm512_unpackhi_epi64(a0, a2),
+                    _mm512_unpacklo_epi64(a1, a3),
+                    _mm512_unpackhi_epi64(a1, a3),
+                ];
+                let lo = w.map(|w| _mm512_and_si512(w, nib));
+                let hi = w.map(|w| _mm512_and_si512(_mm512_srli_epi16::<4>(w), nib));
+                let s = load_scales(rows[c], sc);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xr = x.add(r * xs + 512 * u) as *const __m512i;
+                    let mut d = _mm512_loadu_si512(aux.add(r * auxs + 16 * u) as *const __m512i);
+                    for j in 0..4 {
+                        d = _mm512_dpbusd_epi32(d, lo[j], _mm512_loadu_si512(xr.add(j)));
+                        d = _mm512_dpbusd_epi32(d, hi[j], _mm512_loadu_si512(xr.add(4 + j)));
+                    }
+                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[c]);
+                }
+            }
         }
-        if t < ns {
-            let (d, s) = step(t);
-            acc0 = _mm512_fmadd_ps(d, s, acc0);
+        let nsup = plan.sup.len();
+        let (x, aux) = (x.add(512 * nsup), aux.add(16 * nsup));
+        let codes_at = codes_at + 256 * nsup;
+        let nb = nb - 16 * nsup;
+        for (t, sc) in plan.steps.iter().enumerate() {
+            // Code bytes past the last block (a partial last step) read as 0.
+            let m = lanes(4 * (nb - 4 * t).min(4));
+            for c in 0..C {
+                let v = _mm512_maskz_loadu_epi32(m, rows[c].add(codes_at + 64 * t) as *const i32);
+                let lo = _mm512_and_si512(v, nib);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                let s = load_scales(rows[c], sc);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xr = x.add(r * xs + 128 * t);
+                    let a = _mm512_loadu_si512(aux.add(r * auxs + 16 * t) as *const __m512i);
+                    let d = _mm512_dpbusd_epi32(a, lo, _mm512_loadu_si512(xr as *const __m512i));
+                    let d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr.add(64) as *const __m512i));
+                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[c]);
+                }
+            }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        let mut i = 0;
+        while i < R * C {
+            let mut v = [_mm512_setzero_ps(); 4];
+            for (l, v) in v.iter_mut().enumerate().take(R * C - i) {
+                *v = acc[(i + l) / C][(i + l) % C];
+            }
+            let sums = hsum4(v);
+            for (l, &sum) in sums.iter().enumerate().take(R * C - i) {
+                *out.add((i + l) / C * ld + (i + l) % C) = sum;
+            }
+            i += 4;
+        }
     }
 
-    /// W4A8 activations in step order: for step `t` (blocks `4t .. 4t + 4`), 64 bytes of the
-    /// blocks' first 16 codes (`xl`), 64 of their last 16 (`xh`), the `aux` terms in lane 0 of
-    /// each 128-bit lane, and the lane -> scale permutation `sidx` with the scales' first index
-    /// and load mask (`steps`).
-    struct Relaid {
-        xl: *const u8,
-        xh: *const u8,
-        aux: *const u8,
-        sidx: *const u8,
-        steps: Vec<(usize, u16)>,
+    /// A tile kernel over activation rows `r0 .. r0 + R` and the `C` packed rows `rows`, into
+    /// `out[r * ld + c]`.
+    trait Tile {
+        unsafe fn tile<const R: usize, const C: usize>(&self, r0: usize, rows: [*const u8; C], out: *mut f32, ld: usize);
+    }
+
+    struct W8Tile {
+        x: *const u8,
+        xs: usize,
+        k16: usize,
+    }
+
+    impl Tile for W8Tile {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn tile<const R: usize, const C: usize>(&self, r0: usize, rows: [*const u8; C], out: *mut f32, ld: usize) {
+            tile_w8a8::<R, C>(rows, self.x.add(r0 * self.xs), self.xs, self.k16, out, ld)
+        }
+    }
+
+    struct W4Tile {
+        codes_at: usize,
+        x: *const u8,
+        xs: usize,
+        aux: *const i32,
+        auxs: usize,
+        nb: usize,
+        plan: W4Plan,
+    }
+
+    impl Tile for W4Tile {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn tile<const R: usize, const C: usize>(&self, r0: usize, rows: [*const u8; C], out: *mut f32, ld: usize) {
+            let (x, aux) = (self.x.add(r0 * self.xs), self.aux.add(r0 * self.auxs));
+            tile_w4a8::<R, C>(rows, self.codes_at, x, self.xs, aux, self.auxs, self.nb, &self.plan, out, ld)
+        }
+    }
+
+    /// Activation rows `r0 .. r0 + R` against packed rows `0..rows`, `C` at a time then one, into
+    /// `out[r * rows + j]`, requesting each packed row's successor `ahead` bytes on (0: none).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn row_block<T: Tile, const R: usize, const C: usize>(
+        t: &T,
+        r0: usize,
+        b: *const u8,
+        rb: usize,
+        rows: usize,
+        out: *mut f32,
+        ahead: usize,
+    ) {
+        let o = out.add(r0 * rows);
+        let mut j = 0;
+        while j + C <= rows {
+            let mut p = [b; C];
+            for (i, p) in p.iter_mut().enumerate() {
+                *p = b.add((j + i) * rb);
+                if ahead > 0 {
+                    prefetch_row(b, j + i, rb, ahead);
+                }
+            }
+            t.tile::<R, C>(r0, p, o.add(j), rows);
+            j += C;
+        }
+        while j < rows {
+            if ahead > 0 {
+                prefetch_row(b, j, rb, ahead);
+            }
+            t.tile::<R, 1>(r0, [b.add(j * rb)], o.add(j), rows);
+            j += 1;
+        }
+    }
+
+    /// Rows `0..m` in blocks of up to `RMAX` (at most 8; [`row_block`]).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tiles<T: Tile, const RMAX: usize, const C: usize>(t: &T, m: usize, b: *const u8, rb: usize, rows: usize, out: *mut f32) {
+        let mut r0 = 0;
+        while r0 < m {
+            let rr = (m - r0).min(RMAX);
+            // One activation row (decode) streams the packed rows: request them ahead. Several:
+            // while the first block of rows reads these packed rows from memory, request the
+            // next call's (the caller's next chunk of rows, if any: a prefetch never faults).
+            let prefetch = match (m, r0) {
+                (1, _) => PREFETCH,
+                (_, 0) => rows * rb,
+                _ => 0,
+            };
+            match rr {
+                1 => row_block::<T, 1, C>(t, r0, b, rb, rows, out, prefetch),
+                2 => row_block::<T, 2, C>(t, r0, b, rb, rows, out, prefetch),
+                3 => row_block::<T, 3, C>(t, r0, b, rb, rows, out, prefetch),
+                4 => row_block::<T, 4, C>(t, r0, b, rb, rows, out, prefetch),
+                5 => row_block::<T, 5, C>(t, r0, b, rb, rows, out, prefetch),
+                6 => row_block::<T, 6, C>(t, r0, b, rb, rows, out, prefetch),
+                7 => row_block::<T, 7, C>(t, r0, b, rb, rows, out, prefetch),
+                _ => row_block::<T, 8, C>(t, r0, b, rb, rows, out, prefetch),
+            }
+            r0 += rr;
+        }
+    }
+
+    const W8_R: usize = 4;
+    const W8_C: usize = 4;
+    const W4_R: usize = 4;
+    const W4_C: usize = 3;
+
+    /// The A8 products of `m` activation rows (see [`super::QGemmA8Fn`]); `qgemv_a8` is `m = 1`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn a8_product(fmt: i64, x: *const u8, aux: *const i32, m: usize, b: *const u8, rb: usize, k: usize, rows: usize, out: *mut f32) {
+        a8_product_tiled::<W4_R, W4_C, true>(fmt, x, aux, m, b, rb, k, rows, out)
+    }
+
+    /// [`a8_product`] with W4A8 tiles of `R4` rows and `C4` columns.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn a8_product_tiled<const R4: usize, const C4: usize, const SUP: bool>(fmt: i64, x: *const u8, aux: *const i32, m: usize, b: *const u8, rb: usize, k: usize, rows: usize, out: *mut f32) {
+        match QFormat::from_arg(fmt) {
+            Some(f @ QFormat::W8A8) => {
+                let t = W8Tile { x, xs: f.act_bytes(k), k16: k.div_ceil(16) * 16 };
+                tiles::<_, W8_R, W8_C>(&t, m, b, rb, rows, out);
+            }
+            Some(f @ QFormat::W4A8 { group }) => {
+                let nb = k.div_ceil(32);
+                let t = W4Tile {
+                    codes_at: f.codes_at(k),
+                    x,
+                    xs: f.act_bytes(k),
+                    aux,
+                    auxs: f.aux_words(k),
+                    nb,
+                    plan: w4a8_plan(k, group / 32, if SUP { k / 512 } else { 0 }),
+                };
+                tiles::<_, R4, C4>(&t, m, b, rb, rows, out);
+            }
+            _ => {
+                for i in 0..m * rows {
+                    *out.add(i) = f32::NAN;
+                }
+            }
+        }
     }
 
     /// See [`super::QGemvFn`] (W8A8 and W4A8).
@@ -533,59 +825,27 @@ mod avx512 {
         rows: i64,
         out: *mut f32,
     ) {
-        let (rb, k, rows) = (rb as usize, k as usize, rows as usize);
-        match QFormat::from_arg(fmt) {
-            Some(QFormat::W8A8) => {
-                let k16 = k.div_ceil(16) * 16;
-                for j in 0..rows {
-                    prefetch_ahead(b, j, rb);
-                    *out.add(j) = dot_w8a8(b.add(j * rb), x, k16);
-                }
-            }
-            Some(f @ QFormat::W4A8 { group }) => {
-                let nb = k.div_ceil(32);
-                let ns = nb.div_ceil(4);
-                let per = group / 32;
-                let ng = f.groups(k);
-                let base = super::scratch(4 * 64 * ns);
-                let re = Relaid {
-                    xl: base,
-                    xh: base.add(64 * ns),
-                    aux: base.add(128 * ns),
-                    sidx: base.add(192 * ns),
-                    steps: (0..ns)
-                        .map(|t| {
-                            let first = 4 * t / per;
-                            let last = (4 * t + 3).min(nb - 1) / per;
-                            (first, lanes(last - first + 1))
-                        })
-                        .collect(),
-                };
-                for bl in 0..nb {
-                    let (t, i) = (bl / 4, bl % 4);
-                    let o = 64 * t + 16 * i;
-                    std::ptr::copy_nonoverlapping(x.add(32 * bl), base.add(o), 16);
-                    std::ptr::copy_nonoverlapping(x.add(32 * bl + 16), base.add(64 * ns + o), 16);
-                    (base.add(128 * ns + o) as *mut i32).write(*aux.add(bl));
-                    let sidx = base.add(192 * ns + o) as *mut i32;
-                    let rel = (bl / per - re.steps[t].0) as i32;
-                    for l in 0..4 {
-                        sidx.add(l).write(rel);
-                    }
-                }
-                debug_assert!(re.steps.iter().all(|s| s.0 < ng));
-                let codes_at = f.codes_at(k);
-                for j in 0..rows {
-                    prefetch_ahead(b, j, rb);
-                    *out.add(j) = dot_w4a8(b.add(j * rb), nb, codes_at, &re);
-                }
-            }
-            _ => {
-                for j in 0..rows {
-                    *out.add(j) = f32::NAN;
-                }
-            }
-        }
+        a8_product(fmt, x, aux, 1, b, rb as usize, k as usize, rows as usize, out)
+    }
+
+    /// See [`super::QGemmA8Fn`].
+    ///
+    /// # Safety
+    /// The [`super::QGemmA8Fn`] contract; the CPU has AVX-512F, BW, VL and VNNI.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe extern "sysv64" fn qgemm_a8(
+        fmt: i64,
+        x: *const u8,
+        aux: *const i32,
+        m: i64,
+        b: *const u8,
+        rb: i64,
+        k: i64,
+        rows: i64,
+        out: *mut f32,
+    ) {
+        a8_product(fmt, x, aux, m as usize, b, rb as usize, k as usize, rows as usize, out)
     }
 }
 
@@ -641,7 +901,7 @@ mod tests {
     }
 
     /// The GEMV behind a table entry, or `None` (with a SKIP line) when this CPU lacks `needs`.
-    fn gemv_or_skip(f: Option<QGemvFn>, needs: &str) -> Option<QGemvFn> {
+    fn gemv_or_skip<F>(f: Option<F>, needs: &str) -> Option<F> {
         if f.is_none() {
             eprintln!("SKIP: no {needs} on this CPU (generated code runs these products)");
         }
@@ -749,59 +1009,122 @@ mod tests {
         }
     }
 
-    /// The A8 kernel against exact integer sums.
+    /// Quantized activation rows as the A8 kernels take them ([`llmc_abi::qformat`]): `m` rows
+    /// of random codes `q` (0 past `k`), laid out for `fmt`, with their `aux` rows.
+    fn act_rows(fmt: QFormat, k: usize, m: usize, seed: &mut u64) -> (Vec<Vec<i32>>, Vec<u8>, Vec<i32>) {
+        let (xs, auxs) = (fmt.act_bytes(k), fmt.aux_words(k));
+        let (mut x, mut aux) = (vec![0u8; m * xs], vec![0i32; m * auxs]);
+        let mut qs = Vec::new();
+        for r in 0..m {
+            let q: Vec<i32> = (0..k).map(|_| (lcg(seed) % 255) as i32 - 127).collect();
+            for (e, &v) in q.iter().enumerate() {
+                x[r * xs + fmt.act_at(k, e)] = if fmt == QFormat::W8A8 { (v + 128) as u8 } else { v as i8 as u8 };
+            }
+            if fmt == QFormat::W8A8 {
+                x[r * xs + k..(r + 1) * xs].fill(128);
+            }
+            for (b, blk) in q.chunks(32).enumerate().take(if auxs == 0 { 0 } else { k.div_ceil(32) }) {
+                aux[r * auxs + QFormat::aux_at(k, b)] = -8 * blk.iter().sum::<i32>();
+            }
+            qs.push(q);
+        }
+        (qs, x, aux)
+    }
+
+    /// The exact product of activation codes `q` with packed row `r`: `Σ_e w[e] · q[e]` per
+    /// scale (the codes as `ir::quant` has them; the kernels' stored-nibble sums plus `aux` equal
+    /// these), and the tolerance of an f32 sum of scaled partial sums: 1e-6 of `Σ_e |w[e] · q[e]|`
+    /// times the scales (the integer sums are exact; only their scaled f32 accumulation rounds).
+    fn a8_reference(fmt: QFormat, r: &[u8], k: usize, q: &[i32]) -> (f64, f64) {
+        let w = fmt.unpack_row(r, k).unwrap();
+        let dot = |e: std::ops::Range<usize>| e.map(|e| w.codes[e] as i64 * q[e] as i64).sum::<i64>() as f64;
+        let mag = |e: std::ops::Range<usize>| e.map(|e| (w.codes[e] as i64 * q[e] as i64).abs()).sum::<i64>() as f64;
+        let (mut want, mut size) = (0.0, 0.0);
+        for b in 0..k.div_ceil(32) {
+            let (e, s) = match fmt {
+                QFormat::W8A8 if b == 0 => (0..k, w.scales[0] as f64),
+                QFormat::W4A8 { group } => (32 * b..(32 * b + 32).min(k), w.scales[32 * b / group] as f64),
+                _ => continue,
+            };
+            want += dot(e.clone()) * s;
+            size += mag(e) * s.abs();
+        }
+        (want, 1e-6 * (1.0 + size))
+    }
+
+    const A8_FORMATS: [QFormat; 5] = [
+        QFormat::W8A8,
+        QFormat::W4A8 { group: 32 },
+        QFormat::W4A8 { group: 64 },
+        QFormat::W4A8 { group: 128 },
+        QFormat::W4A8 { group: 96 },
+    ];
+
+    /// The A8 GEMV against exact integer sums.
     #[test]
     fn a8_kernel_matches_integer_product() {
         let Some(f) = gemv_or_skip(select_qgemv_a8(), "AVX-512 VNNI") else { return };
         let mut seed = 11u64;
-        for fmt in [
-            QFormat::W8A8,
-            QFormat::W4A8 { group: 32 },
-            QFormat::W4A8 { group: 64 },
-            QFormat::W4A8 { group: 128 },
-            QFormat::W4A8 { group: 96 },
-        ] {
+        for fmt in A8_FORMATS {
             for k in [16, 32, 100, 160, 688, 768, 2048] {
-                let n = 4;
+                let n = 5;
                 let rb = fmt.row_bytes(k);
                 let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(fmt, k, &mut seed)).collect();
                 let packed = rows.concat();
-                let kpad = k.div_ceil(32) * 32;
-                let q: Vec<i32> =
-                    (0..kpad).map(|e| if e < k { (lcg(&mut seed) % 255) as i32 - 127 } else { 0 }).collect();
-                let nb = k.div_ceil(32);
-                let aux: Vec<i32> = (0..nb).map(|b| -8 * q[32 * b..32 * b + 32].iter().sum::<i32>()).collect();
-                let x: Vec<u8> = match fmt {
-                    QFormat::W8A8 => q.iter().map(|&v| (v + 128) as u8).collect(),
-                    _ => q.iter().map(|&v| v as i8 as u8).collect(),
-                };
+                let (q, x, aux) = act_rows(fmt, k, 1, &mut seed);
                 let mut out = vec![0.0f32; n];
-                unsafe {
-                    f(
-                        fmt.arg(),
-                        x.as_ptr(),
-                        aux.as_ptr(),
-                        packed.as_ptr(),
-                        rb as i64,
-                        k as i64,
-                        n as i64,
-                        out.as_mut_ptr(),
-                    )
-                };
+                unsafe { f(fmt.arg(), x.as_ptr(), aux.as_ptr(), packed.as_ptr(), rb as i64, k as i64, n as i64, out.as_mut_ptr()) };
                 for (j, r) in rows.iter().enumerate() {
-                    // The exact integer products: Σ_e w[e] · q[e] per scale (the codes as
-                    // `ir::quant` has them; the kernel's stored-nibble sums plus `aux` equal these).
-                    let w = fmt.unpack_row(r, k).unwrap();
-                    let dot = |e: std::ops::Range<usize>| e.map(|e| w.codes[e] as i64 * q[e] as i64).sum::<i64>() as f64;
-                    let want: f64 = match fmt {
-                        QFormat::W8A8 => dot(0..k) * w.scales[0] as f64,
-                        QFormat::W4A8 { group } => {
-                            (0..nb).map(|b| dot(32 * b..(32 * b + 32).min(k)) * w.scales[32 * b / group] as f64).sum()
-                        }
-                        _ => unreachable!(),
-                    };
+                    let (want, tol) = a8_reference(fmt, r, k, &q[0]);
                     let got = out[j] as f64;
-                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{fmt:?} k={k} row {j}: {got} vs {want}");
+                    assert!((got - want).abs() <= tol, "{fmt:?} k={k} row {j}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The multi-row A8 product against exact integer sums, and equal, bit for bit, to the GEMV
+    /// row by row (so a prompt's products equal its tokens' one at a time): every row count of a
+    /// tile and a ragged last one, column counts with a remainder past the tile width, ragged `K`.
+    #[test]
+    fn a8_multi_row_kernel_matches_integer_product_and_the_gemv() {
+        let (Some(g), Some(f)) = (gemv_or_skip(select_qgemm_a8(), "AVX-512 VNNI"), select_qgemv_a8()) else { return };
+        let mut seed = 13u64;
+        for fmt in A8_FORMATS {
+            for (k, n, m) in [(16, 3, 2), (100, 7, 9), (160, 5, 4), (688, 64, 16), (768, 9, 1), (2048, 4, 5), (44, 1, 3), (1100, 6, 7), (512, 5, 4)] {
+                let rb = fmt.row_bytes(k);
+                let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(fmt, k, &mut seed)).collect();
+                let packed = rows.concat();
+                let (q, x, aux) = act_rows(fmt, k, m, &mut seed);
+                let mut out = vec![f32::NAN; m * n + 1];
+                unsafe {
+                    g(fmt.arg(), x.as_ptr(), aux.as_ptr(), m as i64, packed.as_ptr(), rb as i64, k as i64, n as i64, out.as_mut_ptr())
+                };
+                assert!(out[m * n].is_nan(), "{fmt:?} k={k}: write past the tile");
+                let (xs, auxs) = (fmt.act_bytes(k), fmt.aux_words(k));
+                for r in 0..m {
+                    let mut one = vec![0.0f32; n];
+                    unsafe {
+                        f(
+                            fmt.arg(),
+                            x.as_ptr().add(r * xs),
+                            aux.as_ptr().add(r * auxs),
+                            packed.as_ptr(),
+                            rb as i64,
+                            k as i64,
+                            n as i64,
+                            one.as_mut_ptr(),
+                        )
+                    };
+                    for (j, p) in rows.iter().enumerate() {
+                        let (want, tol) = a8_reference(fmt, p, k, &q[r]);
+                        let got = out[r * n + j];
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "{fmt:?} k={k} m={m} ({r}, {j}): {got} vs {want}"
+                        );
+                        assert_eq!(got.to_bits(), one[j].to_bits(), "{fmt:?} k={k} m={m} ({r}, {j}): GEMV gives {}", one[j]);
+                    }
                 }
             }
         }
@@ -833,8 +1156,8 @@ fn qkernel_throughput() {
         };
         let rb = fmt.row_bytes(k);
         let w: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8 & if fmt.a8() { 0x7f } else { 0xff }).collect();
-        let x: Vec<f32> = (0..k.div_ceil(32) * 32).map(|i| (i as f32 * 0.1).sin()).collect();
-        let aux = vec![0i32; k.div_ceil(32)];
+        let x: Vec<f32> = (0..k.div_ceil(128) * 128).map(|i| (i as f32 * 0.1).sin()).collect();
+        let aux = vec![0i32; fmt.aux_words(k).max(1)];
         let mut out = vec![0.0f32; 64];
         let reps = (200 * 4096 / n).max(3);
         let c = cpu();
@@ -845,5 +1168,54 @@ fn qkernel_throughput() {
         }
         let dt = (cpu() - c) / reps as f64;
         eprintln!("{fmt:?} {n}x{k}: {:.1} G weights/s, {:.1} GB/s per CPU second", (n * k) as f64 / dt / 1e9, (n * rb) as f64 / dt / 1e9);
+    }
+    // Prefill: 16 activation rows against 64-row chunks, the multi-row A8 product (W4A8: tile
+    // shapes, with super-steps and with steps only) and the GEMV row by row (what generated code
+    // called before it).
+    let kq: usize = std::env::var("QK_K").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+    for (fmt, k, m) in [(QFormat::W4A8 { group: 32 }, kq, 16), (QFormat::W4A8 { group: 32 }, 8192, 8), (QFormat::W8A8, kq, 16)] {
+        let (Some(g), Some(f)) = (select_qgemm_a8(), select_qgemv_a8()) else { continue };
+        let n: usize = std::env::var("QK_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+        let rb = fmt.row_bytes(k);
+        let w: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8 & 0x7f).collect();
+        let (xs, auxs) = (fmt.act_bytes(k), fmt.aux_words(k));
+        let x: Vec<u8> = (0..m * xs).map(|i| (i * 13 % 251) as u8 & 0x7f).collect();
+        let aux = vec![0i32; (m * auxs).max(1)];
+        let mut out = vec![0.0f32; m * 64];
+        type Variant = unsafe fn(i64, *const u8, *const i32, usize, *const u8, usize, usize, usize, *mut f32);
+        let variants: [(&str, Variant); 6] = [
+            ("4x2", avx512::a8_product_tiled::<4, 2, true>),
+            ("4x2 steps", avx512::a8_product_tiled::<4, 2, false>),
+            ("4x4", avx512::a8_product_tiled::<4, 4, true>),
+            ("8x1", avx512::a8_product_tiled::<8, 1, true>),
+            ("4x3", avx512::a8_product_tiled::<4, 3, true>),
+            ("4x3 steps", avx512::a8_product_tiled::<4, 3, false>),
+        ];
+        let mut best = [0.0f64; 7];
+        for _trial in 0..7 {
+            for (v, best) in best.iter_mut().enumerate() {
+                let reps = 4 * 2048 / n;
+                let c = std::time::Instant::now();
+                for _ in 0..reps {
+                    for c0 in (0..n).step_by(64) {
+                        let b = unsafe { w.as_ptr().add(c0 * rb) };
+                        if v < variants.len() {
+                            unsafe { variants[v].1(fmt.arg(), x.as_ptr(), aux.as_ptr(), m, b, rb, k, 64, out.as_mut_ptr()) };
+                        } else {
+                            for r in 0..m {
+                                unsafe { f(fmt.arg(), x.as_ptr().add(r * xs), aux.as_ptr().add(r * auxs), b, rb as i64, k as i64, 64, out.as_mut_ptr()) };
+                            }
+                        }
+                    }
+                }
+                let rate = (reps * m * n * k) as f64 / c.elapsed().as_secs_f64() / 1e9;
+                *best = best.max(rate);
+            }
+        }
+        let _ = g;
+        // The tile shapes and regions are W4A8's; W8A8 has one tiling.
+        let shown = if fmt == QFormat::W8A8 { 1 } else { variants.len() };
+        let names: Vec<String> = variants.iter().zip(&best).take(shown).map(|((n, _), b)| format!("{n} {b:.1}")).collect();
+        eprintln!("{fmt:?} M={m} {n}x{k}: qgemm_a8 tiles {}; qgemv_a8 per row {:.1} G MAC/s (best of 7, wall clock, one thread)", names.join(", "), best[6]);
     }
 }

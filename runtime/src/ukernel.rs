@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 pub use llmc_abi::panel::{panel_group_len, PANEL};
 pub use llmc_abi::ukernel::{
-    GemmPanels16Fn, GemmPanelsFn, ABI_VERSION, GEMM_PANELS, GEMM_PANELS_BF16, GEMM_PANELS_F16, QGEMM, QGEMV, QGEMV_A8, SLOTS,
+    GemmPanels16Fn, GemmPanelsFn, ABI_VERSION, GEMM_PANELS, GEMM_PANELS_BF16, GEMM_PANELS_F16, QGEMM, QGEMM_A8, QGEMV, QGEMV_A8, SLOTS,
 };
 
 /// The function table, filled for this CPU on first use (the layout of [`llmc_abi::ukernel::Table`]).
@@ -33,6 +33,7 @@ pub fn table() -> &'static [usize; SLOTS] {
             gemm_panels_bf16: select_gemm_panels16::<BF16>(),
             gemm_panels_f16: select_gemm_panels16::<F16>(),
             attn_block: crate::akernel::select_attn_block(),
+            qgemm_a8: crate::qkernel::select_qgemm_a8(),
         }
         .addresses()
     })

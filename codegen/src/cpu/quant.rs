@@ -18,7 +18,7 @@
 //! `QGEMM`).
 
 use abi::panel::PANEL;
-use abi::ukernel::{self, QGEMM_SIG, QGEMV_SIG};
+use abi::ukernel::{self, QGEMM_A8_SIG, QGEMM_SIG, QGEMV_SIG};
 use abi::QFormat;
 use cranelift_codegen::ir::types::{F32, I8, I8X16, I16X8, I32, I32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
@@ -542,8 +542,9 @@ fn dpbusd(kb: &mut Kb, c: Value, u8s: Value, s8s: Value) -> Value {
 }
 
 /// `Σ_k (q[k] − 8) · s_g · x[k]` (f32, before the activation scale) for one W4A8 row `prow`
-/// (symmetric int4 blocks, codes stored as `q + 8`) and the activation codes `x` (i8, padded
-/// with 0) with `bsum` holding `-8 ·` each 32-block's code sum (i32): per block, the nibbles are the unsigned
+/// (symmetric int4 blocks, codes stored as `q + 8`) and a quantized activation row `x` (i8 in
+/// the super-step and step order of `abi::qformat`) with `bsum` holding `-8 ·` each 32-block's
+/// code sum (i32, at its `aux` word): per block, the nibbles are the unsigned
 /// operand of two `vpdpbusd`s accumulating onto `−8 · bsum[b]` (an exact i32), converted once
 /// and multiplied by the block's group scale.
 fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Value) -> Value {
@@ -555,7 +556,9 @@ fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Va
     let acc = [kb.var(V4, zv), kb.var(V4, zv)];
     let nb = k.div_ceil(32);
     let per = group / 32;
-    let block = |kb: &mut Kb, blk: Value, slot: usize| {
+    // Blocks in the activations' super-steps, then in steps.
+    let nsup_blocks = k / 512 * 16;
+    let block = |kb: &mut Kb, blk: Value, slot: usize, sup: bool| {
         let pc = kb.muli(blk, 16);
         let pc = kb.add(codes, pc);
         let v = kb.b.ins().load(I8X16, flags(), pc, 0);
@@ -566,13 +569,52 @@ fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Va
         let hi = kb.b.ins().ushr_imm_s(v16, 4);
         let hi = kb.b.ins().bitcast(I8X16, le, hi);
         let hi = kb.b.ins().band(hi, mask);
-        // The activation side stored `-8 · Σ codes` per block.
-        let c = kb.ld(I32, bsum, blk);
+        // The activation side (`abi::qformat`): `-8 · Σ codes` of the block at its `aux` word,
+        // its first 16 codes `x0` and last 16 `x1` where its region puts them.
+        let (x0, x1, w) = if sup {
+            // Super-step `blk / 16`, lane `L`: codes `16h + 4j ..` at `512u + 256h + 64j + 4L`.
+            let u = kb.b.ins().ushr_imm_s(blk, 4);
+            let b16 = kb.b.ins().band_imm_s(blk, 15);
+            let l0 = kb.b.ins().band_imm_s(b16, 3);
+            let l0 = kb.muli(l0, 4);
+            let l1 = kb.b.ins().ushr_imm_s(b16, 2);
+            let lane = kb.add(l0, l1);
+            let w = kb.muli(u, 16);
+            let w = kb.add(w, lane);
+            let base = kb.muli(u, 512);
+            let l4 = kb.muli(lane, 4);
+            let base = kb.add(base, l4);
+            let px = kb.add(x, base);
+            let half = |kb: &mut Kb, h: i32| {
+                let words: Vec<Value> =
+                    (0..4).map(|j| kb.b.ins().load(I32, flags(), px, 256 * h + 64 * j)).collect();
+                let mut v = kb.b.ins().scalar_to_vector(I32X4, words[0]);
+                for (j, &wj) in words.iter().enumerate().skip(1) {
+                    v = kb.b.ins().insertlane(v, wj, j as u8);
+                }
+                let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+                kb.b.ins().bitcast(I8X16, le, v)
+            };
+            (half(kb, 0), half(kb, 1), w)
+        } else {
+            // Steps after the super-steps: the block's first 16 at `128 · (b / 4) + 16 · (b % 4)`
+            // (`b` counted from the first step's block), its last 16 64 bytes on.
+            let b = kb.addi(blk, -(nsup_blocks as i64));
+            let w = kb.muli(b, 4);
+            let w = kb.addi(w, nsup_blocks as i64);
+            let t = kb.b.ins().ushr_imm_s(b, 2);
+            let t = kb.muli(t, 128);
+            let i = kb.b.ins().band_imm_s(b, 3);
+            let i = kb.muli(i, 16);
+            let e0 = kb.add(t, i);
+            let e0 = kb.addi(e0, 32 * nsup_blocks as i64);
+            let px = kb.add(x, e0);
+            let x0 = kb.b.ins().load(I8X16, flags(), px, 0);
+            let x1 = kb.b.ins().load(I8X16, flags(), px, 64);
+            (x0, x1, w)
+        };
+        let c = kb.ld(I32, bsum, w);
         let c = kb.b.ins().scalar_to_vector(I32X4, c);
-        let e0 = kb.muli(blk, 32);
-        let px = kb.add(x, e0);
-        let x0 = kb.b.ins().load(I8X16, flags(), px, 0);
-        let x1 = kb.b.ins().load(I8X16, flags(), px, 16);
         let d = dpbusd(kb, c, lo, x0);
         let d = dpbusd(kb, d, hi, x1);
         let f = kb.b.ins().fcvt_from_sint(V4, d);
@@ -583,16 +625,19 @@ fn w4a8_dot(kb: &mut Kb, group: usize, k: usize, prow: Value, x: Value, bsum: Va
         let a = kb.fma(f, sv, a);
         kb.set(acc[slot], a);
     };
-    let z = kb.ic(0);
-    let pairs = kb.ic((nb / 2 * 2) as i64);
-    kb.for_steps(z, pairs, 2, &mut |kb, b0| {
-        block(kb, b0, 0);
-        let b1 = kb.addi(b0, 1);
-        block(kb, b1, 1);
-    });
-    if nb % 2 == 1 {
-        let b = kb.ic((nb - 1) as i64);
-        block(kb, b, 0);
+    // Pairs of blocks (two accumulators) in each region, then an odd last block.
+    for (b0, b1, sup) in [(0, nsup_blocks, true), (nsup_blocks, nb, false)] {
+        let lo = kb.ic(b0 as i64);
+        let pairs = kb.ic((b0 + (b1 - b0) / 2 * 2) as i64);
+        kb.for_steps(lo, pairs, 2, &mut |kb, b| {
+            block(kb, b, 0, sup);
+            let b1 = kb.addi(b, 1);
+            block(kb, b1, 1, sup);
+        });
+        if (b1 - b0) % 2 == 1 {
+            let b = kb.ic((b1 - 1) as i64);
+            block(kb, b, 0, sup);
+        }
     }
     let a0 = kb.get(acc[0]);
     let a1 = kb.get(acc[1]);
@@ -643,12 +688,14 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
 }
 
 /// The W8A8 / W4A8 product. Rows of `a` go in blocks of up to [`a8_block_rows`]: each row of a
-/// block is quantized to int8 as `ir::quant::quantize_act` does into a stack buffer (W8A8: stored
-/// as `q + 128`, the unsigned operand; W4A8: signed, with per-32-block code sums), then every
-/// output column is an integer dot product scaled by the weight's scale(s) times the row's
-/// activation scale. With the runtime's GEMV, columns go in chunks of [`QCH`] and each chunk serves
-/// every row of the block while its packed rows are in cache: a prefill reads the weights once
-/// per block of rows, not once per row.
+/// block is quantized to int8 as `ir::quant::quantize_act` does into a stack buffer laid out as
+/// `abi::qformat` defines quantized activation rows (W8A8: stored as `q + 128`, the unsigned
+/// operand; W4A8: signed, in step order, with per-32-block code sums), then every output column
+/// is an integer dot product scaled by the weight's scale(s) times the row's activation scale.
+/// With the runtime's kernels, columns go in chunks of [`QCH`] and each chunk serves every row of
+/// the block while its packed rows are in cache: a block of several rows goes through the
+/// multi-row product `qg` (each packed row unpacked once for the block's rows), one row through
+/// the GEMV `qk`. A prefill reads the weights once per block of rows, not once per row.
 #[allow(clippy::too_many_arguments)]
 fn a8_gemm(
     kb: &mut Kb,
@@ -661,35 +708,37 @@ fn a8_gemm(
     o: Value,
     epi: &Epi,
     qk: Option<Value>,
+    qg: Option<Value>,
 ) {
-    use cranelift_codegen::ir::condcodes::FloatCC;
+    use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
     let w4 = match layout {
         Layout::W4A8 { group } => Some(group),
         _ => None,
     };
-    let kpad = k.div_ceil(32) * 32;
-    let nblk = k.div_ceil(32);
+    let f = qformat(layout);
+    let (xs, auxs) = (f.act_bytes(k), f.aux_words(k));
     let rows = a8_block_rows(k);
     let gated = matches!(epi, Epi::Gated { .. });
     let stack = |kb: &mut Kb, bytes: usize| {
         let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes.max(16) as u32, 6));
         kb.b.ins().stack_addr(I64, slot, 0)
     };
-    // Per block row: its codes (`kpad` bytes), its W4A8 block sums, its activation scale.
-    let ubase = stack(kb, rows * kpad);
-    let bbase = stack(kb, rows * 4 * nblk);
+    // Per block row: its codes (`xs` bytes), its W4A8 block terms (`auxs` words), its activation
+    // scale.
+    let ubase = stack(kb, rows * xs);
+    let bbase = stack(kb, rows * 4 * auxs);
     let sbase = stack(kb, rows * 4);
     // Padding lanes hold code 0 (stored +128 for W8A8): they meet zero weight codes. The
-    // quantization below writes every byte before `k`.
+    // quantization below writes every code before `k`.
     let c128 = kb.b.ins().iconst(I8, if w4.is_some() { 0 } else { -128i64 });
     let v128 = kb.b.ins().splat(I8X16, c128);
     let z = kb.ic(0);
     let rv = kb.ic(rows as i64);
     kb.for_steps(z, rv, 1, &mut |kb, i| {
-        let ui = kb.muli(i, kpad as i64);
+        let ui = kb.muli(i, xs as i64);
         let ui = kb.add(ubase, ui);
-        for c in (k / 16 * 16..kpad).step_by(16) {
-            kb.b.ins().store(flags(), v128, ui, c as i32);
+        for c in (k / 16 * 16..xs).step_by(16) {
+            kb.b.ins().store(flags(), v128, ui, f.act_at(k, c) as i32);
         }
     });
     let bias = if w4.is_some() { 0 } else { 128 };
@@ -706,9 +755,9 @@ fn a8_gemm(
             let r = kb.add(r0, i);
             let ar = kb.muli(r, 4 * k as i64);
             let ar = kb.add(a, ar);
-            let u = kb.muli(i, kpad as i64);
-            let u = kb.add(ubase, u);
-            let bsum = kb.muli(i, 4 * nblk as i64);
+            let u_row = kb.muli(i, xs as i64);
+            let u_row = kb.add(ubase, u_row);
+            let bsum = kb.muli(i, 4 * auxs as i64);
             let bsum = kb.add(bbase, bsum);
             // max |x| over the row
             let zv = kb.fc(V4, 0.0);
@@ -744,18 +793,35 @@ fn a8_gemm(
             let i128v = kb.b.ins().splat(I32X4, i128);
             if w4.is_some() {
                 let zi = kb.b.ins().iconst(I32, 0);
-                let nb = kb.ic(nblk as i64);
-                kb.for_steps(z, nb, 1, &mut |kb, bi| kb.st(zi, bsum, bi));
+                let zi = kb.b.ins().splat(I32X4, zi);
+                let nw = kb.ic(auxs as i64);
+                kb.for_steps(z, nw, 4, &mut |kb, w| kb.st(zi, bsum, w));
             }
-            // Adds `v` (i32) to the block sum of element `c`.
-            let add_bsum = |kb: &mut Kb, c: Value, v: Value| {
+            // W4A8: elements before `sup` go in super-steps, the rest in steps (`abi::qformat`).
+            let sup = if w4.is_some() { k / 512 * 512 } else { 0 };
+            // Adds `v` (i32) to the term of element `c`'s block (`super_step`: in the super-steps).
+            let add_bsum = |kb: &mut Kb, c: Value, v: Value, super_step: bool| {
                 let v = kb.b.ins().imul_imm_s(v, -8);
                 let bi = kb.b.ins().ushr_imm_s(c, 5);
-                let cur = kb.ld(I32, bsum, bi);
+                let w = if super_step {
+                    // 16 words per super-step, block `b % 16` at lane `4 · (b % 4) + (b % 16) / 4`.
+                    let u = kb.b.ins().ushr_imm_s(bi, 4);
+                    let u = kb.muli(u, 16);
+                    let l0 = kb.b.ins().band_imm_s(bi, 3);
+                    let l0 = kb.muli(l0, 4);
+                    let l1 = kb.b.ins().ushr_imm_s(bi, 2);
+                    let l1 = kb.b.ins().band_imm_s(l1, 3);
+                    let l = kb.add(l0, l1);
+                    kb.add(u, l)
+                } else {
+                    let w = kb.muli(bi, 4);
+                    kb.addi(w, -((sup / 32 * 4) as i64) + (sup / 32) as i64)
+                };
+                let cur = kb.ld(I32, bsum, w);
                 let nv = kb.b.ins().iadd(cur, v);
-                kb.st(nv, bsum, bi);
+                kb.st(nv, bsum, w);
             };
-            let e = kb.for_steps(z, kv, 16, &mut |kb, c| {
+            let quantize16 = |kb: &mut Kb, c: Value, super_step: bool| {
                 let mut q = Vec::new();
                 for j in 0..4 {
                     let cj = kb.addi(c, 4 * j);
@@ -768,8 +834,51 @@ fn a8_gemm(
                 let h0 = kb.b.ins().snarrow(q[0], q[1]);
                 let h1 = kb.b.ins().snarrow(q[2], q[3]);
                 let bytes = if w4.is_some() { kb.b.ins().snarrow(h0, h1) } else { kb.b.ins().unarrow(h0, h1) };
-                let pu = kb.add(u, c);
-                kb.b.ins().store(flags(), bytes, pu, 0);
+                if super_step {
+                    // Codes `16h + 4j ..` of block `b` (lane `L` of super-step `u`) at
+                    // `512u + 256h + 64j + 4L`: four 32-bit stores.
+                    let u = kb.b.ins().ushr_imm_s(c, 9);
+                    let u = kb.muli(u, 512);
+                    let h = kb.b.ins().ushr_imm_s(c, 4);
+                    let h = kb.b.ins().band_imm_s(h, 1);
+                    let h = kb.muli(h, 256);
+                    let bi = kb.b.ins().ushr_imm_s(c, 5);
+                    let l0 = kb.b.ins().band_imm_s(bi, 3);
+                    let l0 = kb.muli(l0, 16);
+                    let l1 = kb.b.ins().ushr_imm_s(bi, 2);
+                    let l1 = kb.b.ins().band_imm_s(l1, 3);
+                    let l1 = kb.muli(l1, 4);
+                    let at = kb.add(u, h);
+                    let at = kb.add(at, l0);
+                    let at = kb.add(at, l1);
+                    let pu = kb.add(u_row, at);
+                    let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+                    let words = kb.b.ins().bitcast(I32X4, le, bytes);
+                    for j in 0..4u8 {
+                        let wj = kb.b.ins().extractlane(words, j);
+                        kb.b.ins().store(flags(), wj, pu, 64 * j as i32);
+                    }
+                } else {
+                    // 16 elements from a multiple of 16 stay adjacent in the step order.
+                    let at = if w4.is_some() {
+                        let e = kb.addi(c, -(sup as i64));
+                        let t = kb.b.ins().ushr_imm_s(e, 7);
+                        let t = kb.muli(t, 128);
+                        let h = kb.b.ins().ushr_imm_s(e, 4);
+                        let h = kb.b.ins().band_imm_s(h, 1);
+                        let h = kb.muli(h, 64);
+                        let i = kb.b.ins().ushr_imm_s(e, 5);
+                        let i = kb.b.ins().band_imm_s(i, 3);
+                        let i = kb.muli(i, 16);
+                        let th = kb.add(t, h);
+                        let at = kb.add(th, i);
+                        kb.addi(at, sup as i64)
+                    } else {
+                        c
+                    };
+                    let pu = kb.add(u_row, at);
+                    kb.b.ins().store(flags(), bytes, pu, 0);
+                }
                 if w4.is_some() {
                     let s01 = kb.b.ins().iadd(q[0], q[1]);
                     let s23 = kb.b.ins().iadd(q[2], q[3]);
@@ -778,27 +887,32 @@ fn a8_gemm(
                     let a01 = kb.b.ins().iadd(l[0], l[1]);
                     let a23 = kb.b.ins().iadd(l[2], l[3]);
                     let t = kb.b.ins().iadd(a01, a23);
-                    add_bsum(kb, c, t);
+                    add_bsum(kb, c, t, super_step);
                 }
-            });
-            kb.for_steps(e, kv, 1, &mut |kb, c| {
+            };
+            let supv = kb.ic(sup as i64);
+            kb.for_steps(z, supv, 16, &mut |kb, c| quantize16(kb, c, true));
+            let full = kb.ic((k / 16 * 16) as i64);
+            kb.for_steps(supv, full, 16, &mut |kb, c| quantize16(kb, c, false));
+            // The last `k % 16` elements one by one, at their (constant) places.
+            for e in k / 16 * 16..k {
+                let c = kb.ic(e as i64);
                 let x = kb.ld(F32, ar, c);
                 let x = kb.fmul(x, inv);
                 let x = kb.b.ins().nearest(x);
                 let x = kb.b.ins().fcvt_to_sint_sat(I32, x);
                 if w4.is_some() {
-                    add_bsum(kb, c, x);
+                    add_bsum(kb, c, x, false);
                 }
                 let x = kb.b.ins().iadd_imm_s(x, bias);
-                let pu = kb.add(u, c);
-                kb.b.ins().istore8(flags(), x, pu, 0);
-            });
+                kb.b.ins().istore8(flags(), x, u_row, f.act_at(k, e) as i32);
+            }
         });
-        // Row `i` of the block: its codes, block sums, scale and output offset.
+        // Row `i` of the block: its codes, block terms, scale and output offset.
         let row = |kb: &mut Kb, i: Value| {
-            let u = kb.muli(i, kpad as i64);
+            let u = kb.muli(i, xs as i64);
             let u = kb.add(ubase, u);
-            let bsum = kb.muli(i, 4 * nblk as i64);
+            let bsum = kb.muli(i, 4 * auxs as i64);
             let bsum = kb.add(bbase, bsum);
             let sa = kb.ld(F32, sbase, i);
             let r = kb.add(r0, i);
@@ -815,29 +929,100 @@ fn a8_gemm(
                 })
             });
         };
-        let Some(f) = qk else {
+        let Some(fv) = qk else {
             generated(kb);
             return;
         };
-        let have = kb.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, f, 0);
+        // One row at a time through the GEMV.
+        let gemv = &mut |kb: &mut Kb| {
+            chunks(kb, lo, hi, &mut |kb, c, cnt| {
+                kb.for_steps(z, rc, 1, &mut |kb, i| {
+                    let (u, bsum, sa, oi0) = row(kb, i);
+                    qgemv_chunk(kb, fv, layout, k, n, u, bsum, b, c, cnt, gated, &mut |kb, j, x, up| {
+                        let x = kb.fmul(x, sa);
+                        let up = up.map(|u| kb.fmul(u, sa));
+                        let oi = kb.add(oi0, j);
+                        let y = epilogue(kb, epi, x, up, j, oi);
+                        kb.st(y, o, oi);
+                    })
+                });
+            })
+        };
+        let have = kb.b.ins().icmp_imm_s(IntCC::NotEqual, fv, 0);
+        let Some(gv) = qg else {
+            kb.if_else(have, gemv, generated);
+            return;
+        };
+        // The block's rows together through the multi-row product (both slots are filled on
+        // the same CPUs; a block of one row takes the GEMV).
+        let many = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, rc, 1);
+        let have_g = kb.b.ins().icmp_imm_s(IntCC::NotEqual, gv, 0);
+        let tiled = kb.b.ins().band(many, have_g);
         kb.if_else(
-            have,
+            tiled,
             &mut |kb| {
                 chunks(kb, lo, hi, &mut |kb, c, cnt| {
-                    kb.for_steps(z, rc, 1, &mut |kb, i| {
-                        let (u, bsum, sa, oi0) = row(kb, i);
-                        qgemv_chunk(kb, f, layout, k, n, u, bsum, b, c, cnt, gated, &mut |kb, j, x, up| {
-                            let x = kb.fmul(x, sa);
-                            let up = up.map(|u| kb.fmul(u, sa));
-                            let oi = kb.add(oi0, j);
-                            let y = epilogue(kb, epi, x, up, j, oi);
-                            kb.st(y, o, oi);
-                        })
-                    });
+                    a8_gemm_chunk(kb, gv, layout, k, n, ubase, bbase, rc, b, c, cnt, gated, &mut |kb, i, j, x, up| {
+                        let (_, _, sa, oi0) = row(kb, i);
+                        let x = kb.fmul(x, sa);
+                        let up = up.map(|u| kb.fmul(u, sa));
+                        let oi = kb.add(oi0, j);
+                        let y = epilogue(kb, epi, x, up, j, oi);
+                        kb.st(y, o, oi);
+                    })
                 })
             },
-            generated,
+            &mut |kb| kb.if_else(have, gemv, generated),
         );
+    });
+}
+
+/// Columns `c .. c + cnt` for the `rc` quantized activation rows at `x` (block terms at `aux`)
+/// through the runtime's multi-row A8 product `f` ([`abi::ukernel::QGemmA8Fn`]), the gated
+/// partner rows `N + j` too: `emit(r, j, x, up)` receives each product (before the activation
+/// scale).
+#[allow(clippy::too_many_arguments)]
+fn a8_gemm_chunk(
+    kb: &mut Kb,
+    f: Value,
+    layout: Layout,
+    k: usize,
+    n: usize,
+    x: Value,
+    aux: Value,
+    rc: Value,
+    b: Value,
+    c: Value,
+    cnt: Value,
+    gated: bool,
+    emit: &mut TileEmit,
+) {
+    let rb = row_bytes(layout, k) as i64;
+    let sig = kb.microkernel_sig(QGEMM_A8_SIG.params, QGEMM_A8_SIG.returns);
+    let fmt = kb.ic(qformat(layout).arg());
+    let rbv = kb.ic(rb);
+    let kv = kb.ic(k as i64);
+    let rows = a8_block_rows(k) as u32;
+    let mut outs = Vec::new();
+    for g in 0..1 + gated as usize {
+        let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 4 * QCH as u32 * rows, 6));
+        let out = kb.b.ins().stack_addr(I64, slot, 0);
+        let row0 = kb.addi(c, (g * n) as i64);
+        let off = kb.muli(row0, rb);
+        let pb = kb.add(b, off);
+        kb.b.ins().call_indirect(sig, f, &[fmt, x, aux, rc, pb, rbv, kv, cnt, out]);
+        outs.push(out);
+    }
+    let z = kb.ic(0);
+    kb.for_steps(z, rc, 1, &mut |kb, r| {
+        let t = kb.mul(r, cnt);
+        kb.for_steps(z, cnt, 1, &mut |kb, i| {
+            let ti = kb.add(t, i);
+            let v = kb.ld(F32, outs[0], ti);
+            let up = outs.get(1).map(|&p| kb.ld(F32, p, ti));
+            let j = kb.add(c, i);
+            emit(kb, r, j, v, up);
+        });
     });
 }
 
@@ -911,7 +1096,7 @@ pub(crate) fn packed_gemm(
     qgemm: Option<Value>,
 ) {
     if layout.quantizes_activations() {
-        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk);
+        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk, qgemm);
     }
     let nv = kb.ic(n as i64);
     let (lo, hi) = kb.part_range(nv);
@@ -1184,9 +1369,10 @@ pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout, 
         let slot = if layout.quantizes_activations() { ukernel::QGEMV_A8 } else { ukernel::QGEMV };
         kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * slot) as i32)
     });
-    let qgemm = (ukernels && !layout.quantizes_activations()).then(|| {
+    let qgemm = ukernels.then(|| {
         let table = kb.buf(next + 1);
-        kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * ukernel::QGEMM) as i32)
+        let slot = if layout.quantizes_activations() { ukernel::QGEMM_A8 } else { ukernel::QGEMM };
+        kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * slot) as i32)
     });
     let (cols, epi) = match g.op(n) {
         Op::Linear { .. } => (rows, Epi::Linear { bias: bias_p, act, res: res_p }),

@@ -1981,6 +1981,55 @@ fn layouts_match_with(g: &Graph, dense: &Graph, w: &dyn llmc_ir::WeightSource, t
     quant_err
 }
 
+/// W8A8 and W4A8 products over the regions of the quantized activation layout (`abi::qformat`):
+/// `K` = 600 (a super-step of 16 blocks, then a partial step of 3 blocks, the last partial),
+/// 1100 (two super-steps and a partial step) and 72 (steps only), so codes and block terms land
+/// in super-step and step order; 20-token steps go through the multi-row product (a block of 16
+/// rows and one of 4), decode steps through the GEMV, and both through generated code. The
+/// quantized products read the exact embedding rows (a `linear` and a `gated_linear` side by
+/// side, then a dense head), so the interpreter and the kernels quantize identical activations
+/// and only summation order separates them (chained A8 products would also differ by activation
+/// codes that round the other way).
+#[test]
+fn a8_products_over_every_activation_region_match_the_interpreter() {
+    use llmc_ir::Layout;
+    for (h, k2) in [(600, 40), (1100, 24), (72, 40)] {
+        let mut gb = Gb::new(93 + h as u64);
+        let x = gb.seq(h, -1.0, 1.0);
+        let w1 = gb.weight(&[k2, h], -0.1, 0.1);
+        let y1 = gb.op(Op::Linear { transpose_b: true, bias: false, act: Some(UnaryOp::Tanh), residual: false }, &[x, w1]);
+        let wg = gb.weight(&[k2, h], -0.1, 0.1);
+        let wu = gb.weight(&[k2, h], -0.1, 0.1);
+        let wgu = gb.op(Op::Concat { axis: 0, n: 2 }, &[wg, wu]);
+        let y2 = gb.op(Op::GatedLinear { act: UnaryOp::Silu }, &[x, wgu]);
+        let y = gb.op(Op::Binary(llmc_ir::BinaryOp::Add), &[y1, y2]);
+        let wl = gb.weight(&[VOCAB, k2], -0.5, 0.5);
+        let logits = gb.op(Op::Matmul { transpose_b: true }, &[y, wl]);
+        gb.g.outputs = vec![logits];
+        gb.g.meta.insert("max_context".into(), "32".into());
+        let set = |g: &mut Graph, n: NodeId, l: Layout| {
+            if let Op::Weight { layout, .. } = &mut g.g[n].op {
+                *layout = l;
+            }
+        };
+        let dense = gb.g.clone();
+        for (l1, l2) in [
+            (Layout::W4A8 { group: 32 }, Layout::W4A8 { group: 64 }),
+            (Layout::W4A8 { group: 96 }, Layout::W4A8 { group: 128 }),
+            (Layout::W8A8, Layout::W8A8),
+        ] {
+            let tag = format!("regions-k{h}-{l1}-{l2}");
+            let mut g = gb.g.clone();
+            set(&mut g, w1, l1);
+            set(&mut g, wg, l2);
+            set(&mut g, wu, l2);
+            llmc_ir::verify(&g).unwrap();
+            let e = layouts_match(&g, &dense, &gb.w, &tag);
+            assert!(e > 1e-4, "{tag}: graph evaluates like the dense one ({e:e})");
+        }
+    }
+}
+
 /// 2:4 sparse layouts (f32 and int8 kept values; an odd number of groups of 4, so a half-filled
 /// index byte), a row-wise concat of sparse weights, `linear` with activation, `gated_linear`,
 /// `matmul`; and calibrated rows supplied by the weight source (as GPTQ supplies them) used by
