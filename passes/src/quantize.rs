@@ -135,14 +135,17 @@ impl Quantize {
         self.keep_fp.iter().find(|p| matches(p, name)).map(String::as_str)
     }
 
-    /// The head's layout: `head=` when given, else the `format` for int8/w8a8, int8 for the
-    /// 4-bit formats and 2:4 with int8 values, none (float) for 2:4 alone.
+    /// The head's layout: `head=` when given, else the `format` for int8/w8a8, 8-bit weights for
+    /// the 4-bit formats (int8 for int4 and 2:4 with int8 values; w8a8 for w4a8, whose products
+    /// quantize their activations already, so the head's dot products run on VNNI at twice the
+    /// weight-only int8 rate), none (float) for 2:4 alone.
     pub fn head_layout(&self) -> Option<ir::Layout> {
         match self.head {
             Some(h) => h,
             None => match self.layout {
                 ir::Layout::Int8 | ir::Layout::W8A8 => Some(self.layout),
-                ir::Layout::Int4 { .. } | ir::Layout::W4A8 { .. } | ir::Layout::Sparse24 { int8: true } => Some(ir::Layout::Int8),
+                ir::Layout::W4A8 { .. } => Some(ir::Layout::W8A8),
+                ir::Layout::Int4 { .. } | ir::Layout::Sparse24 { int8: true } => Some(ir::Layout::Int8),
                 _ => None,
             },
         }
@@ -738,10 +741,11 @@ mod tests {
     fn heads_and_embedding_tables_take_their_formats() {
         use ir::Layout::*;
         let i4 = Int4 { group: 32, asym: false };
-        // Tied: the one table is the head (int8 by default under a 4-bit format).
+        // Tied: the one table is the head (8-bit by default under a 4-bit format: w8a8 under
+        // w4a8, int8 under weight-only int4).
         for (main, head, want) in [
             (i4, None, Some(Int8)),
-            (W4A8 { group: 32 }, None, Some(Int8)),
+            (W4A8 { group: 32 }, None, Some(W8A8)),
             (Int8, None, Some(Int8)),
             (W8A8, None, Some(W8A8)),
             (i4, Some(Some(i4)), Some(i4)),
@@ -763,7 +767,7 @@ mod tests {
         q(W4A8 { group: 32 }, None, &[]).run(&mut g).unwrap();
         assert_eq!(
             layouts(&g),
-            vec![("embed".into(), i4), ("layers.0.up".into(), W4A8 { group: 32 }), ("lm_head".into(), Int8)]
+            vec![("embed".into(), i4), ("layers.0.up".into(), W4A8 { group: 32 }), ("lm_head".into(), W8A8)]
         );
         let mut g = lm(false);
         q(Sparse24 { int8: true }, None, &[]).run(&mut g).unwrap();
