@@ -372,8 +372,22 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let outs = last.expect("at least one step");
     let s = *steps.last().unwrap();
     let mut inputs: Vec<Vec<u32>> = ops.iter().zip(&outs).map(|(&o, t)| to_bits(g.ty(o).dtype, &t.data)).collect();
-    // (Attention uses the microkernels without a panel weight.)
-    if panels && !matches!(g.op(n), Op::Attention { .. }) {
+    let packed = match g.op(n) {
+        Op::Matmul { transpose_b: true } | Op::Linear { transpose_b: true, .. } | Op::GatedLinear { .. } => {
+            super::quant::packed_layout(g, ops[1])
+        }
+        _ => None,
+    };
+    if let Some(layout) = packed {
+        // A packed weight: its rows as the compiler writes them (from the source weights; the
+        // interpreter quantizes the same way), as words.
+        let Op::Weight { name, .. } = g.op(ops[1]) else { panic!("{what}: a packed operand that is not a weight") };
+        let k = g.ty(ops[1]).shape[1].as_const().unwrap();
+        let mut bytes = crate::packed::pack(layout, &gb.w[name], k).unwrap();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        inputs[1] = bytes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    } else if panels && !matches!(g.op(n), Op::Attention { .. }) {
+        // (Attention uses the microkernels without a panel weight.)
         let groups = panel::panel_groups(g, ops[1]).expect("a panel weight");
         let sh = &g.ty(ops[1]).shape;
         let (rows, k) = (sh[0].as_const().unwrap(), sh[1].as_const().unwrap());
@@ -1704,6 +1718,68 @@ fn compiled_quantized_layouts_match_the_interpreter() {
         // The layouts really changed the numbers (quantization error is measured, not hidden).
         assert!(quant_err > 1e-4, "quantized graph evaluates like the dense one ({quant_err:e})");    }
 
+}
+
+/// Packed products at kernel level, through the runtime's quantized microkernels and through
+/// generated code: W8A8 and W4A8 (groups 32, 64, 96; `K` in the activation layout's super-step
+/// and step regions), int8 and int4, as `linear` with bias and activation, `gated_linear` and
+/// `matmul`, ragged column counts; a 20-row step (the multi-row A8 product: a block of 16 rows and
+/// one of 4) and a decode step after it; 1/3/7-way splits bit-identical, guard zone, against the
+/// interpreter on the same quantized graph.
+#[test]
+fn packed_products_match_the_interpreter_at_every_split() {
+    use llmc_ir::Layout;
+    let layouts = [
+        Layout::W4A8 { group: 32 },
+        Layout::W4A8 { group: 64 },
+        Layout::W4A8 { group: 96 },
+        Layout::W8A8,
+        Layout::Int8,
+        Layout::Int4 { group: 32, asym: false },
+    ];
+    for (k, n) in [(600, 37), (1100, 19), (72, 70)] {
+        for layout in layouts {
+            for form in 0..3 {
+                let mut gb = Gb::new(k as u64 + n as u64 + form);
+                let x = gb.seq(k, -1.0, 1.0);
+                let node = match form {
+                    0 => {
+                        let w = gb.weight(&[n, k], -0.1, 0.1);
+                        let b = gb.weight(&[n], -0.5, 0.5);
+                        let lin = Op::Linear { transpose_b: true, bias: true, act: Some(UnaryOp::Gelu), residual: false };
+                        gb.op(lin, &[x, w, b])
+                    }
+                    1 => {
+                        let w = gb.weight(&[2 * n, k], -0.1, 0.1);
+                        gb.op(Op::GatedLinear { act: UnaryOp::Silu }, &[x, w])
+                    }
+                    _ => {
+                        let w = gb.weight(&[n, k], -0.1, 0.1);
+                        gb.op(Op::Matmul { transpose_b: true }, &[x, w])
+                    }
+                };
+                let w = gb.g.inputs(node)[1];
+                if let Op::Weight { layout: l, .. } = &mut gb.g.g[w].op {
+                    *l = layout;
+                }
+                gb.g.outputs = vec![node];
+                llmc_ir::verify(&gb.g).unwrap();
+                assert_eq!(super::quant::packed_layout(&gb.g, w), Some(layout));
+                let tl = tol(1e-4, 1e-4);
+                // The A8 products round activations with `nearest`, an SSE4.1 instruction (a
+                // libcall, so no kernel, on the SSE2 baseline): those run on the host ISA only.
+                let isas: Vec<_> = isas().into_iter().filter(|(name, _)| *name == "host" || !layout.quantizes_activations()).collect();
+                for panels in [true, false] {
+                    PANELS.with(|p| p.set(panels));
+                    for (name, isa) in &isas {
+                        check_on(&**isa, name, &gb, node, &[20], tl);
+                        check_on(&**isa, name, &gb, node, &[20, 1], tl);
+                    }
+                    PANELS.with(|p| p.set(false));
+                }
+            }
+        }
+    }
 }
 
 /// A tied embedding and LM head stored once, packed: the gather dequantizes the rows it reads
