@@ -15,7 +15,7 @@
 //! bytes per weight instead of 4. Int4 layouts with a group that is not a multiple of 16 are not
 //! packed (stored as dequantized f32 and run by the f32 kernels). Where the runtime has them, the
 //! products go through its quantized microkernels (`abi::ukernel` slots `QGEMV`, `QGEMV_A8`,
-//! `QGEMM`).
+//! `QGEMM`, and `QGEMM_A8` for a block of W8A8 / W4A8 rows).
 
 use abi::panel::PANEL;
 use abi::ukernel::{self, QGEMM_A8_SIG, QGEMM_SIG, QGEMV_SIG};
