@@ -157,12 +157,20 @@ pub fn fix_checksums(bytes: &[u8]) -> Vec<u8> {
             Some(llmc_runtime::artifact::checksum_hex(xxh3_64(s)))
         };
         let (code, data) = (sum("code_offset", "code_len"), sum("data_offset", "data_len"));
+        // Chunk sums, when the header has them, over the section its fields now name.
+        let chunks = v.get("data_chunk_checksums").filter(|c| c.is_array()).and_then(|_| {
+            let (o, l) = (v.get("data_offset")?.as_u64()? as usize, v.get("data_len")?.as_u64()? as usize);
+            Some(llmc_runtime::artifact::data_chunk_sums(bytes.get(o..o.checked_add(l)?)?))
+        });
         if let Some(obj) = v.as_object_mut() {
             if let Some(c) = code {
                 obj.insert("code_checksum".into(), c.into());
             }
             if let Some(d) = data {
                 obj.insert("data_checksum".into(), d.into());
+            }
+            if let Some(c) = chunks {
+                obj.insert("data_chunk_checksums".into(), c.into());
             }
         }
         if let Ok(json) = serde_json::to_vec(&v) {

@@ -405,10 +405,13 @@ fn run(a: RunArgs, quiet: bool) -> Result<(), CliError> {
             writeln!(out, "{}", s.join(","))?;
         }
         if !quiet {
-            eprintln!(
-                "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
-                st.prompt_tokens, st.prefill_tokens_per_s(), st.generated_tokens, st.decode_tokens_per_s()
-            );
+            // The first new token comes from the prefill's logits: N tokens are N - 1 decode steps.
+            let decode = match st.generated_tokens {
+                0 => "no token generated".to_string(),
+                1 => "1 token generated (from the prefill; no decode step)".to_string(),
+                n => format!("decode {n} tokens at {:.1} tok/s", st.decode_tokens_per_s()),
+            };
+            eprintln!("prefill {} tokens at {:.1} tok/s, {decode}", st.prompt_tokens, st.prefill_tokens_per_s());
             if !spec_json.is_null() {
                 eprintln!(
                     "speculative: {} of {} drafted tokens accepted ({:.0}%), {:.2} tokens per target step",

@@ -35,6 +35,8 @@ pub const MAGIC: &[u8; 8] = b"LLMCART\0";
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes before the header JSON.
 pub const PREAMBLE: usize = 32;
+/// The data section's checksum granule ([`Header::data_chunk_checksums`]).
+pub const DATA_CHUNK_BYTES: u64 = 64 << 20;
 /// The target string of Cranelift x86-64 artifacts.
 pub const TARGET_X86_64: &str = "x86_64-cpu";
 /// The target string of CUDA artifacts: the code section holds PTX text, one module per kernel
@@ -237,6 +239,12 @@ pub struct Header {
     pub code_checksum: String,
     /// xxh3-64 of the data section, as 16 hex digits.
     pub data_checksum: String,
+    /// xxh3-64 of each [`DATA_CHUNK_BYTES`] piece of the data section in order (the last one may
+    /// be shorter), as 16 hex digits each. The loader verifies these, on every core at once,
+    /// instead of `data_checksum` (kept for readers that predate them), so a large artifact's
+    /// weights are read once at load, in parallel. Absent in artifacts written before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_chunk_checksums: Vec<String>,
     pub kernels: Vec<KernelEntry>,
     pub buffers: Vec<BufferDecl>,
     pub states: Vec<StateEntry>,
@@ -390,8 +398,26 @@ pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
     if checksum_hex(xxhash_rust::xxh3::xxh3_64(code)) != header.code_checksum {
         return Err(AbiError::Checksum { path: pb, section: "code" });
     }
-    if checksum_hex(xxhash_rust::xxh3::xxh3_64(data)) != header.data_checksum {
-        return Err(AbiError::Checksum { path: pb, section: "data" });
+    if header.data_chunk_checksums.is_empty() {
+        if checksum_hex(xxhash_rust::xxh3::xxh3_64(data)) != header.data_checksum {
+            return Err(AbiError::Checksum { path: pb, section: "data" });
+        }
+    } else {
+        let chunks = data.len().div_ceil(DATA_CHUNK_BYTES as usize);
+        if header.data_chunk_checksums.len() != chunks {
+            return Err(corrupt(format!(
+                "{} data chunk checksums for a data section of {} chunks of {DATA_CHUNK_BYTES} bytes",
+                header.data_chunk_checksums.len(),
+                chunks
+            )));
+        }
+        if let Some(i) = first_bad_chunk(data, &header.data_chunk_checksums) {
+            let at = i as u64 * DATA_CHUNK_BYTES;
+            return Err(corrupt(format!(
+                "checksum mismatch in the data section, chunk {i} (bytes {at}..{} of the section)",
+                (at + DATA_CHUNK_BYTES).min(data.len() as u64)
+            )));
+        }
     }
     validate(&header).map_err(corrupt)?;
     if header.target == TARGET_CUDA {
@@ -408,6 +434,41 @@ pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
         }
     }
     Ok(header)
+}
+
+/// The xxh3-64 of each [`DATA_CHUNK_BYTES`] piece of `data`, as [`Header::data_chunk_checksums`]
+/// spells them (the writer streams the same sums).
+pub fn data_chunk_sums(data: &[u8]) -> Vec<String> {
+    let chunks: Vec<&[u8]> = data.chunks(DATA_CHUNK_BYTES as usize).collect();
+    map_in_parallel(chunks.len(), |i| checksum_hex(xxhash_rust::xxh3::xxh3_64(chunks[i])))
+}
+
+/// The lowest index whose chunk of `data` does not hash to `sums[i]`, checked on every core.
+fn first_bad_chunk(data: &[u8], sums: &[String]) -> Option<usize> {
+    let chunks: Vec<&[u8]> = data.chunks(DATA_CHUNK_BYTES as usize).collect();
+    map_in_parallel(chunks.len(), |i| checksum_hex(xxhash_rust::xxh3::xxh3_64(chunks[i])) == sums[i])
+        .iter()
+        .position(|ok| !ok)
+}
+
+/// `[f(0), .., f(n - 1)]`, computed in contiguous runs (so each thread's reads stream) on up to
+/// `available_parallelism` scoped threads; the caller's thread alone when that is one.
+fn map_in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let per = n.div_ceil(threads);
+    let run = |t: usize| (t * per..((t + 1) * per).min(n)).map(&f).collect::<Vec<T>>();
+    std::thread::scope(|s| {
+        let rest: Vec<_> = (1..threads).map(|t| s.spawn(move || run(t))).collect();
+        let mut out = run(0);
+        for h in rest {
+            // A panicking `f` is a bug; re-raise it on the caller's thread.
+            out.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        out
+    })
 }
 
 /// Internal consistency of a header whose bytes passed the checksum (a defence against
@@ -568,6 +629,7 @@ mod tests {
             data_len: 0,
             code_checksum: String::new(),
             data_checksum: String::new(),
+            data_chunk_checksums: vec![],
             kernels: vec![kernel("a"), kernel("b")],
             buffers: vec![
                 BufferDecl::Arena { offset: 0, bytes: 64 },
@@ -716,5 +778,49 @@ mod tests {
         paged["states"][0]["layout"] = serde_json::json!("paged");
         let e = verify_bytes(Path::new("paged.llmc"), &with_header_json(&bytes, &paged)).unwrap_err().to_string();
         assert!(e.contains("corrupt artifact") && e.contains("unknown KV-cache layout `paged`"), "{e}");
+    }
+
+    #[cfg(feature = "writer")]
+    #[test]
+    fn data_chunks_are_checksummed_each_and_a_flip_names_its_chunk() {
+        let dir = std::env::temp_dir().join(format!("llmc-artifact-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("chunks.llmc");
+        let h = header();
+        let mut w = ArtifactWriter::create(&path, header_size_bound(&h) + 4096, &[0u8; 8]).unwrap();
+        // Two buffers whose padding and bytes straddle the first chunk boundary.
+        let a: Vec<u8> = (0..DATA_CHUNK_BYTES as usize - 10).map(|i| (i * 7 % 251) as u8).collect();
+        let b: Vec<u8> = (0..1000).map(|i| (i % 13) as u8).collect();
+        assert_eq!(w.push_data(&a).unwrap(), 0);
+        assert_eq!(w.push_data(&b).unwrap(), DATA_CHUNK_BYTES);
+        w.finish(h).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let back = verify_bytes(Path::new("chunks.llmc"), &bytes).unwrap();
+        let data = &bytes[back.data_offset as usize..][..back.data_len as usize];
+        assert_eq!(back.data_len, DATA_CHUNK_BYTES + 1000);
+        assert_eq!(back.data_chunk_checksums.len(), 2);
+        assert_eq!(back.data_chunk_checksums, data_chunk_sums(data), "the writer streams the loader's sums");
+        assert_eq!(back.data_checksum, checksum_hex(xxhash_rust::xxh3::xxh3_64(data)), "the whole-section sum stays");
+
+        for (at, chunk) in [(5u64, 0), (DATA_CHUNK_BYTES - 1, 0), (DATA_CHUNK_BYTES, 1), (DATA_CHUNK_BYTES + 999, 1)] {
+            let mut flipped = bytes.clone();
+            flipped[(back.data_offset + at) as usize] ^= 0x10;
+            let e = verify_bytes(Path::new("chunks.llmc"), &flipped).unwrap_err().to_string();
+            assert!(e.contains(&format!("checksum mismatch in the data section, chunk {chunk} ")), "byte {at}: {e}");
+        }
+        // A chunk list that does not cover the section is refused by count.
+        let mut json = header_json(&bytes);
+        json["data_chunk_checksums"].as_array_mut().unwrap().pop();
+        let e = verify_bytes(Path::new("short.llmc"), &with_header_json(&bytes, &json)).unwrap_err().to_string();
+        assert!(e.contains("1 data chunk checksums for a data section of 2 chunks"), "{e}");
+        // Without chunk sums (an artifact written before them) the whole-section sum is checked.
+        json.as_object_mut().unwrap().remove("data_chunk_checksums");
+        let old = with_header_json(&bytes, &json);
+        verify_bytes(Path::new("old.llmc"), &old).unwrap();
+        let mut flipped = old.clone();
+        flipped[(back.data_offset + DATA_CHUNK_BYTES + 3) as usize] ^= 1;
+        let e = verify_bytes(Path::new("old.llmc"), &flipped).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch in the data section"), "{e}");
     }
 }

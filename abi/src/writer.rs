@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::artifact::{checksum_hex, round_up, Header, FORMAT_VERSION, MAGIC, PREAMBLE};
+use crate::artifact::{checksum_hex, round_up, Header, DATA_CHUNK_BYTES, FORMAT_VERSION, MAGIC, PREAMBLE};
 use crate::error::{AbiError, Result};
 
 /// Streams an artifact to disk: code, then data buffers one at a time, then the header, so that
@@ -24,6 +24,9 @@ pub struct ArtifactWriter {
     data_offset: u64,
     data_pos: u64,
     data_hash: xxhash_rust::xxh3::Xxh3,
+    /// The data chunk being hashed ([`Header::data_chunk_checksums`]) and the sums of those done.
+    chunk_hash: xxhash_rust::xxh3::Xxh3,
+    chunk_sums: Vec<String>,
     code_checksum: String,
 }
 
@@ -57,6 +60,8 @@ impl ArtifactWriter {
             data_offset,
             data_pos: 0,
             data_hash: xxhash_rust::xxh3::Xxh3::new(),
+            chunk_hash: xxhash_rust::xxh3::Xxh3::new(),
+            chunk_sums: Vec::new(),
             code_checksum: checksum_hex(xxhash_rust::xxh3::xxh3_64(code)),
         })
     }
@@ -67,11 +72,27 @@ impl ArtifactWriter {
         let aligned = round_up(self.data_pos, 64);
         let pad = vec![0u8; (aligned - self.data_pos) as usize];
         self.stage.write(&self.file, &pad).map_err(io)?;
-        self.data_hash.update(&pad);
         self.stage.write(&self.file, bytes).map_err(io)?;
-        self.data_hash.update(bytes);
-        self.data_pos = aligned + bytes.len() as u64;
+        self.hash(&pad);
+        self.hash(bytes);
         Ok(aligned)
+    }
+
+    /// Adds the data bytes at `data_pos` to the section's checksum and its chunks', and advances
+    /// `data_pos` past them.
+    fn hash(&mut self, mut bytes: &[u8]) {
+        self.data_hash.update(bytes);
+        while !bytes.is_empty() {
+            let room = (DATA_CHUNK_BYTES - self.data_pos % DATA_CHUNK_BYTES) as usize;
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.chunk_hash.update(now);
+            self.data_pos += now.len() as u64;
+            if self.data_pos % DATA_CHUNK_BYTES == 0 {
+                self.chunk_sums.push(checksum_hex(self.chunk_hash.digest()));
+                self.chunk_hash.reset();
+            }
+            bytes = rest;
+        }
     }
 
     /// Fills in section fields and checksums of `header`, writes it, and returns the file size.
@@ -86,6 +107,10 @@ impl ArtifactWriter {
         header.data_len = self.data_pos;
         header.code_checksum = self.code_checksum.clone();
         header.data_checksum = checksum_hex(self.data_hash.digest());
+        if self.data_pos % DATA_CHUNK_BYTES != 0 {
+            self.chunk_sums.push(checksum_hex(self.chunk_hash.digest()));
+        }
+        header.data_chunk_checksums = std::mem::take(&mut self.chunk_sums);
         let json = serde_json::to_vec(&header).map_err(|e| AbiError::Header(format!("serialize header: {e}")))?;
         if PREAMBLE as u64 + json.len() as u64 > self.reserved {
             return Err(AbiError::Header(format!(

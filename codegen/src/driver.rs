@@ -615,6 +615,7 @@ pub fn drive(backend: &mut dyn Backend, g: &Graph, weights: &dyn WeightSource, o
         data_len: wide,
         code_checksum: "0".repeat(16),
         data_checksum: "0".repeat(16),
+        data_chunk_checksums: vec![],
         kernels,
         buffers: buffers.clone(),
         states,

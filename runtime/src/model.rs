@@ -323,6 +323,7 @@ mod tests {
             data_len: 0,
             code_checksum: String::new(),
             data_checksum: String::new(),
+            data_chunk_checksums: vec![],
             kernels: vec![KernelEntry {
                 name: "k".into(),
                 offset: 0,
