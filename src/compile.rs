@@ -56,6 +56,11 @@ pub(crate) struct CompileArgs {
     /// naming the weight.
     #[arg(long = "weights-dtype", value_name = "TYPE")]
     weights_dtype: Option<String>,
+    /// How the KV cache stores keys and values: f32 (default) or int8 (int8 codes with one f32
+    /// scale per token and KV head: a quarter of the bytes, so decode at long context reads a
+    /// quarter of the cache; `llmc eval --reference` measures the change). CPU target only.
+    #[arg(long = "kv-dtype", value_name = "TYPE")]
+    kv_dtype: Option<String>,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
     #[arg(long = "max-chunk")]
     max_chunk: Option<usize>,
@@ -134,6 +139,7 @@ impl CompileArgs {
             no_tokenizer: self.no_tokenizer,
             no_microkernels: self.no_microkernels,
             weights_dtype: self.weights_dtype.as_deref().map(WeightsDtype::parse).transpose().map_err(llmc_compiler::Error::from)?,
+            kv_dtype: self.kv_dtype.clone(),
             runtime_lib: None,
             quant: self.q.config(),
             pipeline: PipelineConfig {

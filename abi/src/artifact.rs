@@ -142,12 +142,16 @@ pub enum StateLayout {
     /// `bytes` of rows, row `t` holding token `t`: one plain buffer, bound whole to the kernels.
     #[default]
     Contiguous,
+    /// `bytes` of int8 codes and their f32 scales (the IR's `KvLayout::Int8`): also one plain
+    /// buffer bound whole; only the kernels the compiler wrote for it read it.
+    Int8,
 }
 
 impl StateLayout {
     pub fn name(self) -> &'static str {
         match self {
             StateLayout::Contiguous => "contiguous",
+            StateLayout::Int8 => "int8",
         }
     }
 }
@@ -157,7 +161,8 @@ impl TryFrom<String> for StateLayout {
     fn try_from(name: String) -> std::result::Result<StateLayout, String> {
         match name.as_str() {
             "contiguous" => Ok(StateLayout::Contiguous),
-            _ => Err(format!("unknown KV-cache layout `{name}` (this runtime runs: contiguous)")),
+            "int8" => Ok(StateLayout::Int8),
+            _ => Err(format!("unknown KV-cache layout `{name}` (this runtime runs: contiguous, int8)")),
         }
     }
 }

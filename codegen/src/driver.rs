@@ -330,9 +330,20 @@ pub(crate) fn state_entries(g: &Graph) -> Result<Vec<StateEntry>> {
     g.states
         .iter()
         .map(|s| {
-            crate::plan::require_contiguous_kv(s, "the artifact's state table")?;
-            let bytes = (s.ty.static_numel().unwrap_or(0) * 4) as u64;
-            Ok(StateEntry { name: s.name.clone(), bytes, layout: StateLayout::Contiguous })
+            let layout = crate::plan::kv_layout(s, "the artifact's state table")?;
+            let d = s.ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
+            let bytes = layout.state_bytes(s.ty.static_numel().unwrap_or(0), d) as u64;
+            let layout = match layout {
+                ir::KvLayout::Contiguous => StateLayout::Contiguous,
+                ir::KvLayout::Int8 => StateLayout::Int8,
+                other => {
+                    return Err(CodegenError::Unsupported {
+                        node: format!("state @{}", s.name),
+                        msg: format!("the artifact's state table has no `{other}` layout"),
+                    })
+                }
+            };
+            Ok(StateEntry { name: s.name.clone(), bytes, layout })
         })
         .collect()
 }

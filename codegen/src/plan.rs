@@ -1,7 +1,7 @@
 //! The compile-time memory plan: where every value of a graph lives while the model runs.
 //!
 //! Weights and constants live in the artifact's data section, KV-cache outputs in their state
-//! tensors (one buffer per contiguous state; other layouts are refused, naming the state),
+//! tensors (one buffer per state, whatever its layout: f32 rows, or int8 rows and their scales),
 //! reshapes alias their operand, and every other value gets a slot in one activation arena.
 //! A `concat` whose operands are all data (weights, constants, reshapes of them, or such concats:
 //! the optimizer's merged Q/K/V and gate/up weights) is itself data, computed at compile time
@@ -17,9 +17,10 @@ use ir::{Bindings, Graph, KvLayout, NodeId, Op, StateDecl, StateKind};
 
 use crate::error::{CodegenError, Result};
 
-/// Checks that `reader` (the memory plan, a kernel, the artifact writer) can address state
-/// `decl`: a contiguous KV cache, the only kind any of them reads today. Any other kind or
-/// layout is an error naming the state; nothing is ever read as contiguous by default.
+/// Checks that `reader` (a CUDA kernel) can address state `decl`: a contiguous KV cache, the
+/// only kind the CUDA kernels read. Any other kind or layout is an error naming the state;
+/// nothing is ever read as contiguous by default.
+#[cfg(feature = "cuda")]
 pub(crate) fn require_contiguous_kv(decl: &StateDecl, reader: &str) -> Result<()> {
     match decl.kind {
         StateKind::Kv { layout: KvLayout::Contiguous } => Ok(()),
@@ -30,8 +31,51 @@ pub(crate) fn require_contiguous_kv(decl: &StateDecl, reader: &str) -> Result<()
     }
 }
 
+/// The layout of a KV-cache state, for readers that address more than the contiguous one (the
+/// memory plan, the artifact's state table, the CPU `kv_concat` and `attention` kernels). Any
+/// other kind is an error naming the state.
+pub(crate) fn kv_layout(decl: &StateDecl, reader: &str) -> Result<KvLayout> {
+    match decl.kind {
+        StateKind::Kv { layout } => Ok(layout),
+        other => Err(CodegenError::Unsupported {
+            node: format!("state @{}", decl.name),
+            msg: format!("{reader} cannot address a `{other}` state"),
+        }),
+    }
+}
+
+/// The layout of the state value `n` holds rows of (see [`Graph::kv_state_of`]), if any.
+pub(crate) fn kv_layout_of(g: &Graph, n: NodeId, reader: &str) -> Result<Option<KvLayout>> {
+    g.kv_state_of(n).map(|decl| kv_layout(decl, reader)).transpose()
+}
+
+/// Only a fused `attention` (and the `reshape`s between it and its `kv_concat`) reads an int8
+/// state's rows: anything else would read the codes as floats. The `optimize` pass fuses every
+/// attention the frontends build.
+fn check_int8_state_readers(g: &Graph) -> Result<()> {
+    for n in g.g.node_indices() {
+        if matches!(g.op(n), Op::Attention { .. } | Op::Reshape) {
+            continue;
+        }
+        for i in g.inputs(n) {
+            if let Some(decl) = g.kv_state_of(i).filter(|d| d.kind == StateKind::Kv { layout: KvLayout::Int8 }) {
+                return Err(CodegenError::Unsupported {
+                    node: format!("{} (node {})", g.op(n).name(), n.index()),
+                    msg: format!(
+                        "reads the rows of the `kv<int8>` state @{} itself; only a fused attention reads an int8 KV cache \
+                         (run the `optimize` pass, or compile with the f32 cache)",
+                        decl.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the state that value `n` holds rows of, if any (see [`Graph::kv_state_of`]), with
 /// [`require_contiguous_kv`].
+#[cfg(feature = "cuda")]
 pub(crate) fn require_contiguous_kv_of(g: &Graph, n: NodeId, reader: &str) -> Result<()> {
     match g.kv_state_of(n) {
         Some(decl) => require_contiguous_kv(decl, reader),
@@ -143,6 +187,7 @@ fn packed_bytes(layout: Option<ir::Layout>, ty: &ir::TensorType) -> Option<u64> 
 /// layout (as [`crate::cpu::KernelCtx::panel_weights`] must then say).
 pub fn plan(g: &Graph, max_chunk: usize, max_context: usize, panels: bool) -> Result<MemoryPlan> {
     let order = g.topo_order()?;
+    check_int8_state_readers(g)?;
     let at_max = Bindings { s: max_chunk, p: max_context - max_chunk };
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut places: Vec<Place> = Vec::new();
@@ -184,8 +229,9 @@ pub fn plan(g: &Graph, max_chunk: usize, max_context: usize, panels: bool) -> Re
                     .iter()
                     .position(|s| &s.name == state)
                     .ok_or_else(|| CodegenError::Target(format!("kv_concat names undeclared state @{state}")))?;
-                // A contiguous cache is one buffer of `C` rows: the state place itself.
-                require_contiguous_kv(&g.states[index], "the memory plan")?;
+                // A cache is one buffer (of `C` f32 rows, or of int8 rows and their scales): the
+                // state place itself.
+                kv_layout(&g.states[index], "the memory plan")?;
                 *state_buf.entry(state.clone()).or_insert_with(|| {
                     places.push(Place::State { index });
                     places.len() - 1

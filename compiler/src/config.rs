@@ -177,6 +177,10 @@ pub struct CompileConfig {
     /// default (`keep` on the CPU, f16 for CUDA). On the CPU the setting applies to the weights
     /// of products (the panel weights, read by the 16-bit panel GEMMs); other weights stay f32.
     pub weights_dtype: Option<WeightsDtype>,
+    /// `--kv-dtype`: how the KV cache stores keys and values, `f32` or `int8` (codes with a scale
+    /// per token and KV head: the `kv-cache{dtype=..}` pass appended to the pipeline); `None`:
+    /// f32. CPU target only.
+    pub kv_dtype: Option<String>,
     /// [`Emit::Lib`]: the runtime's C library to pack (`libllmc_capi.a`); `None`: `$LLMC_CAPI_LIB`,
     /// else the newest one cargo built beside the running executable.
     pub runtime_lib: Option<PathBuf>,
@@ -195,6 +199,7 @@ impl Default for CompileConfig {
             no_tokenizer: false,
             no_microkernels: false,
             weights_dtype: None,
+            kv_dtype: None,
             runtime_lib: None,
             quant: QuantConfig::default(),
             pipeline: PipelineConfig::default(),
@@ -246,6 +251,21 @@ impl CompileConfig {
         let ctx = passes::PassContext::for_target(backend.name())?;
         let mut pipeline = self.pipeline.parsed()?;
         let quantize = self.quant.add_to_pipeline(&mut pipeline, &ctx)?;
+        if let Some(dtype) = &self.kv_dtype {
+            use passes::RegisteredPass;
+            let layout = passes::KvCache::layout_of(dtype).map_err(|e| Error::Config(format!("--kv-dtype: {e} (expected f32 or int8)")))?;
+            if layout != llmc_ir::KvLayout::Contiguous && cuda {
+                return Err(Error::Config(format!(
+                    "--kv-dtype {dtype}: the CUDA kernels read an f32 KV cache only; use it with --target cpu"
+                )));
+            }
+            if pipeline.iter().any(|p| p.name == passes::KvCache::NAME) {
+                return Err(Error::Config(format!(
+                    "--kv-dtype appends `kv-cache{{dtype={dtype}}}` to the pipeline, and --passes already has a kv-cache entry: give it in one place"
+                )));
+            }
+            pipeline.push(passes::PassSpec::new(passes::KvCache::NAME).with("dtype", dtype));
+        }
         Ok(Checked { backend, ctx, pipeline, quantize })
     }
 }
@@ -374,12 +394,18 @@ mod tests {
             let ok = CompileConfig { target: Target::Cuda, emit: Emit::Ptx("p".into()), weights_dtype: Some(WeightsDtype::F32), ..Default::default() };
             let ukernels = CompileConfig { target: Target::Cuda, no_microkernels: true, ..Default::default() };
             assert!(err_of(&ukernels).starts_with("--no-microkernels applies to --target cpu only"));
+            let kv8 = CompileConfig { target: Target::Cuda, kv_dtype: Some("int8".into()), ..Default::default() };
+            assert!(err_of(&kv8).starts_with("--kv-dtype int8: the CUDA kernels read an f32 KV cache only"), "{}", err_of(&kv8));
+            CompileConfig { target: Target::Cuda, kv_dtype: Some("f32".into()), ..Default::default() }.validate().unwrap();
             // The pipeline's passes see the compile target.
             assert_eq!(ok.check().unwrap().ctx.target.name, "cuda");
         } else {
             assert!(e.contains("target `cuda` is not available"), "{e}");
         }
         assert_eq!(CompileConfig::default().check().unwrap().ctx.target.name, "cpu");
+        // --kv-dtype appends the kv-cache pass.
+        let (p, _) = checked(&CompileConfig { kv_dtype: Some("int8".into()), ..Default::default() });
+        assert_eq!(p.last().map(String::as_str), Some("kv-cache{dtype=int8}"));
     }
 
     #[test]

@@ -68,13 +68,12 @@ impl std::fmt::Display for StateKind {
 /// layout; the layout tells `kv_concat` where to write token `t`'s row and `attention` where to
 /// read it.
 ///
-/// Only [`KvLayout::Contiguous`] exists. Planned layouts (each becomes a variant when it is
-/// implemented end to end: verifier, interpreter, memory plan, the `kv_concat` and `attention`
-/// kernels of every backend, the artifact's state table and the runtime's cache handle; not
-/// before, so no reader can silently treat it as contiguous):
+/// A layout becomes a variant when it is implemented end to end: verifier, interpreter, memory
+/// plan, the `kv_concat` and `attention` kernels, the artifact's state table and the runtime's
+/// cache handle; a backend whose kernels cannot address it refuses it, naming the state, so no
+/// reader can silently treat it as contiguous. Planned layouts:
 /// - paged blocks: rows in fixed-size blocks of a pool shared by many sequences, found through
 ///   a per-sequence block table (serving: a ragged batch over one KV pool);
-/// - int8: rows stored as int8 codes with an f32 scale per row and KV head (long context);
 /// - latent: one compressed latent vector per token that attention expands to keys and values
 ///   (multi-head latent attention architectures);
 /// - sliding-window ring: `W` rows reused modulo the window (layers with a local window: the
@@ -85,16 +84,33 @@ pub enum KvLayout {
     /// Row `t` at offset `t * row` of one buffer of `C` rows (`row` = the product of the
     /// state's other dimensions); `kv_concat` writes rows `P..P+S`, `attention` reads `0..T`.
     Contiguous,
+    /// Rows of int8 codes (`--kv-dtype int8`, long context: a quarter of the f32 bytes). Each
+    /// vector of the state's last dimension `D` (one token's keys or values for one KV head) is
+    /// quantized when `kv_concat` writes it, as `quant::quantize_act` quantizes an activation row
+    /// (`q = round(x · 127 / max|x|)`, scale `max|x| / 127`), and reads back as `q · scale`. The
+    /// buffer holds the codes of `C` rows (row `t` at `t * row` bytes), then, from the next
+    /// 64-byte boundary, one f32 scale per vector (`C * row / D` of them, row-major).
+    Int8,
 }
 
 impl KvLayout {
     /// Every layout, for parsers and error messages.
-    pub const ALL: &'static [KvLayout] = &[KvLayout::Contiguous];
+    pub const ALL: &'static [KvLayout] = &[KvLayout::Contiguous, KvLayout::Int8];
 
     /// The spelling inside `kv<..>` (and in the artifact's state table).
     pub fn name(self) -> &'static str {
         match self {
             KvLayout::Contiguous => "contiguous",
+            KvLayout::Int8 => "int8",
+        }
+    }
+
+    /// Bytes of a state of this layout with logical type `f32[C, .., D]` (`numel` elements,
+    /// last dimension `d`).
+    pub fn state_bytes(self, numel: usize, d: usize) -> usize {
+        match self {
+            KvLayout::Contiguous => numel * 4,
+            KvLayout::Int8 => numel.div_ceil(64) * 64 + numel / d.max(1) * 4,
         }
     }
 

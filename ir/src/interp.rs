@@ -515,6 +515,14 @@ impl<'w> Interpreter<'w> {
                         st[b.p * row..(b.p + b.s) * row].copy_from_slice(&x.data);
                         Tensor::new(out_shape, st[..(b.p + b.s) * row].to_vec())
                     }
+                    // Each vector of the last dimension stored as int8 codes and a scale: held
+                    // here as the values it reads back as.
+                    StateKind::Kv { layout: KvLayout::Int8 } => {
+                        let d = *x.shape.last().unwrap_or(&1);
+                        let q = crate::quant::fake_quant_act(&x.data, d);
+                        st[b.p * row..(b.p + b.s) * row].copy_from_slice(&q);
+                        Tensor::new(out_shape, st[..(b.p + b.s) * row].to_vec())
+                    }
                 }
             }
         })

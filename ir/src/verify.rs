@@ -36,6 +36,15 @@ pub fn verify(g: &Graph) -> Result<()> {
                     return err(format!("@{}", s.name), format!("state must be f32 with static shape, got {}", s.ty));
                 }
             }
+            // Rows of vectors of the last dimension, each with its scale.
+            StateKind::Kv { layout: KvLayout::Int8 } => {
+                if s.ty.dtype != DType::F32 || s.ty.shape.iter().any(|d| !d.is_const()) || s.ty.rank() < 2 {
+                    return err(
+                        format!("@{}", s.name),
+                        format!("a kv<int8> state must be f32 with a static shape of rank 2 or more, got {}", s.ty),
+                    );
+                }
+            }
         }
     }
     let mut writers = HashSet::new();
@@ -61,7 +70,7 @@ pub fn verify(g: &Graph) -> Result<()> {
                 };
                 match decl.kind {
                     // Appends whole rows: the row shape is the state's.
-                    StateKind::Kv { layout: KvLayout::Contiguous } => {
+                    StateKind::Kv { layout: KvLayout::Contiguous | KvLayout::Int8 } => {
                         if decl.ty.shape[1..] != node.ty.shape[1..] {
                             return err(name, format!("kv_concat row shape {} disagrees with @{state} : {}", node.ty, decl.ty));
                         }

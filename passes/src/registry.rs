@@ -196,6 +196,7 @@ pub fn all_passes() -> Vec<PassDef> {
         PassDef::of::<crate::constant_fold::ConstantFold>(),
         PassDef::of::<crate::egraph::Optimize>(),
         PassDef::of::<crate::quantize::Quantize>(),
+        PassDef::of::<crate::kv_cache::KvCache>(),
     ]
 }
 
@@ -248,8 +249,8 @@ mod tests {
                 assert!(o.name.chars().all(|c| c.is_ascii_lowercase() || c == '-'), "{}", o.name);
                 assert!(!o.values.is_empty() && !o.default.is_empty() && !o.summary.is_empty(), "{o:?}");
             }
-            if def.name() == "quantize" {
-                continue; // needs a format or sparsity
+            if def.name() == "quantize" || def.name() == "kv-cache" {
+                continue; // needs a format or sparsity; a dtype
             }
             let p = def.build(&PassSpec::new(def.name()), &PassContext::default()).unwrap();
             assert_eq!((p.name(), p.summary()), (def.name(), def.summary()));

@@ -112,10 +112,16 @@ impl DeviceCache {
             .iter()
             .map(|s| match s.layout {
                 // One buffer of every row, bound whole to the kernels' state arguments.
-                StateLayout::Contiguous => dm.stream.alloc_zeros::<u8>((s.bytes as usize).max(64)),
+                StateLayout::Contiguous => {
+                    dm.stream.alloc_zeros::<u8>((s.bytes as usize).max(64)).map_err(|e| driver_err("allocating the KV cache", e))
+                }
+                // The compiler writes no CUDA kernel for it.
+                other => Err(RuntimeError::Gpu {
+                    path: artifact.path.clone(),
+                    msg: format!("state `{}`: the CUDA kernels have no `{}` KV-cache layout", s.name, other.name()),
+                }),
             })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| driver_err("allocating the KV cache", e))?;
+            .collect::<Result<Vec<_>>>()?;
         Ok(DeviceCache { states })
     }
 

@@ -166,7 +166,7 @@ impl KvCache {
             .iter()
             .map(|s| match s.layout {
                 // One buffer of every row, bound whole to the kernels' state arguments.
-                StateLayout::Contiguous => AlignedBuf::new(s.bytes as usize),
+                StateLayout::Contiguous | StateLayout::Int8 => AlignedBuf::new(s.bytes as usize),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache { model: model.clone(), store: CacheStore::Host(bufs), len: 0 })

@@ -57,6 +57,7 @@ use cranelift_frontend::Variable;
 use llmc_ir::{Dim, Graph, NodeId};
 
 use super::builder::{Kb, V4};
+use super::kv8::{self, Int8State};
 use super::math;
 use super::norm::row_sum;
 use super::unsupported;
@@ -170,10 +171,15 @@ pub(crate) fn attention(
     let ins = g.inputs(n);
     let kt = g.ty(ins[1]);
     let (nh, d, nkv, gh, _) = heads(g, n)?;
-    // Key row `t` at `t * kstride` below: a contiguous cache (or this step's keys).
-    for kv in &ins[1..3] {
-        crate::plan::require_contiguous_kv_of(g, *kv, "the CPU attention kernel")?;
-    }
+    // Key row `t` at `t * kstride` below: a contiguous cache (or this step's keys); an int8 cache
+    // is read a block of keys at a time, dequantized into stack rows of `D` floats.
+    let k8 = Int8State::of_value(g, ins[1], "the CPU attention kernel")?;
+    let v8 = Int8State::of_value(g, ins[2], "the CPU attention kernel")?;
+    let int8 = match (k8, v8) {
+        (None, None) => None,
+        (Some(k8), Some(v8)) if k8.row == nkv * d && v8.row == nkv * d && k8.d == d && v8.d == d => Some((k8, v8)),
+        _ => return Err(unsupported(g, n, "keys and values must both come from int8 caches of rows [NKV, D], or neither")),
+    };
     // A bidirectional attention's keys are this step's (`[S, ..]`) or the whole cache (`[T, ..]`).
     let keys_are_step = kt.shape[0] == Dim::S;
     if causal && keys_are_step {
@@ -198,6 +204,9 @@ pub(crate) fn attention(
     let scores = if ukernel { kb.ic(0) } else { stack(kb, gh * bt * 4) };
     let accb = stack(kb, gh * astride * 4);
     let kstride = (nkv * d * 4) as i64; // bytes between key rows
+    // An int8 cache's dequantized block of keys and of values, and the stride within a block.
+    let dq = int8.map(|_| (stack(kb, bt * d * 4), stack(kb, bt * d * 4)));
+    let bstride = if int8.is_some() { (d * 4) as i64 } else { kstride };
     let s = kb.s;
     // Chunks per item, and positions per chunk.
     let nc = chunks(kb, split);
@@ -237,8 +246,34 @@ pub(crate) fn attention(
         let qbase = kb.addr(q, qo);
         let obase = kb.addr(o, qo);
         let kvo = kb.muli(kvh, d as i64);
-        let kbase = kb.addr(k, kvo);
-        let vbase = kb.addr(v, kvo);
+        // f32 rows: the head's first key and value; int8 rows: its first codes (the scales are
+        // found from them in `block`).
+        let (kbase, vbase) = if int8.is_some() { (kb.add(k, kvo), kb.add(v, kvo)) } else { (kb.addr(k, kvo), kb.addr(v, kvo)) };
+        // The key and value rows of keys `t0..t0+bl` with the stride between them: the cache's
+        // rows, or, for an int8 cache, those keys dequantized into the stack blocks.
+        let block = &mut |kb: &mut Kb, t0: Value, bl: Value| -> (Value, Value) {
+            let Some(((k8, v8), (kdq, vdq))) = int8.zip(dq) else {
+                let k0o = kb.muli(t0, kstride);
+                return (kb.add(kbase, k0o), kb.add(vbase, k0o));
+            };
+            let z = kb.ic(0);
+            kb.for_steps(z, bl, 1, &mut |kb, j| {
+                let t = kb.add(t0, j);
+                let co = kb.muli(t, (nkv * d) as i64);
+                let so = kb.muli(t, nkv as i64);
+                let so = kb.add(so, kvh);
+                let so = kb.muli(so, 4);
+                let dof = kb.muli(j, (d * 4) as i64);
+                for (base, cache, st, out) in [(kbase, k, k8, kdq), (vbase, v, v8, vdq)] {
+                    let codes = kb.add(base, co);
+                    let sc = kb.addi(cache, st.scales as i64);
+                    let sc = kb.add(sc, so);
+                    let dst = kb.add(out, dof);
+                    kv8::dequant_vec(kb, d, codes, sc, dst);
+                }
+            });
+            (kdq, vdq)
+        };
         // Visible keys [tlo, thi).
         let thi = if causal {
             let qpos = kb.add(kb.p, si);
@@ -280,14 +315,28 @@ pub(crate) fn attention(
                 kb.st_at(zf, ap, (d * 4 + 4) as i32);
             }
             let span = kb.sub(thi, tlo);
-            let k0o = kb.muli(tlo, kstride);
-            let kp = kb.add(kbase, k0o);
-            let vp = kb.add(vbase, k0o);
-            let ksv = kb.ic((nkv * d) as i64);
             let dims = kb.ic(d as i64 | (gh as i64) << 32);
             let sc = kb.ic(scale.to_bits() as i64);
             let sig = kb.microkernel_sig(ATTN_BLOCK_SIG.params, ATTN_BLOCK_SIG.returns);
-            kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
+            if int8.is_none() {
+                let (kp, vp) = block(kb, tlo, span);
+                let ksv = kb.ic((nkv * d) as i64);
+                kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
+            } else {
+                // A block of keys at a time through the stack rows.
+                let nblk = kb.div_ceil(span, bt as i64);
+                let z = kb.ic(0);
+                kb.for_steps(z, nblk, 1, &mut |kb, bi| {
+                    let t0 = kb.muli(bi, bt as i64);
+                    let t0 = kb.add(tlo, t0);
+                    let left = kb.sub(thi, t0);
+                    let btv = kb.ic(bt as i64);
+                    let bl = kb.min(left, btv);
+                    let (kp, vp) = block(kb, t0, bl);
+                    let ksv = kb.ic(d as i64);
+                    kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, bl, dims, sc, accb]);
+                });
+            }
             (0..gh)
                 .map(|hgi| {
                     let ap = kb.addi(accb, (hgi * astride * 4) as i64);
@@ -312,9 +361,7 @@ pub(crate) fn attention(
                 let left = kb.sub(thi, t0);
                 let btv = kb.ic(bt as i64);
                 let bl = kb.min(left, btv);
-                let k0o = kb.muli(t0, kstride);
-                let kblk = kb.add(kbase, k0o);
-                let vblk = kb.add(vbase, k0o);
+                let (kblk, vblk) = block(kb, t0, bl);
                 // 1. Scores, in head subgroups of at most 4.
                 let mut g0 = 0;
                 while g0 < gh {
@@ -323,11 +370,11 @@ pub(crate) fn attention(
                     let heads: Vec<usize> = (g0..g0 + gq).collect();
                     let zi = kb.ic(0);
                     let e = kb.for_steps(zi, bl, ku as i64, &mut |kb, jj| {
-                        scores_tile(kb, d, bt, scale, &heads, ku, qbase, kblk, kstride, scores, jj)
+                        scores_tile(kb, d, bt, scale, &heads, ku, qbase, kblk, bstride, scores, jj)
                     });
                     if ku > 1 {
                         kb.for_steps(e, bl, 1, &mut |kb, jj| {
-                            scores_tile(kb, d, bt, scale, &heads, 1, qbase, kblk, kstride, scores, jj)
+                            scores_tile(kb, d, bt, scale, &heads, 1, qbase, kblk, bstride, scores, jj)
                         });
                     }
                     g0 += gq;
@@ -360,8 +407,8 @@ pub(crate) fn attention(
                         kb.st(a, ap, x);
                     });
                     let zi = kb.ic(0);
-                    let e = kb.for_steps(zi, bl, 4, &mut |kb, jj| pv_tile(kb, d, 4, sp, ap, vblk, kstride, jj));
-                    kb.for_steps(e, bl, 1, &mut |kb, jj| pv_tile(kb, d, 1, sp, ap, vblk, kstride, jj));
+                    let e = kb.for_steps(zi, bl, 4, &mut |kb, jj| pv_tile(kb, d, 4, sp, ap, vblk, bstride, jj));
+                    kb.for_steps(e, bl, 1, &mut |kb, jj| pv_tile(kb, d, 1, sp, ap, vblk, bstride, jj));
                 }
             });
             (m.iter().map(|&x| kb.get(x)).collect(), l.iter().map(|&x| kb.get(x)).collect())

@@ -33,6 +33,7 @@ pub mod backend;
 mod builder;
 mod concat;
 mod elementwise;
+mod kv8;
 mod linear;
 mod math;
 mod matmul;

@@ -95,8 +95,8 @@ pub(crate) fn slice(kb: &mut Kb, g: &Graph, n: NodeId, axis: usize, start: usize
 /// would overflow the state's `C` rows writes nothing (the runtime never asks for one; this keeps
 /// a bug from corrupting memory).
 pub(crate) fn kv_concat(kb: &mut Kb, g: &Graph, n: NodeId, state: &str) -> Result<()> {
-    // Rows `P..P+S` at `P * row`: a contiguous cache.
-    crate::plan::require_contiguous_kv_of(g, n, "the CPU kv_concat kernel")?;
+    // Rows `P..P+S` at `P * row`: a contiguous cache, or int8 codes and scales.
+    let int8 = super::kv8::Int8State::of_value(g, n, "the CPU kv_concat kernel")?;
     let cap = g.state(state).and_then(|d| d.ty.shape.first().and_then(|d| d.as_const())).ok_or_else(|| {
         CodegenError::Unsupported {
             node: format!("kv_concat (node {})", n.index()),
@@ -112,11 +112,32 @@ pub(crate) fn kv_concat(kb: &mut Kb, g: &Graph, n: NodeId, state: &str) -> Resul
     let fits = kb.b.ins().icmp(IntCC::SignedLessThanOrEqual, t, capv);
     kb.if_else(
         fits,
-        &mut |kb| {
-            let rowv = kb.mono(&row);
-            let off = kb.mul(kb.p, rowv);
-            let dst = kb.addr(dst, off);
-            strided_copy(kb, src, dst, &[Mono::prod(&x)], &[Mono::one()]);
+        &mut |kb| match int8 {
+            None => {
+                let rowv = kb.mono(&row);
+                let off = kb.mul(kb.p, rowv);
+                let dst = kb.addr(dst, off);
+                strided_copy(kb, src, dst, &[Mono::prod(&x)], &[Mono::one()]);
+            }
+            // Every vector of this step's rows quantized, the vectors split across the parts.
+            Some(st) => {
+                let per_row = (st.row / st.d) as i64;
+                let total = kb.muli(kb.s, per_row);
+                let (lo, hi) = kb.part_range(total);
+                kb.for_steps(lo, hi, 1, &mut |kb, i| {
+                    // Vector `i` of the step is vector `P * per_row + i` of the cache.
+                    let from = kb.muli(i, (st.d * 4) as i64);
+                    let from = kb.add(src, from);
+                    let pv = kb.muli(kb.p, per_row);
+                    let vi = kb.add(pv, i);
+                    let at = kb.muli(vi, st.d as i64);
+                    let codes = kb.add(dst, at);
+                    let sat = kb.muli(vi, 4);
+                    let sat = kb.addi(sat, st.scales as i64);
+                    let scale = kb.add(dst, sat);
+                    super::kv8::quantize_vec(kb, st.d, from, codes, scale);
+                });
+            }
         },
         &mut |_| {},
     );

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
-use llmc_ir::{BinaryOp, DType, Dim, Graph, Interpreter, NodeId, Op, ReduceOp, StateDecl, TensorType, UnaryOp};
+use llmc_ir::{BinaryOp, DType, Dim, Graph, Interpreter, KvLayout, NodeId, Op, ReduceOp, StateDecl, StateKind, TensorType, UnaryOp};
 
 use super::*;
 use llmc_abi::panel::PanelElem;
@@ -260,10 +260,14 @@ impl Gb {
     }
     /// `kv_concat` into a new state of `cap` rows.
     fn kv_cap(&mut self, x: NodeId, cap: usize) -> NodeId {
+        self.kv_layout(x, cap, KvLayout::Contiguous)
+    }
+    /// `kv_concat` into a new state of `cap` rows stored as `layout`.
+    fn kv_layout(&mut self, x: NodeId, cap: usize, layout: KvLayout) -> NodeId {
         let mut shape = self.g.ty(x).shape.clone();
         shape[0] = Dim::N(cap);
         let name = format!("cache{}", self.g.states.len());
-        self.g.states.push(StateDecl::new(name.clone(), TensorType::f32(shape), llmc_ir::StateKind::CONTIGUOUS_KV));
+        self.g.states.push(StateDecl::new(name.clone(), TensorType::f32(shape), StateKind::Kv { layout }));
         self.op(Op::KvConcat { state: name }, &[x])
     }
 }
@@ -347,6 +351,23 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     let mut g2 = g.clone();
     g2.outputs = ops.clone();
     g2.outputs.push(n);
+    // Operands that are an int8 KV cache (and an int8 `kv_concat`'s own state): the kernel reads
+    // and writes codes and scales, encoded here from the raw rows each step gave `kv_concat`.
+    let int8_of = |o: NodeId| -> Option<(NodeId, StateDecl)> {
+        let decl = g.kv_state_of(o).filter(|d| d.kind == (StateKind::Kv { layout: KvLayout::Int8 }))?;
+        let mut x = o;
+        while !matches!(g.op(x), Op::KvConcat { .. }) {
+            x = g.inputs(x)[0];
+        }
+        Some((g.inputs(x)[0], decl.clone()))
+    };
+    let int8_ops: Vec<(usize, NodeId, StateDecl)> =
+        ops.iter().enumerate().filter_map(|(i, &o)| int8_of(o).map(|(raw, d)| (i, raw, d))).collect();
+    let int8_out = int8_of(n);
+    let raws: Vec<NodeId> = int8_ops.iter().map(|x| x.1).chain(int8_out.iter().map(|x| x.0)).collect();
+    g2.outputs.extend(&raws);
+    let mut raw_rows: Vec<Vec<f32>> = vec![Vec::new(); raws.len()];
+    let mut raw_before = raw_rows.clone();
     // A 16-bit panel weight: the interpreter computes with the same rounded values.
     let mut w = gb.w.clone();
     if let (true, Some(Op::Weight { name, .. })) = (panel_elem != PanelElem::F32, ops.get(1).map(|&x| g.op(x))) {
@@ -362,6 +383,10 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
     for (k, &s) in steps.iter().enumerate() {
         let ids: Vec<i32> = (0..s).map(|_| rng.below(VOCAB) as i32).collect();
         let outs = it.run(&g2, &ids).unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
+        raw_before.clone_from(&raw_rows);
+        for (r, o) in raw_rows.iter_mut().zip(&outs[ops.len() + 1..]) {
+            r.extend(&o.data);
+        }
         if k + 1 < steps.len() {
             prev = outs.last().cloned();
             p += s;
@@ -394,9 +419,18 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
         let packed = llmc_abi::panel::pack_panels(&outs[1].data, rows, k, groups);
         inputs[1] = panel_words(panel_elem, &packed);
     }
+    for (j, (i, _, decl)) in int8_ops.iter().enumerate() {
+        inputs[*i] = int8_state_words(decl, &raw_rows[j]);
+    }
     let want = &outs[ops.len()];
     let dt = g.ty(n).dtype;
+    // An int8 `kv_concat`: its state before the step, and exactly what it must hold after.
+    let int8_want = int8_out.as_ref().map(|(_, decl)| {
+        let j = raws.len() - 1;
+        (int8_state_words(decl, &raw_before[j]), int8_state_words(decl, &raw_rows[j]))
+    });
     let mut init = match g.op(n) {
+        _ if int8_want.is_some() => int8_want.as_ref().map(|w| w.0.clone()).unwrap_or_default(),
         Op::KvConcat { state } => {
             let total = g.state(state).unwrap().ty.static_numel().unwrap();
             let mut v = vec![SENTINEL; total];
@@ -409,29 +443,43 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
         }
         _ => vec![SENTINEL; want.data.len()],
     };
-    let len = want.data.len();
+    let len = int8_want.as_ref().map_or(want.data.len(), |w| w.1.len());
     init.extend(std::iter::repeat_n(SENTINEL, GUARD));
     let mut stats = Stats::default();
     let mut reference: Option<Vec<u32>> = None;
+    let init_words = init.clone();
     for nparts in [1, 3, 7] {
         let mut out = init.clone();
         let mut ins = inputs.clone();
         exec.run(&mut ins, &mut out, s, p, nparts);
         assert!(ins == inputs, "{what}: the kernel modified an input");
         assert!(out[len..] == init[len..], "{what}: nparts={nparts}: write past the result");
-        stats.merge(compare(&format!("{what} nparts={nparts}"), dt, &out[..len], &want.data, tol));
+        match &int8_want {
+            // Codes and scales bit for bit, rows past the step untouched.
+            Some((_, w)) => assert!(out[..len] == w[..], "{what} nparts={nparts}: int8 cache differs"),
+            None => stats.merge(compare(&format!("{what} nparts={nparts}"), dt, &out[..len], &want.data, tol)),
+        }
         match &reference {
             None => reference = Some(out),
             Some(r) => assert!(*r == out, "{what}: nparts={nparts} differs from nparts=1"),
         }
-        // Each part alone writes a region of its own (so concurrent parts do not race).
+        // Each part alone writes a region of its own (so concurrent parts do not race): words,
+        // or bytes for an int8 cache (whose vectors of codes need not fill whole words).
+        let units = |w: &[u32]| -> Vec<u32> {
+            if int8_want.is_some() {
+                w.iter().flat_map(|x| x.to_le_bytes()).map(u32::from).collect()
+            } else {
+                w.to_vec()
+            }
+        };
         if nparts > 1 {
+            let init = units(&init);
             let mut owner = vec![usize::MAX; init.len()];
             for part in 0..nparts {
-                let mut out = init.clone();
+                let mut out = init_words.clone();
                 let mut ins = inputs.clone();
                 exec.run_parts(&mut ins, &mut out, s, p, part..part + 1, nparts);
-                for (i, (&o, &x)) in out.iter().zip(&init).enumerate() {
+                for (i, (&o, &x)) in units(&out).iter().zip(&init).enumerate() {
                     if o != x {
                         assert!(
                             owner[i] == usize::MAX,
@@ -445,6 +493,25 @@ fn check_on(isa: &dyn TargetIsa, isa_name: &str, gb: &Gb, n: NodeId, steps: &[us
         }
     }
     stats
+}
+
+/// The buffer of int8 KV state `decl` holding `rows` (raw f32 rows, one per token written) as
+/// `kv_concat`'s kernel writes them (`ir::quant::quantize_act` per vector of the last
+/// dimension), in 32-bit words; the bytes of rows not written are the sentinel's.
+fn int8_state_words(decl: &StateDecl, rows: &[f32]) -> Vec<u32> {
+    let st = super::kv8::Int8State::of(decl).unwrap();
+    let numel = decl.ty.static_numel().unwrap();
+    let bytes_len = KvLayout::Int8.state_bytes(numel, st.d);
+    let fill = SENTINEL.to_le_bytes();
+    let mut b: Vec<u8> = (0..bytes_len.div_ceil(4) * 4).map(|i| fill[i % 4]).collect();
+    for (v, x) in rows.chunks(st.d).enumerate() {
+        let (q, scale) = llmc_ir::quant::quantize_act(x);
+        for (e, c) in q.iter().enumerate() {
+            b[v * st.d + e] = *c as u8;
+        }
+        b[st.scales + 4 * v..st.scales + 4 * v + 4].copy_from_slice(&scale.to_le_bytes());
+    }
+    b.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 // ---- unary ----
@@ -931,16 +998,21 @@ fn parts_run_concurrently() {
 /// `attention(q [S, nh, d], k [T, nkv, d], v [T, nkv, d])` with `q`, `k` uniform in `[-amp, amp)`
 /// and `v` in `[-1, 1)`, the cache `cap` rows long.
 fn attn_graph(nh: usize, nkv: usize, d: usize, window: Option<usize>, cap: usize, amp: f32) -> (Gb, NodeId) {
+    attn_graph_kv(nh, nkv, d, window, cap, amp, KvLayout::Contiguous)
+}
+
+/// [`attn_graph`] with caches stored as `layout`.
+fn attn_graph_kv(nh: usize, nkv: usize, d: usize, window: Option<usize>, cap: usize, amp: f32, layout: KvLayout) -> (Gb, NodeId) {
     use Dim::{N, S};
     let mut gb = Gb::new((nh * 1000 + nkv * 100 + d) as u64);
     let q = gb.seq(nh * d, -amp, amp);
     let q = gb.reshape(q, vec![S, N(nh), N(d)]);
     let k = gb.seq(nkv * d, -amp, amp);
     let k = gb.reshape(k, vec![S, N(nkv), N(d)]);
-    let k = gb.kv_cap(k, cap);
+    let k = gb.kv_layout(k, cap, layout);
     let v = gb.seq(nkv * d, -1.0, 1.0);
     let v = gb.reshape(v, vec![S, N(nkv), N(d)]);
-    let v = gb.kv_cap(v, cap);
+    let v = gb.kv_layout(v, cap, layout);
     let scale = 1.0 / (d as f32).sqrt();
     let n = gb.op(Op::Attention { scale, window, causal: true }, &[q, k, v]);
     (gb, n)
@@ -974,6 +1046,77 @@ fn attention_heads_windows_and_history() {
         }
     }
     eprintln!("attention: max abs err {:.3e}, max rel err {:.3e} over {} values", all.max_abs, all.max_rel, all.n);
+}
+
+/// [`check_attn`] on the host ISA only (int8 KV caches: the rounding of `kv_concat`'s quantizer
+/// needs SSE4.1, as the A8 products' does).
+fn check_attn_host(gb: &Gb, n: NodeId, steps: &[usize], tol: Tol) -> Stats {
+    let (isa, _) = host_isa().unwrap();
+    let mut st = Stats::default();
+    for panels in [false, true] {
+        PANELS.with(|p| p.set(panels));
+        st.merge(check_on(&*isa, "host", gb, n, steps, tol));
+    }
+    PANELS.with(|p| p.set(false));
+    st
+}
+
+#[test]
+fn int8_kv_concat_writes_codes_and_scales_exactly() {
+    use Dim::{N, S};
+    // D with a 16-wide body and tails; one and several KV heads; rows near the context's end.
+    for (nkv, d) in [(1, 16), (3, 6), (2, 20), (4, 64), (1, 264)] {
+        let mut gb = Gb::new((nkv * 100 + d) as u64);
+        let x = gb.seq(nkv * d, -3.0, 3.0);
+        let x = gb.reshape(x, vec![S, N(nkv), N(d)]);
+        let k = gb.kv_layout(x, CTX, KvLayout::Int8);
+        let (isa, _) = host_isa().unwrap();
+        for steps in [&[5][..], &[3, 5], &[20, 1], &[4, 4, 9], &[63, 1]] {
+            check_on(&*isa, "host", &gb, k, steps, EXACT);
+        }
+    }
+}
+
+#[test]
+fn int8_kv_concat_zero_rows_and_past_the_context() {
+    use Dim::{N, S};
+    let mut gb = Gb::new(5);
+    let x = gb.seq(2 * 8, -1.0, 1.0);
+    let x = gb.reshape(x, vec![S, N(2), N(8)]);
+    let k = gb.kv_layout(x, CTX, KvLayout::Int8);
+    let (isa, _) = host_isa().unwrap();
+    let kc = compile_kernel(&*isa, &KernelCtx { max_context: CTX, panel_weights: false, panel_elem: Default::default() }, &gb.g, k).unwrap().unwrap();
+    let exec = Exec::new(&kc);
+    let words = KvLayout::Int8.state_bytes(CTX * 16, 8).div_ceil(4);
+    // A step past the context writes nothing.
+    let mut ins = vec![vec![1.0f32.to_bits(); 3 * 16]];
+    let mut state = vec![SENTINEL; words];
+    exec.run(&mut ins, &mut state, 3, CTX - 2, 1);
+    assert!(state.iter().all(|&x| x == SENTINEL));
+    // A zero vector: codes 0 and scale 0 (as `quantize_act`); a constant one: codes 127.
+    let mut ins = vec![[vec![0f32.to_bits(); 8], vec![1.0f32.to_bits(); 8]].concat()];
+    exec.run(&mut ins, &mut state, 1, 0, 1);
+    let bytes: Vec<u8> = state.iter().flat_map(|w| w.to_le_bytes()).collect();
+    assert_eq!(&bytes[..16], &[[0u8; 8], [127u8; 8]].concat()[..]);
+    let scales = (CTX * 16).div_ceil(64) * 64;
+    assert_eq!(&bytes[scales..scales + 8], &[0f32.to_le_bytes(), (1.0f32 / 127.0).to_le_bytes()].concat()[..]);
+}
+
+#[test]
+fn attention_over_int8_caches() {
+    // The kernel reads the codes and scales `kv_concat` wrote; the interpreter attends over the
+    // values they stand for, so the tolerance is the f32 cache's. Shapes: G = 1, 2, 3, 8; D with
+    // and without a tail and past the unrolling limit; steps that split over the key range.
+    let mut all = Stats::default();
+    for (nh, nkv, d) in [(4, 4, 8), (4, 2, 32), (12, 4, 64), (8, 1, 128), (3, 3, 6), (2, 1, 20), (2, 2, 264)] {
+        for window in [None, Some(7)] {
+            let (gb, n) = attn_graph_kv(nh, nkv, d, window, 300, 1.0, KvLayout::Int8);
+            for steps in [&[1][..], &[5, 9], &[150, 1], &[296, 3], &[100, 37]] {
+                all.merge(check_attn_host(&gb, n, steps, ATTN_TOL));
+            }
+        }
+    }
+    eprintln!("attention (int8 KV): max abs err {:.3e}, max rel err {:.3e} over {} values", all.max_abs, all.max_rel, all.n);
 }
 
 #[test]
