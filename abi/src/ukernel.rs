@@ -6,7 +6,7 @@
 //! relocation-free and the runtime picks the implementation (AVX-512, AVX2+FMA, portable) per
 //! process. This module is the table's one definition: the slot indices ([`GEMM_PANELS`], ...),
 //! each slot's name and signature ([`TABLE`], the function types [`GemmPanelsFn`], [`QGemvFn`],
-//! [`QGemmFn`], [`AttnBlockFn`], [`QGemmA8Fn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
+//! [`QGemmFn`], [`AttnBlockFn`], [`QGemmA8Fn`], [`AttnBlockI8Fn`]), the layout version [`ABI_VERSION`] that artifacts record and the loader checks,
 //! and [`Table`], the typed set of functions the runtime fills it from. Codegen reads slot indices
 //! and call signatures from here; the implementations live in the runtime.
 //!
@@ -22,8 +22,9 @@
 /// runtime with 3 slots would have accepted artifacts that call slot 3); 4, the panel GEMMs over
 /// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots); 5, the attention
 /// block [`ATTN_BLOCK`] (7 slots); 6, the multi-row A8 product [`QGEMM_A8`] (8 slots), and W4A8
-/// activations in step order ([`crate::qformat`]) for both A8 kernels.
-pub const ABI_VERSION: u32 = 6;
+/// activations in step order ([`crate::qformat`]) for both A8 kernels; 7, the attention block over
+/// an int8 KV cache [`ATTN_BLOCK_I8`] (9 slots).
+pub const ABI_VERSION: u32 = 7;
 
 /// Every released table layout, oldest first: `(ABI_VERSION, fingerprint)`. The last entry is the
 /// current table. (Version 1 predates the fingerprint.)
@@ -33,6 +34,7 @@ pub const HISTORY: &[(u32, u64)] = &[
     (4, 0x45ed_6d87_66c3_cdc8), // + gemm_panels_bf16, gemm_panels_f16
     (5, 0xa33c_80ac_e589_6c39), // + attn_block
     (6, 0x712a_1588_f0b6_1e5a), // + qgemm_a8; W4A8 activations in step order
+    (7, 0xa53c_c2d6_e403_717f), // + attn_block_i8
 ];
 
 /// A microkernel's signature as text (its Rust tokens), with its parameter count and whether it
@@ -195,6 +197,28 @@ microkernel_fn! {
     )
 }
 
+microkernel_fn! {
+    /// `attn_block_i8(q, k, v, kstride, kscale, vscale, sstride, n, dims, scale, state)`:
+    /// [`AttnBlockFn`] over keys and values stored as int8 codes (the `kv<int8>` KV-cache layout):
+    /// key `j` is the `d` codes at `k + j * kstride` (`kstride` in bytes) times the f32 at
+    /// `kscale + j * sstride` (`sstride` in f32s), its value likewise from `v` and `vscale`. The
+    /// result is [`AttnBlockFn`]'s on the keys and values the codes stand for (`code as f32 *
+    /// scale`, as the reference interpreter holds them).
+    AttnBlockI8Fn, ATTN_BLOCK_I8_SIG = fn(
+        q: *const f32,
+        k: *const i8,
+        v: *const i8,
+        kstride: i64,
+        kscale: *const f32,
+        vscale: *const f32,
+        sstride: i64,
+        n: i64,
+        dims: i64,
+        scale: i64,
+        state: *mut f32,
+    )
+}
+
 /// Slot of the panel GEMM, a [`GemmPanelsFn`].
 pub const GEMM_PANELS: usize = 0;
 /// Slot of the weight-only quantized GEMV, a [`QGemvFn`]; 0 when this CPU has no
@@ -212,8 +236,10 @@ pub const GEMM_PANELS_F16: usize = 5;
 pub const ATTN_BLOCK: usize = 6;
 /// Slot of the multi-row W8A8 / W4A8 product, a [`QGemmA8Fn`]; 0 as [`QGEMV`].
 pub const QGEMM_A8: usize = 7;
+/// Slot of the attention block over an int8 KV cache, an [`AttnBlockI8Fn`].
+pub const ATTN_BLOCK_I8: usize = 8;
 /// Entries in the table.
-pub const SLOTS: usize = 8;
+pub const SLOTS: usize = 9;
 
 /// Every slot, in table order.
 pub const TABLE: [Slot; SLOTS] = [
@@ -225,6 +251,7 @@ pub const TABLE: [Slot; SLOTS] = [
     Slot { index: GEMM_PANELS_F16, name: "gemm_panels_f16", signature: GEMM_PANELS16_SIG, optional: false },
     Slot { index: ATTN_BLOCK, name: "attn_block", signature: ATTN_BLOCK_SIG, optional: false },
     Slot { index: QGEMM_A8, name: "qgemm_a8", signature: QGEMM_A8_SIG, optional: true },
+    Slot { index: ATTN_BLOCK_I8, name: "attn_block_i8", signature: ATTN_BLOCK_I8_SIG, optional: false },
 ];
 
 /// The functions a runtime provides, one field per slot, typed by the slot's signature
@@ -239,6 +266,7 @@ pub struct Table {
     pub gemm_panels_f16: GemmPanels16Fn,
     pub attn_block: AttnBlockFn,
     pub qgemm_a8: Option<QGemmA8Fn>,
+    pub attn_block_i8: AttnBlockI8Fn,
 }
 
 impl Table {
@@ -254,6 +282,7 @@ impl Table {
         t[GEMM_PANELS_F16] = self.gemm_panels_f16 as usize;
         t[ATTN_BLOCK] = self.attn_block as usize;
         t[QGEMM_A8] = self.qgemm_a8.map_or(0, |f| f as usize);
+        t[ATTN_BLOCK_I8] = self.attn_block_i8 as usize;
         t
     }
 }
@@ -333,6 +362,7 @@ mod tests {
         assert_eq!((QGEMM_SIG.params, QGEMM_SIG.returns), (9, true));
         assert_eq!((GEMM_PANELS16_SIG.params, GEMM_PANELS16_SIG.returns), (8, true));
         assert_eq!((QGEMM_A8_SIG.params, QGEMM_A8_SIG.returns), (9, false));
+        assert_eq!((ATTN_BLOCK_I8_SIG.params, ATTN_BLOCK_I8_SIG.returns), (11, false));
     }
 
     /// The fingerprint sees every part of a slot, and not the text's spacing.
@@ -436,6 +466,8 @@ mod tests {
 
     unsafe extern "sysv64" fn attn(_: *const f32, _: *const f32, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *mut f32) {}
     unsafe extern "sysv64" fn gemm_a8(_: i64, _: *const u8, _: *const i32, _: i64, _: *const u8, _: i64, _: i64, _: i64, _: *mut f32) {}
+    #[rustfmt::skip]
+    unsafe extern "sysv64" fn attn8(_: *const f32, _: *const i8, _: *const i8, _: i64, _: *const f32, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *mut f32) {}
 
     /// Each function lands at its slot; only optional slots may be 0.
     #[test]
@@ -449,6 +481,7 @@ mod tests {
             gemm_panels_f16: gemm16_b,
             attn_block: attn,
             qgemm_a8: Some(gemm_a8),
+            attn_block_i8: attn8,
         };
         let t = full.addresses();
         assert_eq!(t[GEMM_PANELS], gemm as GemmPanelsFn as usize);
@@ -459,6 +492,7 @@ mod tests {
         assert_eq!(t[GEMM_PANELS_F16], gemm16_b as GemmPanels16Fn as usize);
         assert_eq!(t[ATTN_BLOCK], attn as AttnBlockFn as usize);
         assert_eq!(t[QGEMM_A8], gemm_a8 as QGemmA8Fn as usize);
+        assert_eq!(t[ATTN_BLOCK_I8], attn8 as AttnBlockI8Fn as usize);
         let bare = Table { qgemv: None, qgemv_a8: None, qgemm_a8: None, ..full }.addresses();
         for s in TABLE {
             assert_eq!(bare[s.index] == 0, s.optional, "slot `{}`", s.name);

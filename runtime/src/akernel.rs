@@ -18,10 +18,12 @@
 //! reference for the AVX-512 path in the tests below; both agree with the interpreter within the
 //! kernel tests' tolerance, not bit for bit).
 
-use llmc_abi::ukernel::AttnBlockFn;
+use llmc_abi::ukernel::{AttnBlockFn, AttnBlockI8Fn};
 
 /// Keys per block.
 const BLOCK: usize = 16;
+/// Head dims up to this dequantize an int8 block into stack rows (longer ones into a heap block).
+const STACK_D: usize = 256;
 
 /// The implementation for this CPU.
 pub fn select_attn_block() -> AttnBlockFn {
@@ -32,6 +34,113 @@ pub fn select_attn_block() -> AttnBlockFn {
         }
     }
     attn_block_portable
+}
+
+/// The int8 attention block for this CPU ([`AttnBlockI8Fn`], slot
+/// [`llmc_abi::ukernel::ATTN_BLOCK_I8`]): each run of up to 16 keys is dequantized (`code as f32 *
+/// scale`, exactly the values the reference holds) into f32 rows in L1, then goes through
+/// [`select_attn_block`]'s implementation, so both paths compute the same function of the same
+/// values.
+pub fn select_attn_block_i8() -> AttnBlockI8Fn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return attn_block_i8_avx512;
+        }
+    }
+    attn_block_i8_portable
+}
+
+/// Writes rows `0..nb` of a run of int8 keys (or values) as f32 rows of `d` at `out`.
+///
+/// # Safety
+/// `codes + j * ks .. + d` and `scales + j * ss` are readable for `j < nb`; `out` has `nb * d`.
+unsafe fn dequant_rows_portable(codes: *const i8, ks: usize, scales: *const f32, ss: usize, nb: usize, d: usize, out: *mut f32) {
+    for j in 0..nb {
+        let s = *scales.add(j * ss);
+        for e in 0..d {
+            *out.add(j * d + e) = *codes.add(j * ks + e) as f32 * s;
+        }
+    }
+}
+
+/// Runs `block(k_rows, v_rows, nb)` over the `n` keys in runs of [`BLOCK`], each dequantized by
+/// `deq` into f32 rows of `d` (on the stack for `d <= STACK_D`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn i8_blocks(
+    k: *const i8,
+    v: *const i8,
+    ks: usize,
+    kscale: *const f32,
+    vscale: *const f32,
+    ss: usize,
+    n: usize,
+    d: usize,
+    deq: unsafe fn(*const i8, usize, *const f32, usize, usize, usize, *mut f32),
+    block: &mut dyn FnMut(*const f32, *const f32, usize),
+) {
+    // Not zeroed: each run's rows are written before they are read.
+    let mut stack = std::mem::MaybeUninit::<[f32; 2 * BLOCK * STACK_D]>::uninit();
+    let mut heap = Vec::new();
+    let rows = if d <= STACK_D {
+        stack.as_mut_ptr() as *mut f32
+    } else {
+        heap.resize(2 * BLOCK * d, 0f32);
+        heap.as_mut_ptr()
+    };
+    let (kr, vr) = (rows, rows.add(BLOCK * d));
+    for b0 in (0..n).step_by(BLOCK) {
+        let nb = (n - b0).min(BLOCK);
+        deq(k.add(b0 * ks), ks, kscale.add(b0 * ss), ss, nb, d, kr);
+        deq(v.add(b0 * ks), ks, vscale.add(b0 * ss), ss, nb, d, vr);
+        block(kr, vr, nb);
+    }
+}
+
+/// # Safety
+/// The pointers cover what [`AttnBlockI8Fn`] describes for these arguments.
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "sysv64" fn attn_block_i8_portable(
+    q: *const f32,
+    k: *const i8,
+    v: *const i8,
+    kstride: i64,
+    kscale: *const f32,
+    vscale: *const f32,
+    sstride: i64,
+    n: i64,
+    dims: i64,
+    scale: i64,
+    state: *mut f32,
+) {
+    let (d, _) = unpack(dims);
+    let (ks, ss, n) = (kstride as usize, sstride as usize, n.max(0) as usize);
+    i8_blocks(k, v, ks, kscale, vscale, ss, n, d, dequant_rows_portable, &mut |kr, vr, nb| {
+        attn_block_portable(q, kr, vr, d as i64, nb as i64, dims, scale, state)
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "sysv64" fn attn_block_i8_avx512(
+    q: *const f32,
+    k: *const i8,
+    v: *const i8,
+    kstride: i64,
+    kscale: *const f32,
+    vscale: *const f32,
+    sstride: i64,
+    n: i64,
+    dims: i64,
+    scale: i64,
+    state: *mut f32,
+) {
+    let (d, gh) = unpack(dims);
+    let (ks, ss, n) = (kstride as usize, sstride as usize, n.max(0) as usize);
+    let sc = f32::from_bits(scale as u32);
+    i8_blocks(k, v, ks, kscale, vscale, ss, n, d, avx512::dequant_rows, &mut |kr, vr, nb| {
+        avx512::attn(q, kr, vr, d, nb, d, gh, sc, state)
+    });
 }
 
 /// `(d, gh)` from the packed `dims` argument.
@@ -135,6 +244,29 @@ mod avx512 {
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
         _mm512_scalef_ps(y, n)
+    }
+
+    /// [`super::dequant_rows_portable`] with 16 codes per step (sign-extended, converted and
+    /// scaled in one register); the last `d % 16` one by one.
+    pub(super) unsafe fn dequant_rows(codes: *const i8, ks: usize, scales: *const f32, ss: usize, nb: usize, d: usize, out: *mut f32) {
+        dequant_rows_impl(codes, ks, scales, ss, nb, d, out)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dequant_rows_impl(codes: *const i8, ks: usize, scales: *const f32, ss: usize, nb: usize, d: usize, out: *mut f32) {
+        for j in 0..nb {
+            let s = *scales.add(j * ss);
+            let sv = _mm512_set1_ps(s);
+            let (c, o) = (codes.add(j * ks), out.add(j * d));
+            for e in (0..d / 16 * 16).step_by(16) {
+                let b = _mm_loadu_si128(c.add(e) as *const __m128i);
+                let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                _mm512_storeu_ps(o.add(e), _mm512_mul_ps(f, sv));
+            }
+            for e in d / 16 * 16..d {
+                *o.add(e) = *c.add(e) as f32 * s;
+            }
+        }
     }
 
     /// Lane `j` = the sum of the lanes of `a[j]`.
@@ -348,6 +480,62 @@ mod tests {
                 for h in 0..gh {
                     let (m, w) = (st[h * (d + 2) + d] as f64, want[h * (d + 2) + d]);
                     let rescale = (m - w).exp(); // the state is relative to its own max
+                    for e in 0..d + 2 {
+                        let i = h * (d + 2) + e;
+                        let (got, w) = if e == d { (st[i] as f64, want[i]) } else { (st[i] as f64 * rescale, want[i]) };
+                        assert!((got - w).abs() <= 2e-5 * (1.0 + w.abs()), "{name} d={d} gh={gh} n={n}: [{h}][{e}] {got} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The int8 blocks against the f64 reference on the values the codes stand for: head dims
+    /// with and without a 16-wide tail and past the stack rows, runs that are not multiples of
+    /// 16, strided scales, two calls continuing one state.
+    #[test]
+    fn int8_implementations_match_the_reference_on_dequantized_values() {
+        let mut imps: Vec<(&str, AttnBlockI8Fn)> = vec![("portable", attn_block_i8_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            imps.push(("avx512", attn_block_i8_avx512));
+        }
+        let mut seed = 0x9e37_79b9_u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for (d, gh, n, split) in [(64, 3, 37, 16), (8, 2, 5, 0), (20, 4, 50, 33), (264, 2, 19, 7), (128, 1, 40, 17), (3, 1, 1, 0)] {
+            let (ks, ss) = (d * 2 + 3, 3);
+            let q: Vec<f32> = (0..gh * d).map(|_| 2.0 * rnd()).collect();
+            let kc: Vec<i8> = (0..n * ks).map(|_| (rnd() * 127.0) as i8).collect();
+            let vc: Vec<i8> = (0..n * ks).map(|_| (rnd() * 127.0) as i8).collect();
+            let ksc: Vec<f32> = (0..n * ss).map(|_| 0.01 + rnd().abs() * 0.02).collect();
+            let vsc: Vec<f32> = (0..n * ss).map(|_| 0.01 + rnd().abs() * 0.02).collect();
+            // The f32 rows the codes stand for, in the f32 block's layout (stride ks).
+            let deq = |c: &[i8], s: &[f32]| -> Vec<f32> { (0..n * ks).map(|i| c[i] as f32 * s[i / ks * ss]).collect() };
+            let (k, v) = (deq(&kc, &ksc), deq(&vc, &vsc));
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = reference(&q, &k, &v, ks, n, d, gh, scale);
+            for (name, f) in &imps {
+                let mut st = vec![0f32; gh * (d + 2)];
+                for h in 0..gh {
+                    st[h * (d + 2) + d] = f32::NEG_INFINITY;
+                }
+                let dims = d as i64 | (gh as i64) << 32;
+                let sb = scale.to_bits() as i64;
+                unsafe {
+                    let (kp, vp, kq, vq) = (kc.as_ptr(), vc.as_ptr(), ksc.as_ptr(), vsc.as_ptr());
+                    f(q.as_ptr(), kp, vp, ks as i64, kq, vq, ss as i64, split as i64, dims, sb, st.as_mut_ptr());
+                    let (kp, vp) = (kp.add(split * ks), vp.add(split * ks));
+                    let (kq, vq) = (kq.add(split * ss), vq.add(split * ss));
+                    f(q.as_ptr(), kp, vp, ks as i64, kq, vq, ss as i64, (n - split) as i64, dims, sb, st.as_mut_ptr());
+                }
+                for h in 0..gh {
+                    let (m, w) = (st[h * (d + 2) + d] as f64, want[h * (d + 2) + d]);
+                    let rescale = (m - w).exp();
                     for e in 0..d + 2 {
                         let i = h * (d + 2) + e;
                         let (got, w) = if e == d { (st[i] as f64, want[i]) } else { (st[i] as f64 * rescale, want[i]) };

@@ -34,6 +34,7 @@ pub fn table() -> &'static [usize; SLOTS] {
             gemm_panels_f16: select_gemm_panels16::<F16>(),
             attn_block: crate::akernel::select_attn_block(),
             qgemm_a8: crate::qkernel::select_qgemm_a8(),
+            attn_block_i8: crate::akernel::select_attn_block_i8(),
         }
         .addresses()
     })

@@ -24,6 +24,11 @@
 //! (`abi::ukernel::ATTN_BLOCK`, AVX-512 in `runtime/src/akernel.rs`) on a stack state of `acc`,
 //! `m`, `l` per head; the rest of the kernel (items, chunks, the epilogue, the merge) is the same.
 //!
+//! **Int8 caches** (`kv<int8>`, `cpu/kv8.rs`): with the microkernels an item's keys go to the
+//! table's int8 block (`abi::ukernel::ATTN_BLOCK_I8`), which reads codes and scales and widens 16
+//! keys at a time into L1 rows for the f32 block; without them each block of `BT` keys is
+//! dequantized into stack rows of `D` floats before steps 1-3 read it.
+//!
 //! At the end `out = acc / l` (0 when no key is visible, as the reference gives). `D` is a
 //! compile-time constant: the dot products loop over it two `f32x4` steps at a time (so every
 //! accumulator advances each iteration and the loads stay in order: pure loads would be hoisted
@@ -51,7 +56,7 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, I64};
-use abi::ukernel::{ATTN_BLOCK, ATTN_BLOCK_SIG};
+use abi::ukernel::{ATTN_BLOCK, ATTN_BLOCK_I8, ATTN_BLOCK_I8_SIG, ATTN_BLOCK_SIG};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_frontend::Variable;
 use llmc_ir::{Dim, Graph, NodeId};
@@ -72,6 +77,71 @@ const UNROLL_D: usize = 256;
 const SPLIT_ITEMS: usize = 16;
 /// Most key chunks per item in a split step.
 pub(crate) const CMAX: usize = 16;
+/// With an int8 cache and the microkernels, a step of at least this many query rows reads the
+/// cache widened to f32 once, by a phase before the attention ([`int8_widen`]), instead of every
+/// row widening every key it sees.
+pub(crate) const WIDEN_ROWS: i64 = 8;
+
+/// The scratch an int8-cache attention adds after the split's partials: the whole K and V caches
+/// as f32 rows (`(offset, bytes)`), or `None` when the node reads no int8 cache or runs without
+/// the microkernels.
+pub(crate) fn int8_widen_scratch(g: &Graph, n: NodeId, split: Option<Split>, ukernel: bool) -> Result<Option<(u64, u64)>> {
+    let ins = g.inputs(n);
+    let Some(k8) = Int8State::of_value(g, ins[1], "the CPU attention kernel")? else { return Ok(None) };
+    if !ukernel {
+        return Ok(None);
+    }
+    let rows = g.kv_state_of(ins[1]).and_then(|d| d.ty.shape[0].as_const()).unwrap_or(0);
+    let off = split.map_or(0, |sp| sp.scratch_bytes()).div_ceil(64) * 64;
+    Ok(Some((off, 2 * (rows * k8.row * 4) as u64)))
+}
+
+/// Phase 0 of an attention node over int8 caches (with the microkernels): in a step of at least
+/// [`WIDEN_ROWS`] rows, every vector of cache rows `0..T` of K and then V, widened to f32
+/// (`code * scale`, the values the reference holds) into the scratch at `off` (K's `C` rows, then
+/// V's); nothing in a smaller step.
+pub(crate) fn int8_widen(kb: &mut Kb, g: &Graph, n: NodeId, off: u64) -> Result<()> {
+    let ins = g.inputs(n);
+    let (Some(k8), Some(v8)) = (Int8State::of_value(g, ins[1], "the CPU attention kernel")?, Int8State::of_value(g, ins[2], "the CPU attention kernel")?)
+    else {
+        return Err(unsupported(g, n, "int8_widen without int8 caches"));
+    };
+    let rows = g.kv_state_of(ins[1]).and_then(|d| d.ty.shape[0].as_const()).unwrap_or(0);
+    let (k, v, scratch) = (kb.buf(1), kb.buf(2), kb.buf(5));
+    let per_row = (k8.row / k8.d) as i64;
+    let t = kb.add(kb.s, kb.p);
+    let vecs = kb.muli(t, per_row);
+    let total = kb.muli(vecs, 2);
+    let big = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, kb.s, WIDEN_ROWS);
+    let zero = kb.ic(0);
+    let total = kb.b.ins().select(big, total, zero);
+    let (lo, hi) = kb.part_range(total);
+    let d = k8.d;
+    kb.for_steps(lo, hi, 1, &mut |kb, i| {
+        // Vector `i` of K's rows `0..T`, then of V's.
+        let is_v = kb.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, vecs);
+        let iv = kb.sub(i, vecs);
+        let vi = kb.b.ins().select(is_v, iv, i);
+        let cache = kb.b.ins().select(is_v, v, k);
+        let sc_off = kb.ic(k8.scales as i64);
+        let sc_off_v = kb.ic(v8.scales as i64);
+        let sc_off = kb.b.ins().select(is_v, sc_off_v, sc_off);
+        let co = kb.muli(vi, d as i64);
+        let codes = kb.add(cache, co);
+        let so = kb.muli(vi, 4);
+        let so = kb.add(so, sc_off);
+        let scale = kb.add(cache, so);
+        let half = kb.ic((rows * k8.row * 4) as i64);
+        let zo = kb.ic(0);
+        let base = kb.b.ins().select(is_v, half, zo);
+        let base = kb.addi(base, off as i64);
+        let dof = kb.muli(vi, (d * 4) as i64);
+        let dst = kb.add(base, dof);
+        let dst = kb.add(scratch, dst);
+        kv8::dequant_vec(kb, d, codes, scale, dst);
+    });
+    Ok(())
+}
 
 /// How an attention node splits over the key range: steps of at most `smax` rows, chunks of at
 /// least `bt` keys. `None`: the node never splits (one kernel, no scratch).
@@ -195,9 +265,16 @@ pub(crate) fn attention(
         let flags = MemFlagsData::trusted().with_readonly();
         kb.b.ins().load(I64, flags, table, (8 * ATTN_BLOCK) as i32)
     });
-    let scratch = match split {
-        Some(_) => kb.buf(4 + ukernel as usize),
-        None => kb.ic(0),
+    // And its int8 block, for an int8 cache.
+    let attn_i8_fn = (ukernel && int8.is_some()).then(|| {
+        let table = kb.buf(4);
+        let flags = MemFlagsData::trusted().with_readonly();
+        kb.b.ins().load(I64, flags, table, (8 * ATTN_BLOCK_I8) as i32)
+    });
+    let widen = int8_widen_scratch(g, n, split, ukernel)?;
+    let scratch = match (split, widen) {
+        (None, None) => kb.ic(0),
+        _ => kb.buf(4 + ukernel as usize),
     };
     let astride = if ukernel { d + 2 } else { d };
     // Generated code's score block (the attention block keeps its scores itself).
@@ -205,7 +282,7 @@ pub(crate) fn attention(
     let accb = stack(kb, gh * astride * 4);
     let kstride = (nkv * d * 4) as i64; // bytes between key rows
     // An int8 cache's dequantized block of keys and of values, and the stride within a block.
-    let dq = int8.map(|_| (stack(kb, bt * d * 4), stack(kb, bt * d * 4)));
+    let dq = int8.map(|_| if ukernel { (kb.ic(0), kb.ic(0)) } else { (stack(kb, bt * d * 4), stack(kb, bt * d * 4)) });
     let bstride = if int8.is_some() { (d * 4) as i64 } else { kstride };
     let s = kb.s;
     // Chunks per item, and positions per chunk.
@@ -322,20 +399,40 @@ pub(crate) fn attention(
                 let (kp, vp) = block(kb, tlo, span);
                 let ksv = kb.ic((nkv * d) as i64);
                 kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
-            } else {
-                // A block of keys at a time through the stack rows.
-                let nblk = kb.div_ceil(span, bt as i64);
-                let z = kb.ic(0);
-                kb.for_steps(z, nblk, 1, &mut |kb, bi| {
-                    let t0 = kb.muli(bi, bt as i64);
-                    let t0 = kb.add(tlo, t0);
-                    let left = kb.sub(thi, t0);
-                    let btv = kb.ic(bt as i64);
-                    let bl = kb.min(left, btv);
-                    let (kp, vp) = block(kb, t0, bl);
-                    let ksv = kb.ic(d as i64);
-                    kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, bl, dims, sc, accb]);
-                });
+            } else if let (Some(((k8, v8), _)), Some(f8), Some((woff, wbytes))) = (int8.zip(dq), attn_i8_fn, widen) {
+                // A large step: the f32 rows phase 0 widened; a small one: the int8 block reads
+                // the codes and scales itself.
+                let big = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, kb.s, WIDEN_ROWS);
+                kb.if_else(
+                    big,
+                    &mut |kb| {
+                        let wk = kb.addi(scratch, woff as i64);
+                        let wv = kb.addi(wk, (wbytes / 2) as i64);
+                        let ro = kb.muli(tlo, nkv as i64);
+                        let ro = kb.add(ro, kvh);
+                        let ro = kb.muli(ro, (d * 4) as i64);
+                        let kp = kb.add(wk, ro);
+                        let vp = kb.add(wv, ro);
+                        let ksv = kb.ic((nkv * d) as i64);
+                        kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
+                    },
+                    &mut |kb| {
+                        let co = kb.muli(tlo, (nkv * d) as i64);
+                        let kp = kb.add(kbase, co);
+                        let vp = kb.add(vbase, co);
+                        let so = kb.muli(tlo, nkv as i64);
+                        let so = kb.add(so, kvh);
+                        let so = kb.muli(so, 4);
+                        let ksc = kb.addi(k, k8.scales as i64);
+                        let ksc = kb.add(ksc, so);
+                        let vsc = kb.addi(v, v8.scales as i64);
+                        let vsc = kb.add(vsc, so);
+                        let ksv = kb.ic((nkv * d) as i64);
+                        let ssv = kb.ic(nkv as i64);
+                        let sig8 = kb.microkernel_sig(ATTN_BLOCK_I8_SIG.params, ATTN_BLOCK_I8_SIG.returns);
+                        kb.b.ins().call_indirect(sig8, f8, &[qbase, kp, vp, ksv, ksc, vsc, ssv, span, dims, sc, accb]);
+                    },
+                );
             }
             (0..gh)
                 .map(|hgi| {

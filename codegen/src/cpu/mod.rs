@@ -219,7 +219,7 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
         }
         Ok(())
     })?;
-    let (phases, scratch_bytes) = match split {
+    let (mut code, (mut phases, mut scratch_bytes)) = (code, match split {
         Some(sp) => {
             let merge = build(isa, &format!("{name}.merge"), &mut |kb| {
                 attention::attention_merge(kb, sp, ctx.panel_weights);
@@ -228,7 +228,16 @@ pub fn compile_kernel(isa: &dyn TargetIsa, ctx: &KernelCtx, g: &Graph, n: NodeId
             (vec![merge], sp.scratch_bytes())
         }
         None => (Vec::new(), 0),
-    };
+    });
+    // Over int8 caches (with the microkernels): a phase before the attention widens the caches
+    // once for a large step, into the scratch after the split's partials.
+    if matches!(node.op, Op::Attention { .. }) {
+        if let Some((off, bytes)) = attention::int8_widen_scratch(g, n, split, ctx.panel_weights)? {
+            let widen = build(isa, &format!("{name}.widen"), &mut |kb| attention::int8_widen(kb, g, n, off))?;
+            phases.insert(0, std::mem::replace(&mut code, widen));
+            scratch_bytes = off + bytes;
+        }
+    }
     let attention = matches!(node.op, Op::Attention { .. });
     let ukernels = panels.is_some() || (packed.is_some() && ctx.panel_weights) || (attention && ctx.panel_weights);
     Ok(Some(KernelCode { name, code, phases, tables, ukernels, scratch_bytes }))
