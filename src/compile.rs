@@ -61,6 +61,10 @@ pub(crate) struct CompileArgs {
     /// quarter of the cache; `llmc eval --reference` measures the change). CPU target only.
     #[arg(long = "kv-dtype", value_name = "TYPE")]
     kv_dtype: Option<String>,
+    /// Threads for compile-time work (checkpoint conversion, calibration). Default: every core.
+    /// The artifact is byte-identical at any count.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Largest number of tokens per forward step; longer prompts are processed in chunks.
     #[arg(long = "max-chunk")]
     max_chunk: Option<usize>,
@@ -140,6 +144,7 @@ impl CompileArgs {
             no_microkernels: self.no_microkernels,
             weights_dtype: self.weights_dtype.as_deref().map(WeightsDtype::parse).transpose().map_err(llmc_compiler::Error::from)?,
             kv_dtype: self.kv_dtype.clone(),
+            threads: self.threads,
             runtime_lib: None,
             quant: self.q.config(),
             pipeline: PipelineConfig {

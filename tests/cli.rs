@@ -147,7 +147,29 @@ fn passes_lists_each_pass_with_its_options() {
     let j = last_json(&ok(llmc().args(["passes", "--json"])));
     let opt = j["passes"].as_array().unwrap().iter().find(|p| p["name"] == "optimize").unwrap();
     let names: Vec<&str> = opt["options"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["target", "node-limit", "iterations"]);
+    assert_eq!(names, ["target", "node-limit", "iterations", "extract-moves", "time-limit"]);
+}
+
+/// The optimizer's bounds are fuel; wall time is a safety valve whose trip is an error naming
+/// the limit to raise, never a silently different artifact. Fuel set tiny still compiles, the
+/// same bytes every time, and the stats say the fuel ran out.
+#[test]
+fn optimizer_fuel_is_deterministic_and_its_time_valve_is_an_error() {
+    let d = tmpdir("cli-fuel");
+    let e = fails_with(
+        llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(d.join("v.llmc")).args(["--passes", "dce,optimize{time-limit=0.000000001}"]),
+        &["time-limit"],
+    );
+    assert!(e.contains("safety limit") && e.contains("node-limit=10000"), "{e}");
+    let tiny = "dce,optimize{node-limit=300,iterations=2,extract-moves=1},dce";
+    let (a, b) = (d.join("a.llmc"), d.join("b.llmc"));
+    let o = llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(&a).args(["--passes", tiny, "--pass-stats"]).output().unwrap();
+    let stats = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stats}");
+    assert!(stats.contains("extract-out-of-fuel=") && !stats.contains("extract-out-of-fuel=0 "), "{stats}");
+    ok(llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(&b).args(["--passes", tiny]));
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "two compiles with the same fuel differ");
+    fails_with(llmc().arg("compile").arg(fixture("llama_mha")).arg("-o").arg(d.join("x.llmc")).args(["--threads", "0"]), &["--threads 0"]);
 }
 
 /// `--quant`/`--keep-fp` append a `quantize{...}` entry: the same artifact as writing that entry

@@ -210,10 +210,11 @@ pub fn inverse_upper_cholesky(h: &[f64], k: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
-/// Runs `f(row_index, row)` over the rows of `data` on all cores, results in row order.
+/// Runs `f(row_index, row)` over the rows of `data` on the compile's threads
+/// (`ir::threads::available`), results in row order (the same at any thread count).
 fn par_rows<T: Send>(data: &[f32], k: usize, f: &(dyn Fn(usize, &[f32]) -> T + Sync)) -> Vec<T> {
     let n = data.len() / k.max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let threads = ir::threads::available().min(n.max(1));
     let chunk = n.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)
@@ -222,7 +223,8 @@ fn par_rows<T: Send>(data: &[f32], k: usize, f: &(dyn Fn(usize, &[f32]) -> T + S
                 s.spawn(move || (r0..(r0 + chunk).min(n)).map(|r| f(r, &data[r * k..(r + 1) * k])).collect::<Vec<T>>())
             })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        // A panicking `f` is a bug: re-raise it here rather than lose its rows.
+        hs.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })
 }
 

@@ -152,6 +152,7 @@ fn vocab_of(g: &ir::Graph) -> usize {
 pub fn compile(model: &Path, config: &CompileConfig, progress: &mut dyn FnMut(Progress<'_>), ir_out: &mut dyn Write) -> Result<CompileReport> {
     let t0 = Instant::now();
     let checked = config.check()?;
+    ir::threads::set_max(config.threads.unwrap_or(0));
     let mut backend = checked.backend;
     let artifact = match config.emit {
         Emit::Artifact | Emit::Ptx(_) => config.output.clone(),

@@ -181,6 +181,10 @@ pub struct CompileConfig {
     /// per token and KV head: the `kv-cache{dtype=..}` pass appended to the pipeline); `None`:
     /// f32. CPU target only.
     pub kv_dtype: Option<String>,
+    /// `--threads`: threads compile-time work uses (checkpoint conversion, calibration); `None`:
+    /// every core. Process-wide while a compile runs (`llmc_ir::threads`); the artifact is the
+    /// same at any count.
+    pub threads: Option<usize>,
     /// [`Emit::Lib`]: the runtime's C library to pack (`libllmc_capi.a`); `None`: `$LLMC_CAPI_LIB`,
     /// else the newest one cargo built beside the running executable.
     pub runtime_lib: Option<PathBuf>,
@@ -200,6 +204,7 @@ impl Default for CompileConfig {
             no_microkernels: false,
             weights_dtype: None,
             kv_dtype: None,
+            threads: None,
             runtime_lib: None,
             quant: QuantConfig::default(),
             pipeline: PipelineConfig::default(),
@@ -235,6 +240,9 @@ impl CompileConfig {
                 },
             },
         };
+        if self.threads == Some(0) {
+            return Err(Error::Config("--threads 0: give at least 1 thread".into()));
+        }
         let backend = codegen::backend(self.target.name(), &options)?;
         let cuda = backend.name() == "cuda";
         if matches!(self.emit, Emit::Ptx(_)) && !cuda {

@@ -409,7 +409,7 @@ fn to_f32(bytes: &[u8], dtype: Dtype, size: usize) -> Vec<f32> {
         }
     }
     let mut v = vec![0.0f32; bytes.len() / size];
-    let threads = if bytes.len() >= CONVERT_PARALLEL_BYTES { std::thread::available_parallelism().map_or(1, |t| t.get().min(8)) } else { 1 };
+    let threads = if bytes.len() >= CONVERT_PARALLEL_BYTES { llmc_ir::threads::available().min(8) } else { 1 };
     if threads <= 1 {
         convert(&mut v, bytes, dtype);
         return v;

@@ -12,6 +12,7 @@ pub mod op;
 pub mod parse;
 pub mod print;
 pub mod quant;
+pub mod threads;
 pub mod types;
 pub mod verify;
 

@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(
             e,
             "pass `optimize` has no option `targte`; its options: target=cpu|cuda, node-limit=a positive integer, \
-             iterations=a positive integer"
+             iterations=a positive integer, extract-moves=a positive integer, time-limit=seconds (a positive number)"
         );
         let e = build_err("optimize{target=tpu}");
         assert!(

@@ -10,7 +10,9 @@
 //!    move*: for a class `X`, switching every selected class that has an e-node reading `X` to
 //!    that e-node at once, which is how a shared subgraph (a merged projection) pays off only when
 //!    all its users adopt it; keep a change when the DAG cost of the whole selection drops;
-//! 3. stop at a local optimum, after [`MAX_ROUNDS`] rounds or at the deadline.
+//! 3. stop at a local optimum, after [`MAX_ROUNDS`] rounds, or when the move fuel runs out (a
+//!    count of evaluated candidate selections, so the result never depends on machine load; a
+//!    wall-clock safety valve is an error, [`ValveTripped`], not a different result).
 //!
 //! Each evaluation walks the selection from the roots, so a change that would make the selection
 //! cyclic is rejected. E-nodes that do not type-check against their class cost infinity and are
@@ -27,6 +29,19 @@ use super::lang::{to_ir, Tn};
 
 /// Rounds of the local search.
 pub const MAX_ROUNDS: usize = 32;
+
+/// The extraction ran past its wall-clock safety valve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValveTripped;
+
+/// How a local search ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchStop {
+    /// No move improved the selection (or `MAX_ROUNDS` passed).
+    Converged,
+    /// The move fuel ran out first.
+    Fuel,
+}
 
 /// Own costs of every e-node, by class and position in the class.
 pub struct Costs {
@@ -177,13 +192,27 @@ impl<'a> Extractor<'a> {
         Some(Selection { choice, cost })
     }
 
-    /// Tree-cost start, then the local search of the module docs until `deadline`.
-    pub fn run(&self, deadline: Duration) -> Option<Selection> {
+    /// Tree-cost start, then the local search of the module docs, evaluating at most `moves`
+    /// candidate selections; `Err` if it runs longer than `valve` (wall clock).
+    pub fn run(&self, moves: usize, valve: Duration) -> Result<Option<(Selection, SearchStop, usize)>, ValveTripped> {
         let t0 = Instant::now();
-        let Selection { mut choice, cost: mut cur } = self.tree_selection()?;
-        for _ in 0..MAX_ROUNDS {
+        let Some(Selection { mut choice, cost: mut cur }) = self.tree_selection() else { return Ok(None) };
+        let mut used = 0usize;
+        // One candidate evaluated: false when the fuel is gone; the valve is an error.
+        let mut spend = || -> Result<bool, ValveTripped> {
+            if used >= moves {
+                return Ok(false);
+            }
+            used += 1;
+            if t0.elapsed() > valve {
+                return Err(ValveTripped);
+            }
+            Ok(true)
+        };
+        let mut stop = SearchStop::Converged;
+        'rounds: for _ in 0..MAX_ROUNDS {
             let mut improved = false;
-            let (_, selected) = self.walk(&choice)?;
+            let Some((_, selected)) = self.walk(&choice) else { return Ok(None) };
             // (a) single moves
             for &c in &selected {
                 let n = self.eg[c].nodes.len();
@@ -191,6 +220,10 @@ impl<'a> Extractor<'a> {
                     let old = choice[&c];
                     if i == old || !self.costs.get(c, i).is_finite() {
                         continue;
+                    }
+                    if !spend()? {
+                        stop = SearchStop::Fuel;
+                        break 'rounds;
                     }
                     choice.insert(c, i);
                     match self.dag_cost(&choice) {
@@ -203,12 +236,9 @@ impl<'a> Extractor<'a> {
                         }
                     }
                 }
-                if t0.elapsed() > deadline {
-                    return Some(Selection { choice, cost: cur });
-                }
             }
             // (b) group moves around each shared class
-            let (_, selected) = self.walk(&choice)?;
+            let Some((_, selected)) = self.walk(&choice) else { return Ok(None) };
             let selected: BTreeSet<Id> = selected.into_iter().collect();
             for (&x, users) in &self.users {
                 if self.eg[x].data.attr.is_some() {
@@ -227,6 +257,10 @@ impl<'a> Extractor<'a> {
                 if best.len() < 2 {
                     continue;
                 }
+                if !spend()? {
+                    stop = SearchStop::Fuel;
+                    break 'rounds;
+                }
                 let saved: Vec<(Id, usize)> = best.keys().map(|c| (*c, choice[c])).collect();
                 for (&c, &(_, i)) in &best {
                     choice.insert(c, i);
@@ -242,15 +276,12 @@ impl<'a> Extractor<'a> {
                         }
                     }
                 }
-                if t0.elapsed() > deadline {
-                    return Some(Selection { choice, cost: cur });
-                }
             }
             if !improved {
                 break;
             }
         }
-        Some(Selection { choice, cost: cur })
+        Ok(Some((Selection { choice, cost: cur }, stop, used)))
     }
 }
 

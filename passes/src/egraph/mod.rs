@@ -41,28 +41,38 @@ use extract::{Costs, Extractor, Selection};
 use lang::Tn;
 use layers::{Ref, Region};
 
-/// Saturation and extraction limits, per distinct region.
+/// Saturation and extraction limits, per distinct region. Every bound on the result is fuel (a
+/// count), so an artifact never depends on machine load; `time_valve` only guards against a
+/// runaway region, and tripping it is an error naming `time-limit`, never a different result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     /// E-nodes in the e-graph (egg's node limit).
     pub nodes: usize,
     /// Rule-application rounds.
     pub iterations: usize,
-    /// Wall time for saturation.
-    pub time: Duration,
-    /// Wall time for the extraction's local search.
-    pub extract_time: Duration,
+    /// Candidate selections the extraction's local search evaluates.
+    pub extract_moves: usize,
+    /// Wall time one region's saturation, and then its extraction, may take before the pass
+    /// fails (a safety valve, not a bound: see above).
+    pub time_valve: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            nodes: 10_000,
-            iterations: 24,
-            time: Duration::from_millis(500),
-            extract_time: Duration::from_millis(200),
-        }
+        Limits { nodes: 10_000, iterations: 24, extract_moves: 100_000, time_valve: Duration::from_secs(120) }
     }
+}
+
+/// The error of a tripped safety valve: which phase, the limit, and what to change.
+fn valve_error(phase: &str, limits: &Limits) -> PassError {
+    PassError::Optimize(format!(
+        "{phase} of one region ran past the {:.3} s safety limit (`optimize{{time-limit=SECONDS}}`): raise time-limit, \
+         or lower the fuel (node-limit={}, iterations={}, extract-moves={}); the limit is a valve, never a bound on the result",
+        limits.time_valve.as_secs_f64(),
+        limits.nodes,
+        limits.iterations,
+        limits.extract_moves
+    ))
 }
 
 /// The pass, with its configuration.
@@ -94,6 +104,9 @@ pub struct RegionReport {
     pub fired: Vec<(String, usize)>,
     pub saturate_time: Duration,
     pub extract_time: Duration,
+    /// Candidate selections the extraction evaluated, and whether its fuel ran out first.
+    pub extract_moves: usize,
+    pub extract_out_of_fuel: bool,
     /// Estimated seconds of the region before and after (each value counted once).
     pub cost_before: f64,
     pub cost_after: f64,
@@ -220,10 +233,13 @@ impl Optimize {
             .with_egraph(eg)
             .with_node_limit(self.limits.nodes)
             .with_iter_limit(self.limits.iterations)
-            .with_time_limit(self.limits.time)
+            .with_time_limit(self.limits.time_valve)
             .with_scheduler(BackoffScheduler::default())
             .run(rules);
         let stop = runner.stop_reason.clone().unwrap_or(StopReason::Other("not run".into()));
+        if matches!(stop, StopReason::TimeLimit(_)) {
+            return Err(valve_error("saturation", &self.limits));
+        }
         let mut fired: Vec<(String, usize)> = Vec::new();
         for it in &runner.iterations {
             for (name, &n) in &it.applied {
@@ -262,9 +278,10 @@ impl Optimize {
         };
         let costs = Costs::new(&eg, &self.cost, &penalty);
         let built = bridge::Built { eg, classes, roots, n_outputs };
-        let sel = Extractor::new(&built.eg, &costs, &built.roots).run(self.limits.extract_time).ok_or_else(|| {
-            PassError::Optimize("no finite-cost extraction (an output has no well-typed form)".into())
-        })?;
+        let (sel, search_stop, moves) = Extractor::new(&built.eg, &costs, &built.roots)
+            .run(self.limits.extract_moves, self.limits.time_valve)
+            .map_err(|_| valve_error("extraction", &self.limits))?
+            .ok_or_else(|| PassError::Optimize("no finite-cost extraction (an output has no well-typed form)".into()))?;
         let template = bridge::to_region(&built, &sel, &r.states)?;
         if template.written_states() != r.written_states() {
             return Err(PassError::Optimize(format!(
@@ -289,6 +306,8 @@ impl Optimize {
             fired,
             saturate_time,
             extract_time: t1.elapsed(),
+            extract_moves: moves,
+            extract_out_of_fuel: search_stop == extract::SearchStop::Fuel,
             cost_before: region_cost(&self.cost, r),
             cost_after: region_cost(&self.cost, &template),
         };
@@ -523,10 +542,23 @@ impl RegisteredPass for Optimize {
             default: "24",
             summary: "rule-application rounds per distinct region",
         },
+        PassOption {
+            name: "extract-moves",
+            values: "a positive integer",
+            default: "100000",
+            summary: "candidate selections the extraction's local search evaluates per distinct region",
+        },
+        PassOption {
+            name: "time-limit",
+            values: "seconds (a positive number)",
+            default: "120",
+            summary: "safety valve per region: running past it is an error, never a different result",
+        },
     ];
 
     /// Costs for the context's target unless `target` says otherwise; the default [`Limits`]
-    /// with `node-limit` and `iterations` replaced when given (the time limits stay).
+    /// with the fuel (`node-limit`, `iterations`, `extract-moves`) and the valve (`time-limit`)
+    /// replaced when given.
     fn from_options(opts: &PassOptions<'_>, ctx: &PassContext) -> Result<Self> {
         let target = opts
             .parse("target", |v| Target::by_name(v).ok_or_else(|| format!("no cost model for target `{v}`")))?
@@ -537,6 +569,15 @@ impl RegisteredPass for Optimize {
         }
         if let Some(n) = opts.parse("iterations", positive)? {
             limits.iterations = n;
+        }
+        if let Some(n) = opts.parse("extract-moves", positive)? {
+            limits.extract_moves = n;
+        }
+        if let Some(t) = opts.parse("time-limit", |v| match v.parse::<f64>() {
+            Ok(t) if t > 0.0 && t.is_finite() => Ok(Duration::from_secs_f64(t)),
+            _ => Err(format!("`{v}` is not a positive number of seconds")),
+        })? {
+            limits.time_valve = t;
         }
         Ok(Optimize::new(target).with_limits(limits))
     }
@@ -609,6 +650,8 @@ impl Pass for Optimize {
         st.bump("egraph-classes", sum(&|r| r.egraph_classes as u64));
         st.bump("egraph-nodes-max", outcomes.iter().map(|(o, _)| o.report.egraph_nodes as u64).max().unwrap_or(0));
         st.bump("iterations", sum(&|r| r.iterations as u64));
+        st.bump("extract-moves", sum(&|r| r.extract_moves as u64));
+        st.bump("extract-out-of-fuel", outcomes.iter().filter(|(o, _)| o.report.extract_out_of_fuel).count() as u64);
         for name in ["saturated", "iteration-limit", "node-limit", "time-limit", "other"] {
             st.bump(
                 &format!("stop-{name}"),
@@ -630,11 +673,11 @@ impl Pass for Optimize {
         st.bump("cost-after-us", (cost.1 * 1e6).round() as u64);
         st.bump("pass-us", t0.elapsed().as_micros() as u64);
         st.notes.push(format!(
-            "limits per distinct region: {} e-nodes, {} iterations, {:?} saturation, {:?} extraction; {}",
+            "fuel per distinct region: {} e-nodes, {} iterations, {} extraction moves (safety valve {:?}); {}",
             self.limits.nodes,
             self.limits.iterations,
-            self.limits.time,
-            self.limits.extract_time,
+            self.limits.extract_moves,
+            self.limits.time_valve,
             self.cost.describe()
         ));
         for (i, (o, uses)) in outcomes.iter().enumerate() {

@@ -571,7 +571,14 @@ fn sharing_aware_extraction_finds_a_merge_that_tree_cost_misses() {
     let roots: Vec<egg::Id> = built.roots.iter().map(|&r| eg.find(r)).collect();
     let ex = Extractor::new(&eg, &costs, &roots);
     let tree = ex.tree_selection().unwrap();
-    let dag = ex.run(std::time::Duration::from_secs(1)).unwrap();
+    let (dag, stop, moves) = ex.run(1000, std::time::Duration::from_secs(60)).unwrap().unwrap();
     assert!((tree.cost - 30.0).abs() < 1e-6, "tree {}", tree.cost);
     assert!((dag.cost - 15.0).abs() < 1e-6, "dag {}", dag.cost);
+    assert_eq!(stop, super::extract::SearchStop::Converged);
+    // The same search with its fuel cut: the tree-cost start, the same every time.
+    let (first, stop1, used) = ex.run(0, std::time::Duration::from_secs(60)).unwrap().unwrap();
+    assert_eq!((stop1, used), (super::extract::SearchStop::Fuel, 0));
+    assert!((first.cost - tree.cost).abs() < 1e-9 && moves > 0);
+    // The valve is an error, not a different selection.
+    assert!(ex.run(1000, std::time::Duration::ZERO).is_err());
 }
