@@ -4,8 +4,8 @@
 //! Processing order: [`layers`] cuts the graph into regions at the residual stream and abstracts
 //! each into a name-free form; each *distinct* form is optimized once: [`bridge`] builds its
 //! e-graph in the [`lang`] language with the [`analysis`] (types), egg's `Runner` applies the
-//! [`rules`](crate::rules) under node, iteration and time limits, [`extract`] picks the cheapest
-//! DAG under [`cost`], and [`bridge`] turns it back into a region; [`layers`] then replays the result
+//! [`rules`](crate::rules) under node and iteration fuel (time only as a safety valve whose trip
+//! is an error: [`Limits`]), [`extract`] picks the cheapest DAG under [`cost`] within its move fuel, and [`bridge`] turns it back into a region; [`layers`] then replays the result
 //! into every region of that form (weights and states renamed) and renumbers the graph.
 //!
 //! Statistics (`--pass-stats`): regions and how many were reused, e-graph time, size, iterations,
