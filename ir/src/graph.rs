@@ -110,8 +110,14 @@ impl KvLayout {
     pub fn state_bytes(self, numel: usize, d: usize) -> usize {
         match self {
             KvLayout::Contiguous => numel * 4,
-            KvLayout::Int8 => numel.div_ceil(64) * 64 + numel / d.max(1) * 4,
+            KvLayout::Int8 => Self::int8_scales_at(numel) + numel / d.max(1) * 4,
         }
+    }
+
+    /// Where an int8 state of `numel` elements keeps its scales: the first 64-byte boundary after
+    /// its codes.
+    pub fn int8_scales_at(numel: usize) -> usize {
+        numel.div_ceil(64) * 64
     }
 
     pub fn from_name(name: &str) -> Option<KvLayout> {

@@ -282,7 +282,8 @@ pub(crate) fn attention(
     let accb = stack(kb, gh * astride * 4);
     let kstride = (nkv * d * 4) as i64; // bytes between key rows
     // An int8 cache's dequantized block of keys and of values, and the stride within a block.
-    let dq = int8.map(|_| if ukernel { (kb.ic(0), kb.ic(0)) } else { (stack(kb, bt * d * 4), stack(kb, bt * d * 4)) });
+    // (The microkernels read an int8 cache themselves: no stack blocks then.)
+    let dq = int8.filter(|_| !ukernel).map(|_| (stack(kb, bt * d * 4), stack(kb, bt * d * 4)));
     let bstride = if int8.is_some() { (d * 4) as i64 } else { kstride };
     let s = kb.s;
     // Chunks per item, and positions per chunk.
@@ -329,6 +330,8 @@ pub(crate) fn attention(
         // The key and value rows of keys `t0..t0+bl` with the stride between them: the cache's
         // rows, or, for an int8 cache, those keys dequantized into the stack blocks.
         let block = &mut |kb: &mut Kb, t0: Value, bl: Value| -> (Value, Value) {
+            // An f32 cache (with the microkernels an int8 one never comes here: its block reads
+            // the codes itself).
             let Some(((k8, v8), (kdq, vdq))) = int8.zip(dq) else {
                 let k0o = kb.muli(t0, kstride);
                 return (kb.add(kbase, k0o), kb.add(vbase, k0o));
@@ -399,7 +402,7 @@ pub(crate) fn attention(
                 let (kp, vp) = block(kb, tlo, span);
                 let ksv = kb.ic((nkv * d) as i64);
                 kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
-            } else if let (Some(((k8, v8), _)), Some(f8), Some((woff, wbytes))) = (int8.zip(dq), attn_i8_fn, widen) {
+            } else if let (Some((k8, v8)), Some(f8), Some((woff, wbytes))) = (int8, attn_i8_fn, widen) {
                 // A large step: the f32 rows phase 0 widened; a small one: the int8 block reads
                 // the codes and scales itself.
                 let big = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, kb.s, WIDEN_ROWS);

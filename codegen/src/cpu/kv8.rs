@@ -37,7 +37,7 @@ impl Int8State {
             Some([c, rest @ ..]) if !rest.is_empty() => {
                 let row: usize = rest.iter().product();
                 let d = *rest.last().unwrap_or(&1);
-                Ok(Int8State { row, d, scales: (c * row).div_ceil(64) * 64 })
+                Ok(Int8State { row, d, scales: KvLayout::int8_scales_at(c * row) })
             }
             _ => Err(CodegenError::Unsupported {
                 node: format!("state @{}", decl.name),
