@@ -86,14 +86,12 @@ pub(crate) const WIDEN_ROWS: i64 = 8;
 /// as f32 rows (`(offset, bytes)`), or `None` when the node reads no int8 cache or runs without
 /// the microkernels.
 pub(crate) fn int8_widen_scratch(g: &Graph, n: NodeId, split: Option<Split>, ukernel: bool) -> Result<Option<(u64, u64)>> {
-    let ins = g.inputs(n);
-    let Some(k8) = Int8State::of_value(g, ins[1], "the CPU attention kernel")? else { return Ok(None) };
+    let Some(k8) = Int8State::of_value(g, g.inputs(n)[1], "the CPU attention kernel")? else { return Ok(None) };
     if !ukernel {
         return Ok(None);
     }
-    let rows = g.kv_state_of(ins[1]).and_then(|d| d.ty.shape[0].as_const()).unwrap_or(0);
     let off = split.map_or(0, |sp| sp.scratch_bytes()).div_ceil(64) * 64;
-    Ok(Some((off, 2 * (rows * k8.row * 4) as u64)))
+    Ok(Some((off, 2 * (k8.rows * k8.row * 4) as u64)))
 }
 
 /// Phase 0 of an attention node over int8 caches (with the microkernels): in a step of at least
@@ -106,9 +104,8 @@ pub(crate) fn int8_widen(kb: &mut Kb, g: &Graph, n: NodeId, off: u64) -> Result<
     else {
         return Err(unsupported(g, n, "int8_widen without int8 caches"));
     };
-    let rows = g.kv_state_of(ins[1]).and_then(|d| d.ty.shape[0].as_const()).unwrap_or(0);
     let (k, v, scratch) = (kb.buf(1), kb.buf(2), kb.buf(5));
-    let per_row = (k8.row / k8.d) as i64;
+    let per_row = k8.per_row() as i64;
     let t = kb.add(kb.s, kb.p);
     let vecs = kb.muli(t, per_row);
     let total = kb.muli(vecs, 2);
@@ -118,20 +115,15 @@ pub(crate) fn int8_widen(kb: &mut Kb, g: &Graph, n: NodeId, off: u64) -> Result<
     let (lo, hi) = kb.part_range(total);
     let d = k8.d;
     kb.for_steps(lo, hi, 1, &mut |kb, i| {
-        // Vector `i` of K's rows `0..T`, then of V's.
+        // Vector `i` of K's rows `0..T`, then of V's (K's `C` rows of f32 first in the scratch).
         let is_v = kb.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, vecs);
         let iv = kb.sub(i, vecs);
         let vi = kb.b.ins().select(is_v, iv, i);
-        let cache = kb.b.ins().select(is_v, v, k);
-        let sc_off = kb.ic(k8.scales as i64);
-        let sc_off_v = kb.ic(v8.scales as i64);
-        let sc_off = kb.b.ins().select(is_v, sc_off_v, sc_off);
-        let co = kb.muli(vi, d as i64);
-        let codes = kb.add(cache, co);
-        let so = kb.muli(vi, 4);
-        let so = kb.add(so, sc_off);
-        let scale = kb.add(cache, so);
-        let half = kb.ic((rows * k8.row * 4) as i64);
+        let (kc, ks) = k8.vector(kb, k, vi);
+        let (vc, vs) = v8.vector(kb, v, vi);
+        let codes = kb.b.ins().select(is_v, vc, kc);
+        let scale = kb.b.ins().select(is_v, vs, ks);
+        let half = kb.ic((k8.rows * k8.row * 4) as i64);
         let zo = kb.ic(0);
         let base = kb.b.ins().select(is_v, half, zo);
         let base = kb.addi(base, off as i64);
@@ -324,9 +316,8 @@ pub(crate) fn attention(
         let qbase = kb.addr(q, qo);
         let obase = kb.addr(o, qo);
         let kvo = kb.muli(kvh, d as i64);
-        // f32 rows: the head's first key and value; int8 rows: its first codes (the scales are
-        // found from them in `block`).
-        let (kbase, vbase) = if int8.is_some() { (kb.add(k, kvo), kb.add(v, kvo)) } else { (kb.addr(k, kvo), kb.addr(v, kvo)) };
+        // f32 rows: the head's first key and value (an int8 cache's vectors are found by index).
+        let (kbase, vbase) = (kb.addr(k, kvo), kb.addr(v, kvo));
         // The key and value rows of keys `t0..t0+bl` with the stride between them: the cache's
         // rows, or, for an int8 cache, those keys dequantized into the stack blocks.
         let block = &mut |kb: &mut Kb, t0: Value, bl: Value| -> (Value, Value) {
@@ -338,16 +329,13 @@ pub(crate) fn attention(
             };
             let z = kb.ic(0);
             kb.for_steps(z, bl, 1, &mut |kb, j| {
+                // Key `t0 + j` of this head: vector `(t0 + j) * NKV + kvh`.
                 let t = kb.add(t0, j);
-                let co = kb.muli(t, (nkv * d) as i64);
-                let so = kb.muli(t, nkv as i64);
-                let so = kb.add(so, kvh);
-                let so = kb.muli(so, 4);
+                let vi = kb.muli(t, nkv as i64);
+                let vi = kb.add(vi, kvh);
                 let dof = kb.muli(j, (d * 4) as i64);
-                for (base, cache, st, out) in [(kbase, k, k8, kdq), (vbase, v, v8, vdq)] {
-                    let codes = kb.add(base, co);
-                    let sc = kb.addi(cache, st.scales as i64);
-                    let sc = kb.add(sc, so);
+                for (cache, st, out) in [(k, k8, kdq), (v, v8, vdq)] {
+                    let (codes, sc) = st.vector(kb, cache, vi);
                     let dst = kb.add(out, dof);
                     kv8::dequant_vec(kb, d, codes, sc, dst);
                 }
@@ -420,16 +408,10 @@ pub(crate) fn attention(
                         kb.b.ins().call_indirect(sig, fptr, &[qbase, kp, vp, ksv, span, dims, sc, accb]);
                     },
                     &mut |kb| {
-                        let co = kb.muli(tlo, (nkv * d) as i64);
-                        let kp = kb.add(kbase, co);
-                        let vp = kb.add(vbase, co);
-                        let so = kb.muli(tlo, nkv as i64);
-                        let so = kb.add(so, kvh);
-                        let so = kb.muli(so, 4);
-                        let ksc = kb.addi(k, k8.scales as i64);
-                        let ksc = kb.add(ksc, so);
-                        let vsc = kb.addi(v, v8.scales as i64);
-                        let vsc = kb.add(vsc, so);
+                        let vi = kb.muli(tlo, nkv as i64);
+                        let vi = kb.add(vi, kvh);
+                        let (kp, ksc) = k8.vector(kb, k, vi);
+                        let (vp, vsc) = v8.vector(kb, v, vi);
                         let ksv = kb.ic((nkv * d) as i64);
                         let ssv = kb.ic(nkv as i64);
                         let sig8 = kb.microkernel_sig(ATTN_BLOCK_I8_SIG.params, ATTN_BLOCK_I8_SIG.returns);

@@ -22,6 +22,8 @@ use crate::error::{CodegenError, Result};
 /// Where an int8 state's parts are, from its declaration.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Int8State {
+    /// Rows (the context `C`).
+    pub rows: usize,
     /// Elements of one row (one token).
     pub row: usize,
     /// Elements of one quantized vector (the last dimension).
@@ -37,13 +39,27 @@ impl Int8State {
             Some([c, rest @ ..]) if !rest.is_empty() => {
                 let row: usize = rest.iter().product();
                 let d = *rest.last().unwrap_or(&1);
-                Ok(Int8State { row, d, scales: KvLayout::int8_scales_at(c * row) })
+                Ok(Int8State { rows: *c, row, d, scales: KvLayout::int8_scales_at(c * row) })
             }
             _ => Err(CodegenError::Unsupported {
                 node: format!("state @{}", decl.name),
                 msg: format!("a kv<int8> state needs a static shape of rank 2 or more, got {}", decl.ty),
             }),
         }
+    }
+
+    /// Vectors of one row (`row / d`: a token's KV heads).
+    pub(crate) fn per_row(&self) -> usize {
+        self.row / self.d
+    }
+
+    /// The byte addresses of vector `vi`'s codes and of its scale in the state buffer at `buf`
+    /// (vector `t * per_row + h` is token `t`'s head `h`).
+    pub(crate) fn vector(&self, kb: &mut Kb, buf: Value, vi: Value) -> (Value, Value) {
+        let co = kb.muli(vi, self.d as i64);
+        let so = kb.muli(vi, 4);
+        let so = kb.addi(so, self.scales as i64);
+        (kb.add(buf, co), kb.add(buf, so))
     }
 
     /// The int8 layout of the state value `n` holds rows of, if it has one.

@@ -121,7 +121,7 @@ pub(crate) fn kv_concat(kb: &mut Kb, g: &Graph, n: NodeId, state: &str) -> Resul
             }
             // Every vector of this step's rows quantized, the vectors split across the parts.
             Some(st) => {
-                let per_row = (st.row / st.d) as i64;
+                let per_row = st.per_row() as i64;
                 let total = kb.muli(kb.s, per_row);
                 let (lo, hi) = kb.part_range(total);
                 kb.for_steps(lo, hi, 1, &mut |kb, i| {
@@ -130,11 +130,7 @@ pub(crate) fn kv_concat(kb: &mut Kb, g: &Graph, n: NodeId, state: &str) -> Resul
                     let from = kb.add(src, from);
                     let pv = kb.muli(kb.p, per_row);
                     let vi = kb.add(pv, i);
-                    let at = kb.muli(vi, st.d as i64);
-                    let codes = kb.add(dst, at);
-                    let sat = kb.muli(vi, 4);
-                    let sat = kb.addi(sat, st.scales as i64);
-                    let scale = kb.add(dst, sat);
+                    let (codes, scale) = st.vector(kb, dst, vi);
                     super::kv8::quantize_vec(kb, st.d, from, codes, scale);
                 });
             }
