@@ -99,7 +99,9 @@ microkernel_fn! {
     /// [`GemmPanelsFn`] over a panel weight stored as 16-bit values (bf16 or IEEE f16, the panel
     /// layout of [`crate::panel`] with 2-byte elements). Each weight widens exactly to f32 and
     /// the products accumulate in f32 as in [`GemmPanelsFn`], so the tile equals the f32 panel
-    /// GEMM's over the widened weights.
+    /// GEMM's over the widened weights up to f32 rounding order (bit for bit in the AVX-512, AVX2
+    /// and portable implementations; AMX tiles, used for 16 rows or more where the CPU has them,
+    /// sum exact products in another order).
     GemmPanels16Fn, GEMM_PANELS16_SIG = fn(
         a: *const f32,
         lda: i64,

@@ -11,6 +11,7 @@
 //! and out; the default `tokenizer` feature), [`npy`] (logit dumps).
 
 pub mod akernel;
+pub mod amx;
 pub mod artifact;
 pub mod bandwidth;
 #[cfg(feature = "cuda")]

@@ -81,9 +81,36 @@ unsafe extern "sysv64" fn qgemm(
     })
 }
 
-/// The weight-only tiled product, a [`QGemmFn`] (portable: dequantization in Rust, the product in
-/// whichever panel GEMM this CPU has).
+/// The weight-only tiled product where AMX is ready: int8 rows times [`crate::amx::MIN_ROWS`]
+/// activation rows or more through AMX tiles (exact up to rounding order, see [`crate::amx`]),
+/// anything else as [`qgemm`].
+///
+/// # Safety
+/// The [`QGemmFn`] contract; [`crate::amx::ready`] returned true.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "sysv64" fn qgemm_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b: *const u8, rb: i64, k: i64, rows: i64, up: *const u8) -> *mut f32 {
+    let (ku, rowsu, rbu, mu) = (k as usize, rows as usize, rb as usize, m as usize);
+    if QFormat::from_arg(fmt) != Some(QFormat::Int8) || mu < crate::amx::MIN_ROWS {
+        return qgemm(fmt, a, lda, m, b, rb, k, rows, up);
+    }
+    if rbu < QFormat::Int8.row_bytes(ku) {
+        // `rb` shorter than a record: not a call the contract allows.
+        return std::ptr::null_mut();
+    }
+    let ldt = rowsu.div_ceil(llmc_abi::panel::PANEL) * llmc_abi::panel::PANEL;
+    let t = crate::ukernel::scratch(mu * ldt * (1 + !up.is_null() as usize));
+    crate::amx::gemm_int8_rows(a, lda as usize, mu, b, rbu, ku, rowsu, up, t, ldt);
+    t
+}
+
+/// The weight-only tiled product, a [`QGemmFn`]: [`qgemm_amx`] where AMX is ready, else
+/// [`qgemm`] (portable: dequantization in Rust, the product in whichever panel GEMM this CPU has).
 pub(crate) fn select_qgemm() -> QGemmFn {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if crate::amx::ready() {
+        return qgemm_amx;
+    }
     qgemm
 }
 
@@ -990,8 +1017,11 @@ mod tests {
     /// and not, with a partial last panel.
     #[test]
     fn tiled_kernel_matches_dequantized_product() {
-        let f = select_qgemm();
+        // The selected kernel (AMX tiles for int8 from 16 rows where AMX is ready) and the
+        // dequantizing one it falls back to.
+        let kernels: [(&str, QGemmFn); 2] = [("selected", select_qgemm()), ("dequantizing", qgemm)];
         let mut seed = 5u64;
+        for (name, f) in kernels {
         for fmt in [
             QFormat::Int8,
             QFormat::Int4 { group: 32, asym: false },
@@ -1000,7 +1030,7 @@ mod tests {
             QFormat::Sparse24 { int8: true },
             QFormat::Sparse24 { int8: false },
         ] {
-            for (k, rows, m) in [(100, 37, 5), (96, 16, 4), (688, 64, 9)] {
+            for (k, rows, m) in [(100, 37, 5), (96, 16, 4), (688, 64, 9), (100, 37, 17), (40, 5, 70), (688, 64, 33), (1, 3, 16)] {
                 if matches!(fmt, QFormat::Sparse24 { .. }) && k % 4 != 0 {
                     continue;
                 }
@@ -1021,12 +1051,13 @@ mod tests {
                                 let want = reference(fmt, &packed[g * rows + j], k, &a[r * lda..r * lda + k]);
                                 let got = unsafe { *t.add(g * m * ldt + r * ldt + j) } as f64;
                                 let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
-                                assert!((got - want).abs() <= tol, "{fmt:?} k={k} group {g} ({r}, {j}): {got} vs {want}");
+                                assert!((got - want).abs() <= tol, "{name} {fmt:?} k={k} m={m} group {g} ({r}, {j}): {got} vs {want}");
                             }
                         }
                     }
                 }
             }
+        }
         }
     }
 

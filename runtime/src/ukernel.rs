@@ -114,6 +114,10 @@ fn select_gemm_panels() -> GemmPanelsFn {
 fn select_gemm_panels16<const E: u8>() -> GemmPanels16Fn {
     #[cfg(target_arch = "x86_64")]
     {
+        #[cfg(target_os = "linux")]
+        if E == BF16 && crate::amx::ready() {
+            return gemm_panels_bf16_amx;
+        }
         if has_avx512() {
             return avx512::gemm_panels16::<E>;
         }
@@ -125,6 +129,24 @@ fn select_gemm_panels16<const E: u8>() -> GemmPanels16Fn {
     portable::gemm_panels16::<E>
 }
 
+/// The bf16 panel GEMM where AMX is ready: products of [`crate::amx::MIN_ROWS`] rows or more
+/// through AMX tiles (exact up to rounding order, see [`crate::amx`]), fewer through AVX-512.
+///
+/// # Safety
+/// The [`GemmPanels16Fn`] contract; [`crate::amx::ready`] returned true.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "sysv64" fn gemm_panels_bf16_amx(a: *const f32, lda: i64, bp: *const u16, k: i64, m: i64, c0: i64, ncols: i64, up: *const u16) -> *mut f32 {
+    if (m as usize) < crate::amx::MIN_ROWS {
+        return avx512::gemm_panels16::<BF16>(a, lda, bp, k, m, c0, ncols, up);
+    }
+    let (m, nc) = (m as usize, ncols as usize);
+    let ldt = nc.div_ceil(PANEL) * PANEL;
+    let t = scratch(m * ldt * (1 + !up.is_null() as usize));
+    crate::amx::gemm_bf16_panels(a, lda as usize, bp, k as usize, m, c0 as usize, nc, up, t, ldt);
+    t
+}
+
 struct Scratch(UnsafeCell<Vec<f32>>);
 
 thread_local! {
@@ -134,7 +156,7 @@ thread_local! {
 }
 
 /// This thread's scratch with room for `len` floats (64-byte aligned start).
-fn scratch(len: usize) -> *mut f32 {
+pub(crate) fn scratch(len: usize) -> *mut f32 {
     scratch_in(&SCRATCH, len)
 }
 
@@ -621,7 +643,8 @@ mod tests {
     }
 
     /// Every implementation of the 16-bit panel GEMMs (bf16, f16) gives bit for bit the f32 panel
-    /// GEMM's tile over the widened weights: the same shapes as above, gated and not.
+    /// GEMM's tile over the widened weights: the same shapes as above, gated and not. (The AMX
+    /// path sums in another order; `crate::amx`'s tests bound it against the exact product.)
     #[test]
     fn panel_gemm16_equals_the_f32_gemm_over_widened_weights() {
         type Impl = (&'static str, GemmPanelsFn, GemmPanels16Fn, GemmPanels16Fn);
