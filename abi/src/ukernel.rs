@@ -23,8 +23,9 @@
 /// bf16 and f16 panels ([`GEMM_PANELS_BF16`], [`GEMM_PANELS_F16`]; 6 slots); 5, the attention
 /// block [`ATTN_BLOCK`] (7 slots); 6, the multi-row A8 product [`QGEMM_A8`] (8 slots), and W4A8
 /// activations in step order ([`crate::qformat`]) for both A8 kernels; 7, the attention block over
-/// an int8 KV cache [`ATTN_BLOCK_I8`] (9 slots).
-pub const ABI_VERSION: u32 = 7;
+/// an int8 KV cache [`ATTN_BLOCK_I8`] (9 slots); 8, the A8 product of f32 rows
+/// [`QGEMM_A8_ROWS`] (10 slots).
+pub const ABI_VERSION: u32 = 8;
 
 /// Every released table layout, oldest first: `(ABI_VERSION, fingerprint)`. The last entry is the
 /// current table. (Version 1 predates the fingerprint.)
@@ -35,6 +36,7 @@ pub const HISTORY: &[(u32, u64)] = &[
     (5, 0xa33c_80ac_e589_6c39), // + attn_block
     (6, 0x712a_1588_f0b6_1e5a), // + qgemm_a8; W4A8 activations in step order
     (7, 0xa53c_c2d6_e403_717f), // + attn_block_i8
+    (8, 0x40e1_0914_03ee_11fc), // + qgemm_a8_rows
 ];
 
 /// A microkernel's signature as text (its Rust tokens), with its parameter count and whether it
@@ -240,8 +242,17 @@ pub const ATTN_BLOCK: usize = 6;
 pub const QGEMM_A8: usize = 7;
 /// Slot of the attention block over an int8 KV cache, an [`AttnBlockI8Fn`].
 pub const ATTN_BLOCK_I8: usize = 8;
+/// Slot of the W8A8 / W4A8 product of f32 activation rows, a [`QGemmFn`]; 0 where the runtime
+/// has no such kernel (it is filled where the CPU has AMX). `t = qgemm_a8_rows(fmt, a, lda, m,
+/// b, rb, k, rows, up)` for a W8A8 or W4A8 `fmt` is [`QGemmFn`]'s call with any `rows`, except
+/// that each row `r` of `a` is first quantized as the A8 products quantize activations
+/// (`ir::quant::quantize_act`: `amax = max |x|`, codes `q = nearest_even(x · (127 / amax))`, all
+/// 0 when `amax` is not positive, scale `sa = amax / 127`) and the tile holds `p · sa`, `p`
+/// being [`QGemvFn`]'s product of those codes with packed row `j` (up to f32 rounding order):
+/// the activation scale is applied.
+pub const QGEMM_A8_ROWS: usize = 9;
 /// Entries in the table.
-pub const SLOTS: usize = 9;
+pub const SLOTS: usize = 10;
 
 /// Every slot, in table order.
 pub const TABLE: [Slot; SLOTS] = [
@@ -254,6 +265,7 @@ pub const TABLE: [Slot; SLOTS] = [
     Slot { index: ATTN_BLOCK, name: "attn_block", signature: ATTN_BLOCK_SIG, optional: false },
     Slot { index: QGEMM_A8, name: "qgemm_a8", signature: QGEMM_A8_SIG, optional: true },
     Slot { index: ATTN_BLOCK_I8, name: "attn_block_i8", signature: ATTN_BLOCK_I8_SIG, optional: false },
+    Slot { index: QGEMM_A8_ROWS, name: "qgemm_a8_rows", signature: QGEMM_SIG, optional: true },
 ];
 
 /// The functions a runtime provides, one field per slot, typed by the slot's signature
@@ -269,6 +281,7 @@ pub struct Table {
     pub attn_block: AttnBlockFn,
     pub qgemm_a8: Option<QGemmA8Fn>,
     pub attn_block_i8: AttnBlockI8Fn,
+    pub qgemm_a8_rows: Option<QGemmFn>,
 }
 
 impl Table {
@@ -285,6 +298,7 @@ impl Table {
         t[ATTN_BLOCK] = self.attn_block as usize;
         t[QGEMM_A8] = self.qgemm_a8.map_or(0, |f| f as usize);
         t[ATTN_BLOCK_I8] = self.attn_block_i8 as usize;
+        t[QGEMM_A8_ROWS] = self.qgemm_a8_rows.map_or(0, |f| f as usize);
         t
     }
 }
@@ -465,6 +479,19 @@ mod tests {
     ) -> *mut f32 {
         std::ptr::null_mut()
     }
+    unsafe extern "sysv64" fn qgemm_rows(
+        _: i64,
+        _: *const f32,
+        _: i64,
+        _: i64,
+        _: *const u8,
+        _: i64,
+        _: i64,
+        _: i64,
+        _: *const u8,
+    ) -> *mut f32 {
+        std::ptr::null_mut()
+    }
 
     unsafe extern "sysv64" fn attn(_: *const f32, _: *const f32, _: *const f32, _: i64, _: i64, _: i64, _: i64, _: *mut f32) {}
     unsafe extern "sysv64" fn gemm_a8(_: i64, _: *const u8, _: *const i32, _: i64, _: *const u8, _: i64, _: i64, _: i64, _: *mut f32) {}
@@ -484,6 +511,7 @@ mod tests {
             attn_block: attn,
             qgemm_a8: Some(gemm_a8),
             attn_block_i8: attn8,
+            qgemm_a8_rows: Some(qgemm_rows),
         };
         let t = full.addresses();
         assert_eq!(t[GEMM_PANELS], gemm as GemmPanelsFn as usize);
@@ -495,7 +523,8 @@ mod tests {
         assert_eq!(t[ATTN_BLOCK], attn as AttnBlockFn as usize);
         assert_eq!(t[QGEMM_A8], gemm_a8 as QGemmA8Fn as usize);
         assert_eq!(t[ATTN_BLOCK_I8], attn8 as AttnBlockI8Fn as usize);
-        let bare = Table { qgemv: None, qgemv_a8: None, qgemm_a8: None, ..full }.addresses();
+        assert_eq!(t[QGEMM_A8_ROWS], qgemm_rows as QGemmFn as usize);
+        let bare = Table { qgemv: None, qgemv_a8: None, qgemm_a8: None, qgemm_a8_rows: None, ..full }.addresses();
         for s in TABLE {
             assert_eq!(bare[s.index] == 0, s.optional, "slot `{}`", s.name);
         }

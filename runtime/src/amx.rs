@@ -43,7 +43,7 @@ pub fn ready() -> bool {
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub(crate) use x86::{gemm_bf16_panels, gemm_int8_rows};
+pub(crate) use x86::{gemm_a8_rows, gemm_bf16_panels, gemm_int8_rows};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod x86 {
@@ -407,6 +407,207 @@ mod x86 {
         product(a, lda, m, k, kpad, &weights[..groups], ncp, rows, &scales, base.add(groups * (wbytes + sbytes)), t, ldt);
     }
 
+    /// Rows `0..rows` of `a` quantized as the A8 products quantize activations (the contract of
+    /// [`llmc_abi::ukernel::QGEMM_A8_ROWS`]), their codes as bf16 (exact) into `dst` (row `r` at
+    /// `dst + r * st` bytes, `kpad` codes, 0 past `k`), their scales into `sa`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantize_rows(a: *const f32, lda: usize, rows: usize, k: usize, kpad: usize, dst: *mut u8, st: usize, sa: *mut f32) {
+        let odd = _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        );
+        let load = |r: usize, e: usize| {
+            if e < k {
+                let m: __mmask16 = if k - e >= 16 { 0xffff } else { (1u16 << (k - e)) - 1 };
+                _mm512_maskz_loadu_ps(m, a.add(r * lda + e))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for r in 0..rows {
+            let (mut mx, mut nan) = (_mm512_setzero_ps(), 0u16);
+            for e in (0..k).step_by(16) {
+                let x = load(r, e);
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+            }
+            let amax = if nan != 0 { f32::NAN } else { _mm512_reduce_max_ps(mx) };
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            *sa.add(r) = amax / 127.0;
+            let iv = _mm512_set1_ps(inv);
+            let code = |x: __m512| {
+                // nearest_even(x * inv), saturated to i8 as the generated quantizer narrows; a
+                // NaN product (an infinite activation) is code 0, as its saturating conversion.
+                let y = _mm512_mul_ps(x, iv);
+                let q = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y), y);
+                let q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+                _mm512_castps_si512(_mm512_cvtepi32_ps(q))
+            };
+            for e in (0..kpad).step_by(32) {
+                let (c0, c1) = (code(load(r, e)), code(load(r, e + 16)));
+                _mm512_storeu_si512(dst.add(r * st + 2 * e) as *mut __m512i, _mm512_permutex2var_epi16(c0, odd, c1));
+            }
+        }
+    }
+
+    /// Pieces of a W4A8 panel: up to 16 packed rows (`rows[n]`: the row record), `k` elements
+    /// in groups of `group`, as two bf16 pieces per weight `(c - 8) · scale` (at most 14
+    /// significant bits: the truncated top 8 and the exact rest) in the pair layout: piece `p` at
+    /// `dst + p * kpad * 32`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pairs_from_w4(rows: &[*const u8], k: usize, group: usize, kpad: usize, dst: *mut u8) {
+        let fmt = llmc_abi::QFormat::W4A8 { group };
+        let codes_at = fmt.codes_at(k);
+        let odd = _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        );
+        let hi16 = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let eight = _mm512_set1_epi32(8);
+        for kb in 0..kpad / 32 {
+            let g = kb * 32 / group;
+            let mut v = [[_mm512_setzero_si512(); 16]; 2];
+            for (n, &row) in rows.iter().enumerate() {
+                let s = crate::ukernel::portable::f16_to_f32((row.add(2 * g) as *const u16).read_unaligned());
+                let sv = _mm512_set1_ps(s);
+                let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(codes_at + 16 * kb) as *const __m128i));
+                let lo = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x0f)), eight);
+                let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), eight);
+                let w0 = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), sv));
+                let w1 = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), sv));
+                v[0][n] = _mm512_permutex2var_epi16(w0, odd, w1);
+                let r0 = _mm512_sub_ps(_mm512_castsi512_ps(w0), _mm512_castsi512_ps(_mm512_and_si512(w0, hi16)));
+                let r1 = _mm512_sub_ps(_mm512_castsi512_ps(w1), _mm512_castsi512_ps(_mm512_and_si512(w1, hi16)));
+                v[1][n] = _mm512_permutex2var_epi16(_mm512_castps_si512(r0), odd, _mm512_castps_si512(r1));
+            }
+            for (p, piece) in v.iter_mut().enumerate() {
+                transpose16(piece);
+                for (kp, x) in piece.iter().enumerate() {
+                    _mm512_storeu_si512(dst.add(p * kpad * 32 + kb * BLOCK + kp * 64) as *mut __m512i, *x);
+                }
+            }
+        }
+    }
+
+    /// `c[32][32]` (row stride 128 bytes) = 32 rows of one bf16 piece at `ap` (`st` bytes apart)
+    /// times the `pieces` pieces of the two 16-column panels at `b0` (piece `p` of panel `i` at
+    /// `b0 + (i * pieces + p) * kpad * 32`), over `kpad`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_a8(ap: *const u8, st: usize, kpad: usize, b0: *const u8, pieces: usize, c: *mut f32) {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        let pstride = kpad * 32;
+        for kb in 0..kpad / 32 {
+            asm!(
+                "tileloadd tmm4, [{a0} + {st}*1]",
+                "tileloadd tmm5, [{a1} + {st}*1]",
+                a0 = in(reg) ap.add(kb * 64),
+                a1 = in(reg) ap.add(16 * st + kb * 64),
+                st = in(reg) st,
+                options(nostack, readonly),
+            );
+            for p in 0..pieces {
+                asm!(
+                    "tileloadd tmm6, [{b0} + {s64}*1]",
+                    "tileloadd tmm7, [{b1} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    b0 = in(reg) b0.add(p * pstride + kb * BLOCK),
+                    b1 = in(reg) b0.add((pieces + p) * pstride + kb * BLOCK),
+                    s64 = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * 32),
+            c3 = in(reg) c.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+
+    /// The runtime's [`llmc_abi::ukernel::QGEMM_A8_ROWS`] product through AMX: rows `0..m` of
+    /// `a` quantized once (codes exact in bf16), each pair of 16-column panels converted when
+    /// used (W8A8: the int8 codes; W4A8: each weight `(c - 8) · scale` as two exact bf16 pieces),
+    /// so every product is exact and the sums are f32 (in another order than the VNNI kernels'
+    /// exact integer block sums); each sum times the row's weight scale (W8A8) and activation
+    /// scale, into the tile `t` (row stride `ldt`, the `up` tile `m` rows on). Returns false for a
+    /// format other than W8A8 / W4A8.
+    ///
+    /// # Safety
+    /// That slot's contract; [`super::ready`] returned true.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_a8_rows(fmt: llmc_abi::QFormat, a: *const f32, lda: usize, m: usize, b: *const u8, rb: usize, k: usize, rows: usize, up: *const u8, t: *mut f32, ldt: usize) -> bool {
+        use llmc_abi::QFormat;
+        let pieces = match fmt {
+            QFormat::W8A8 => 1,
+            QFormat::W4A8 { .. } => 2,
+            _ => return false,
+        };
+        let kpad = k.div_ceil(32) * 32;
+        let st = piece_stride(kpad);
+        let mpad = m.div_ceil(RB) * RB;
+        let wbytes = 2 * pieces * kpad * 32;
+        let base = scratch(mpad * st + wbytes + 4 * (mpad + 32));
+        let (codes, wbuf, sa) = (base, base.add(mpad * st), base.add(mpad * st + wbytes) as *mut f32);
+        let colscale = sa.add(mpad);
+        quantize_rows(a, lda, m, k, kpad, codes, st, sa);
+        std::ptr::write_bytes(codes.add(m * st), 0, (mpad - m) * st);
+        #[repr(C, align(64))]
+        struct Out([f32; RB * 32]);
+        let mut c = Out([0.0; RB * 32]);
+        configure();
+        for g in 0..1 + !up.is_null() as usize {
+            let src = if g == 0 { b } else { up };
+            for j0 in (0..rows).step_by(32) {
+                let cols = (rows - j0).min(32);
+                for i in 0..2 {
+                    let n0 = j0 + 16 * i;
+                    let n = cols.saturating_sub(16 * i).min(16);
+                    let mut ptrs = [std::ptr::null::<u8>(); PANEL];
+                    for (q, p) in ptrs.iter_mut().enumerate().take(n) {
+                        *p = src.add((n0 + q) * rb);
+                    }
+                    let dst = wbuf.add(i * pieces * kpad * 32);
+                    match fmt {
+                        QFormat::W4A8 { group } => pairs_from_w4(&ptrs[..n], k, group, kpad, dst),
+                        _ => {
+                            for (q, p) in ptrs.iter_mut().enumerate().take(n) {
+                                *colscale.add(16 * i + q) = (*p as *const f32).read_unaligned();
+                                *p = p.add(fmt.codes_at(k));
+                            }
+                            pairs_from_int8(&ptrs[..n], k, kpad, dst);
+                        }
+                    }
+                }
+                for r0 in (0..m).step_by(RB) {
+                    block_a8(codes.add(r0 * st), st, kpad, wbuf, pieces, c.0.as_mut_ptr());
+                    for r in 0..(m - r0).min(RB) {
+                        let dst = t.add(g * m * ldt + (r0 + r) * ldt + j0);
+                        let s = _mm512_set1_ps(*sa.add(r0 + r));
+                        for h in 0..cols.div_ceil(16) {
+                            let n = (cols - 16 * h).min(16);
+                            let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+                            let mut x = _mm512_loadu_ps(c.0.as_ptr().add(r * 32 + 16 * h));
+                            if pieces == 1 {
+                                x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask, colscale.add(16 * h)));
+                            }
+                            _mm512_mask_storeu_ps(dst.add(16 * h), mask, _mm512_mul_ps(x, s));
+                        }
+                    }
+                }
+            }
+        }
+        release();
+        true
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -558,7 +759,7 @@ mod x86 {
             if !super::super::ready() {
                 return;
             }
-            let (m, k, rows) = (512usize, 2048usize, 64usize);
+            let (m, k, rows) = (512usize, 2048usize, std::env::var("AMX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(64usize));
             let rb = llmc_abi::QFormat::Int8.row_bytes(k);
             let mut seed = 1u64;
             let a: Vec<f32> = (0..m * k).map(|_| activation(&mut seed)).collect();
@@ -604,6 +805,29 @@ mod x86 {
                     }
                 });
                 release();
+                let fmt = llmc_abi::QFormat::W4A8 { group: 32 };
+                let (k4, rows4) = (std::env::var("AMX_K").ok().and_then(|v| v.parse().ok()).unwrap_or(576usize), 256usize);
+                let rb4 = fmt.row_bytes(k4);
+                let p4: Vec<u8> = (0..2 * rows4 * rb4).map(|i| if i % rb4 < 2 * fmt.groups(k4) { 0x20 } else { lcg(&mut seed) as u8 }).collect();
+                let a4: Vec<f32> = (0..m * k4).map(|_| activation(&mut seed)).collect();
+                let mut t4 = vec![0f32; 2 * m * rows4];
+                let w4 = time(&mut || {
+                    gemm_a8_rows(fmt, a4.as_ptr(), k4, m, p4.as_ptr(), rb4, k4, rows4, p4[rows4 * rb4..].as_ptr(), t4.as_mut_ptr(), rows4);
+                });
+                let mut codes = vec![0u8; m * piece_stride(k4.div_ceil(32) * 32) + 64];
+                let mut sa = vec![0f32; m];
+                let q4 = time(&mut || quantize_rows(a4.as_ptr(), k4, m, k4, k4.div_ceil(32) * 32, codes.as_mut_ptr(), piece_stride(k4.div_ceil(32) * 32), sa.as_mut_ptr()));
+                let mut wb = vec![0u8; 2 * 2 * k4.div_ceil(32) * 32 * 32 + 64];
+                let c4 = time(&mut || {
+                    for g in 0..2 {
+                        for p in 0..rows4 / 16 {
+                            let ptrs: Vec<*const u8> = (0..16).map(|i| p4.as_ptr().add((g * rows4 + p * 16 + i) * rb4)).collect();
+                            pairs_from_w4(&ptrs, k4, 32, k4.div_ceil(32) * 32, wb.as_mut_ptr());
+                        }
+                    }
+                });
+                println!("w4a8 g32 m={m} k={k4} 2x{rows4} rows: whole {:.3} ms ({:.0} GFLOP/s), quantize {:.3} ms, weight pieces {:.3} ms",
+                    w4 * 1e3, 2.0 * (2 * m * rows4 * k4) as f64 / w4 * 1e-9, q4 * 1e3, c4 * 1e3);
                 let flops = 2.0 * (2 * m * rows * k) as f64;
                 println!("m={m} k={k} 2x{rows} rows: whole {:.3} ms ({:.0} GFLOP/s), split {:.3} ms, pairs {:.3} ms, tiles {:.3} ms ({:.0} GFLOP/s of bf16 x {PIECES})",
                     whole * 1e3, flops / whole * 1e-9, split * 1e3, conv * 1e3, tiles * 1e3, flops * PIECES as f64 / tiles * 1e-9);

@@ -104,6 +104,37 @@ unsafe extern "sysv64" fn qgemm_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b
     t
 }
 
+/// The W8A8 / W4A8 product of f32 rows ([`llmc_abi::ukernel::QGEMM_A8_ROWS`]) through AMX tiles.
+///
+/// # Safety
+/// That slot's contract; [`crate::amx::ready`] returned true.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "sysv64" fn qgemm_a8_rows_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b: *const u8, rb: i64, k: i64, rows: i64, up: *const u8) -> *mut f32 {
+    let (ku, rowsu, rbu, mu) = (k as usize, rows as usize, rb as usize, m as usize);
+    let Some(f) = QFormat::from_arg(fmt) else { return std::ptr::null_mut() };
+    if rbu < f.row_bytes(ku) {
+        // `rb` shorter than a record: not a call the contract allows.
+        return std::ptr::null_mut();
+    }
+    let ldt = rowsu.div_ceil(llmc_abi::panel::PANEL) * llmc_abi::panel::PANEL;
+    let t = crate::ukernel::scratch(mu * ldt * (1 + !up.is_null() as usize));
+    if crate::amx::gemm_a8_rows(f, a, lda as usize, mu, b, rbu, ku, rowsu, up, t, ldt) {
+        t
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
+/// The W8A8 / W4A8 product of f32 rows where this CPU has a kernel for it (AMX), else none.
+pub(crate) fn select_qgemm_a8_rows() -> Option<QGemmFn> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if crate::amx::ready() {
+        return Some(qgemm_a8_rows_amx);
+    }
+    None
+}
+
 /// The weight-only tiled product, a [`QGemmFn`]: [`qgemm_amx`] where AMX is ready, else
 /// [`qgemm`] (portable: dequantization in Rust, the product in whichever panel GEMM this CPU has).
 pub(crate) fn select_qgemm() -> QGemmFn {
@@ -1058,6 +1089,55 @@ mod tests {
                 }
             }
         }
+        }
+    }
+
+    /// The A8 product of f32 rows (the AMX kernel, where it runs): each row quantized as the
+    /// contract says (an all-zero row, a row with an outlier, ragged `K`, W4A8 groups shared
+    /// across blocks and a partial last block, several row blocks and a partial one, gated and
+    /// not), against the exact product of those codes in f64 within the f32 summation bound.
+    #[test]
+    fn a8_rows_kernel_quantizes_and_matches_the_exact_product() {
+        let Some(f) = select_qgemm_a8_rows() else {
+            eprintln!("SKIP: no A8 product of f32 rows on this CPU (it needs AMX)");
+            return;
+        };
+        let mut seed = 21u64;
+        for fmt in [QFormat::W8A8, QFormat::W4A8 { group: 32 }, QFormat::W4A8 { group: 64 }, QFormat::W4A8 { group: 96 }] {
+            for (k, rows, m) in [(600, 37, 17), (72, 64, 40), (1100, 5, 16), (44, 33, 33)] {
+                let rb = fmt.row_bytes(k);
+                let packed: Vec<Vec<u8>> = (0..2 * rows).map(|_| random_row(fmt, k, &mut seed)).collect();
+                let flat = packed.concat();
+                let lda = k + 3;
+                let mut a: Vec<f32> = (0..m * lda).map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+                a[..lda].fill(0.0);
+                a[lda + 7] = 40.0;
+                for gated in [false, true] {
+                    let up = if gated { unsafe { flat.as_ptr().add(rows * rb) } } else { std::ptr::null() };
+                    // SAFETY: `2 * rows` records of `rb` bytes, `m` rows of `a`.
+                    let t = unsafe { f(fmt.arg(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up) };
+                    assert!(!t.is_null(), "{fmt:?}: the kernel refused a valid call");
+                    let ldt = rows.div_ceil(16) * 16;
+                    let mut w = vec![0f32; k];
+                    for g in 0..1 + gated as usize {
+                        for r in 0..m {
+                            let x = &a[r * lda..r * lda + k];
+                            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                            let sa = f64::from(amax / 127.0);
+                            let q: Vec<f64> = x.iter().map(|&v| f64::from((v * inv).round_ties_even().clamp(-128.0, 127.0))).collect();
+                            for j in 0..rows {
+                                fmt.dequant_row(&packed[g * rows + j], k, &mut w).unwrap();
+                                let (sum, abs) = q.iter().zip(&w).fold((0f64, 0f64), |(s, t), (&q, &w)| (s + q * f64::from(w), t + (q * f64::from(w)).abs()));
+                                let want = sum * sa;
+                                let got = f64::from(unsafe { *t.add(g * m * ldt + r * ldt + j) });
+                                let bound = 2.0 * (k as f64 + 4.0) * f64::from(f32::EPSILON) * abs * sa + 1e-30;
+                                assert!((got - want).abs() <= bound, "{fmt:?} k={k} m={m} group {g} ({r}, {j}): {got} vs {want}");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

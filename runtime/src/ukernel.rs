@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 pub use llmc_abi::panel::{panel_group_len, PANEL};
 pub use llmc_abi::ukernel::{
-    GemmPanels16Fn, GemmPanelsFn, ABI_VERSION, GEMM_PANELS, GEMM_PANELS_BF16, GEMM_PANELS_F16, QGEMM, QGEMM_A8, QGEMV, QGEMV_A8, SLOTS,
+    GemmPanels16Fn, GemmPanelsFn, ABI_VERSION, GEMM_PANELS, GEMM_PANELS_BF16, GEMM_PANELS_F16, QGEMM, QGEMM_A8, QGEMM_A8_ROWS, QGEMV, QGEMV_A8, SLOTS,
 };
 
 /// The function table, filled for this CPU on first use (the layout of [`llmc_abi::ukernel::Table`]).
@@ -35,6 +35,7 @@ pub fn table() -> &'static [usize; SLOTS] {
             attn_block: crate::akernel::select_attn_block(),
             qgemm_a8: crate::qkernel::select_qgemm_a8(),
             attn_block_i8: crate::akernel::select_attn_block_i8(),
+            qgemm_a8_rows: crate::qkernel::select_qgemm_a8_rows(),
         }
         .addresses()
     })
@@ -490,11 +491,11 @@ mod avx2 {
     entry_points!("the CPU has AVX2, FMA and F16C");
 }
 
-mod portable {
+pub(crate) mod portable {
     use super::{elem_bytes, BF16, F32, PANEL};
 
     /// IEEE half-precision bits widened to f32 (exact: every f16 is an f32).
-    pub(super) fn f16_to_f32(h: u16) -> f32 {
+    pub(crate) fn f16_to_f32(h: u16) -> f32 {
         let sign = ((h as u32) & 0x8000) << 16;
         let exp = ((h >> 10) & 0x1f) as u32;
         let man = (h & 0x3ff) as u32;
@@ -720,6 +721,8 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert_ne!(table()[QGEMV], 0);
         }
+        // The A8 product of f32 rows exactly where its AMX kernel can run.
+        assert_eq!(table()[QGEMM_A8_ROWS] != 0, crate::amx::ready());
         assert!(["avx512f", "avx2+fma", "portable"].contains(&implementation()));
     }
 

@@ -284,8 +284,35 @@ pub(crate) fn attention(
     let ncm1 = kb.addi(nc, -1);
     let tk1 = kb.add(tk, ncm1);
     let clen = kb.b.ins().udiv(tk1, nc);
+    // A long causal step with the runtime's attention block: blocks of query rows share each
+    // key block ([`blocked_rows`]); the per-row items below then number 0.
+    let qb = block_rows(d, gh);
+    let mut rows_total = kb.ic(1);
+    if let (Some(f), true) = (attn_fn, causal && window.is_none() && !keys_are_step && qb >= 4 && (int8.is_none() || widen.is_some())) {
+        // (Longer than a split step, which writes partials for the merge instead.)
+        let least = (2 * qb).max(split.map_or(0, |sp| sp.smax + 1));
+        let big = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, s, least as i64);
+        kb.if_else(
+            big,
+            &mut |kb| {
+                // With an int8 cache, the rows phase 0 widened (it runs for every step this long).
+                let (kr, vr) = match widen {
+                    Some((woff, wbytes)) => {
+                        let wk = kb.addi(scratch, woff as i64);
+                        (wk, kb.addi(wk, (wbytes / 2) as i64))
+                    }
+                    None => (k, v),
+                };
+                blocked_rows(kb, &BlockedRows { nh, d, nkv, gh, ng, qb, scale }, f, q, kr, vr, o);
+            },
+            &mut |_| {},
+        );
+        let zero = kb.ic(0);
+        rows_total = kb.b.ins().select(big, zero, rows_total);
+    }
     let total = kb.muli(s, (nkv * ng) as i64);
     let total = kb.mul(total, nc);
+    let total = kb.mul(total, rows_total);
     let (lo, hi) = kb.part_range(total);
     kb.for_steps(lo, hi, 1, &mut |kb, i| {
         let ci = kb.b.ins().urem(i, nc);
@@ -541,6 +568,143 @@ pub(crate) fn attention(
         );
     });
     Ok(())
+}
+
+/// Query rows per block of a blocked causal step: the block's queries and states (`rows x gh`
+/// rows of `D` and `D + 2` floats) fit 64 KiB of stack each; at most 16.
+fn block_rows(d: usize, gh: usize) -> usize {
+    (16384 / (gh * (d + 2)).max(1)).min(16)
+}
+
+/// The shape of a blocked causal step ([`blocked_rows`]).
+struct BlockedRows {
+    nh: usize,
+    d: usize,
+    nkv: usize,
+    gh: usize,
+    ng: usize,
+    qb: usize,
+    scale: f32,
+}
+
+/// A causal step of at least `2 qb` rows (no window, keys from the cache, the runtime's attention
+/// block `f`): a work item is a block of up to `qb` consecutive query rows `r0..r1` and one
+/// group of `gh` heads. Their queries are copied to one stack block of `(r1 - r0) gh` rows, and
+/// one call of the attention block runs all of them over the keys every row sees, `0..=P+r0`,
+/// so each key block is read once for the whole block of rows (from L1) instead of once per
+/// row; then row `r0 + i` alone meets the `i` keys after those (the diagonal). Blocks go KV head
+/// major, alternating from both ends of the step as the rows do. `k`, `v`: the f32 rows (the
+/// cache, or an int8 cache widened by phase 0), row `t` of KV head `h` at `(t NKV + h) D`.
+#[allow(clippy::too_many_arguments)]
+fn blocked_rows(kb: &mut Kb, b: &BlockedRows, f: Value, q: Value, k: Value, v: Value, o: Value) {
+    let BlockedRows { nh, d, nkv, gh, ng, qb, scale } = *b;
+    let gsz = nh / nkv;
+    let astride = d + 2;
+    let qbuf = stack(kb, qb * gh * d * 4);
+    let state = stack(kb, qb * gh * astride * 4);
+    let nb = kb.div_ceil(kb.s, qb as i64);
+    let total = kb.muli(nb, (nkv * ng) as i64);
+    let (lo, hi) = kb.part_range(total);
+    let sig = kb.microkernel_sig(ATTN_BLOCK_SIG.params, ATTN_BLOCK_SIG.returns);
+    let ksv = kb.ic((nkv * d) as i64);
+    let sc = kb.ic(scale.to_bits() as i64);
+    let kstride = (nkv * d * 4) as i64;
+    kb.for_steps(lo, hi, 1, &mut |kb, i| {
+        let hh = kb.b.ins().udiv(i, nb);
+        let hs = kb.mul(hh, nb);
+        let j = kb.sub(i, hs);
+        let half = kb.b.ins().ushr_imm_s(j, 1);
+        let odd = kb.b.ins().band_imm_s(j, 1);
+        let nbm1 = kb.addi(nb, -1);
+        let back = kb.sub(nbm1, half);
+        let bi = kb.b.ins().select(odd, back, half);
+        let (kvh, hg) = if ng == 1 {
+            (hh, kb.ic(0))
+        } else {
+            let ngv = kb.ic(ng as i64);
+            let kvh = kb.b.ins().udiv(hh, ngv);
+            let t = kb.muli(kvh, ng as i64);
+            (kvh, kb.sub(hh, t))
+        };
+        let h0 = kb.muli(kvh, gsz as i64);
+        let hgo = kb.muli(hg, gh as i64);
+        let h0 = kb.add(h0, hgo);
+        let r0 = kb.muli(bi, qb as i64);
+        let left = kb.sub(kb.s, r0);
+        let qbv = kb.ic(qb as i64);
+        let rows = kb.min(left, qbv);
+        // Query row (r0 + i, head h0 + hgi) at element ((r0 + i) NH + h0 + hgi) D.
+        let head_row = |kb: &mut Kb, i: Value, base: Value| {
+            let r = kb.add(r0, i);
+            let row = kb.muli(r, nh as i64);
+            let row = kb.add(row, h0);
+            let e = kb.muli(row, d as i64);
+            kb.addr(base, e)
+        };
+        let z = kb.ic(0);
+        let ninf = kb.fc(F32, f32::NEG_INFINITY);
+        let zf = kb.fc(F32, 0.0);
+        kb.for_steps(z, rows, 1, &mut |kb, i| {
+            let src = head_row(kb, i, q);
+            let dst = kb.muli(i, (gh * d * 4) as i64);
+            let dst = kb.add(qbuf, dst);
+            let st = kb.muli(i, (gh * astride * 4) as i64);
+            let st = kb.add(state, st);
+            for hgi in 0..gh {
+                let (sp, dp, ap) = (kb.addi(src, (hgi * d * 4) as i64), kb.addi(dst, (hgi * d * 4) as i64), kb.addi(st, (hgi * astride * 4) as i64));
+                dsweep(kb, d, &mut |kb, ty, x| {
+                    let y = kb.ld(ty, sp, x);
+                    kb.st(y, dp, x);
+                    let zv = kb.fc(ty, 0.0);
+                    kb.st(zv, ap, x);
+                });
+                kb.st_at(ninf, ap, (d * 4) as i32);
+                kb.st_at(zf, ap, (d * 4 + 4) as i32);
+            }
+        });
+        let kvo = kb.muli(kvh, (d * 4) as i64);
+        let (kh, vh) = (kb.add(k, kvo), kb.add(v, kvo));
+        // Keys 0..=P+r0: every row of the block.
+        let common = kb.add(kb.p, r0);
+        let common = kb.addi(common, 1);
+        let all = kb.muli(rows, gh as i64);
+        let all = kb.b.ins().ishl_imm_s(all, 32);
+        let dims = kb.b.ins().bor_imm_s(all, d as i64);
+        kb.b.ins().call_indirect(sig, f, &[qbuf, kh, vh, ksv, common, dims, sc, state]);
+        // Row r0 + i: the i keys after those.
+        let off = kb.muli(common, kstride);
+        let (kd, vd) = (kb.add(kh, off), kb.add(vh, off));
+        let one = kb.ic(1);
+        let dims1 = kb.ic(d as i64 | (gh as i64) << 32);
+        kb.for_steps(one, rows, 1, &mut |kb, i| {
+            let qo = kb.muli(i, (gh * d * 4) as i64);
+            let qi = kb.add(qbuf, qo);
+            let so = kb.muli(i, (gh * astride * 4) as i64);
+            let si = kb.add(state, so);
+            kb.b.ins().call_indirect(sig, f, &[qi, kd, vd, ksv, i, dims1, sc, si]);
+        });
+        // out = acc / l.
+        kb.for_steps(z, rows, 1, &mut |kb, i| {
+            let dst = head_row(kb, i, o);
+            let so = kb.muli(i, (gh * astride * 4) as i64);
+            let st = kb.add(state, so);
+            for hgi in 0..gh {
+                let ap = kb.addi(st, (hgi * astride * 4) as i64);
+                let lv = kb.ld_at(F32, ap, (d * 4 + 4) as i32);
+                let one = kb.fc(F32, 1.0);
+                let inv = kb.fdiv(one, lv);
+                let zf = kb.fc(F32, 0.0);
+                let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
+                let op = kb.addi(dst, (hgi * d * 4) as i64);
+                dsweep(kb, d, &mut |kb, ty, x| {
+                    let a = kb.ld(ty, ap, x);
+                    let iv = kb.splat(ty, inv);
+                    let y = kb.fmul(a, iv);
+                    kb.st(y, op, x);
+                });
+            }
+        });
+    });
 }
 
 /// Phase 2 of a split node: each (query row, head) of a split step merges its chunks' partials

@@ -21,7 +21,7 @@ use abi::panel::PANEL;
 use abi::ukernel::{self, QGEMM_A8_SIG, QGEMM_SIG, QGEMV_SIG};
 use abi::QFormat;
 use cranelift_codegen::ir::types::{F32, I8, I8X16, I16X8, I32, I32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Type, Value};
 use llmc_ir::{Graph, Layout, NodeId, Op, UnaryOp};
 
 use super::builder::{Kb, V4};
@@ -494,26 +494,26 @@ fn fused_dot(kb: &mut Kb, layout: Layout, k: usize, prow: Value, a: Value) -> Va
 }
 
 /// The epilogue on the sum `x` of output `(r, j)` at element `oi` (`up`: the gated partner).
-fn epilogue(kb: &mut Kb, epi: &Epi, x: Value, up: Option<Value>, j: Value, oi: Value) -> Value {
+fn epilogue(kb: &mut Kb, epi: &Epi, ty: Type, x: Value, up: Option<Value>, j: Value, oi: Value) -> Value {
     match epi {
         Epi::Plain => x,
         Epi::Linear { bias, act, res } => {
             let mut y = x;
             if let Some(p) = bias {
-                let bv = kb.ld(F32, *p, j);
+                let bv = kb.ld(ty, *p, j);
                 y = kb.fadd(y, bv);
             }
             if let Some(u) = act {
-                y = math::unary(kb, F32, *u, y);
+                y = math::unary(kb, ty, *u, y);
             }
             if let Some(p) = res {
-                let rv = kb.ld(F32, *p, oi);
+                let rv = kb.ld(ty, *p, oi);
                 y = kb.fadd(y, rv);
             }
             y
         }
         Epi::Gated { act } => {
-            let gate = math::unary(kb, F32, *act, x);
+            let gate = math::unary(kb, ty, *act, x);
             match up {
                 Some(u) => kb.fmul(gate, u),
                 None => gate,
@@ -687,6 +687,57 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
     kb.b.ins().isub(s, corr)
 }
 
+/// Activation rows from which a W8A8 / W4A8 product takes the runtime's A8 product of f32 rows
+/// (`ukernel::QGEMM_A8_ROWS`, AMX tiles) where the runtime has one.
+const A8_ROWS_MIN: i64 = 16;
+/// Output columns per call of that product: the runtime quantizes every activation row once
+/// per call, so a call takes more columns than the other microkernels' [`QCH`].
+const A8_ROWS_CH: i64 = 256;
+
+/// A W8A8 / W4A8 product: through the runtime's A8 product of f32 rows (`qrows`, where it is
+/// filled) for a step of [`A8_ROWS_MIN`] rows or more, else [`a8_gemm_blocks`].
+#[allow(clippy::too_many_arguments)]
+fn a8_gemm(
+    kb: &mut Kb,
+    layout: Layout,
+    m: Value,
+    k: usize,
+    n: usize,
+    a: Value,
+    b: Value,
+    o: Value,
+    epi: &Epi,
+    qk: Option<Value>,
+    qg: Option<Value>,
+    qrows: Option<Value>,
+) {
+    use cranelift_codegen::ir::condcodes::IntCC;
+    let Some(fr) = qrows else {
+        return a8_gemm_blocks(kb, layout, m, k, n, a, b, o, epi, qk, qg);
+    };
+    let have = kb.b.ins().icmp_imm_s(IntCC::NotEqual, fr, 0);
+    let big = kb.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, m, A8_ROWS_MIN);
+    let go = kb.b.ins().band(have, big);
+    let gated = matches!(epi, Epi::Gated { .. });
+    kb.if_else(
+        go,
+        &mut |kb| {
+            let nv = kb.ic(n as i64);
+            let (lo, hi) = kb.part_range(nv);
+            chunks_of(kb, lo, hi, A8_ROWS_CH, &mut |kb, c, cnt| {
+                // The tile holds the products with the activation scale applied.
+                qgemm_chunk(kb, fr, layout, m, k, n, a, b, c, cnt, gated, &mut |kb, ty, r, j, x, up| {
+                    let oi = kb.muli(r, n as i64);
+                    let oi = kb.add(oi, j);
+                    let y = epilogue(kb, epi, ty, x, up, j, oi);
+                    kb.st(y, o, oi);
+                })
+            })
+        },
+        &mut |kb| a8_gemm_blocks(kb, layout, m, k, n, a, b, o, epi, qk, qg),
+    );
+}
+
 /// The W8A8 / W4A8 product. Rows of `a` go in blocks of up to [`a8_block_rows`]: each row of a
 /// block is quantized to int8 as `ir::quant::quantize_act` does into a stack buffer laid out as
 /// `abi::qformat` defines quantized activation rows (W8A8: stored as `q + 128`, the unsigned
@@ -697,7 +748,7 @@ fn w8a8_dot(kb: &mut Kb, k: usize, prow: Value, u: Value) -> Value {
 /// multi-row product `qg` (each packed row unpacked once for the block's rows), one row through
 /// the GEMV `qk`. A prefill reads the weights once per block of rows, not once per row.
 #[allow(clippy::too_many_arguments)]
-fn a8_gemm(
+fn a8_gemm_blocks(
     kb: &mut Kb,
     layout: Layout,
     m: Value,
@@ -924,7 +975,7 @@ fn a8_gemm(
                 let (u, bsum, sa, oi0) = row(kb, i);
                 a8_columns(kb, w4, k, n, b, u, bsum, sa, lo, hi, gated, &mut |kb, j, x, up| {
                     let oi = kb.add(oi0, j);
-                    let y = epilogue(kb, epi, x, up, j, oi);
+                    let y = epilogue(kb, epi, F32, x, up, j, oi);
                     kb.st(y, o, oi);
                 })
             });
@@ -942,7 +993,7 @@ fn a8_gemm(
                         let x = kb.fmul(x, sa);
                         let up = up.map(|u| kb.fmul(u, sa));
                         let oi = kb.add(oi0, j);
-                        let y = epilogue(kb, epi, x, up, j, oi);
+                        let y = epilogue(kb, epi, F32, x, up, j, oi);
                         kb.st(y, o, oi);
                     })
                 });
@@ -967,7 +1018,7 @@ fn a8_gemm(
                         let x = kb.fmul(x, sa);
                         let up = up.map(|u| kb.fmul(u, sa));
                         let oi = kb.add(oi0, j);
-                        let y = epilogue(kb, epi, x, up, j, oi);
+                        let y = epilogue(kb, epi, F32, x, up, j, oi);
                         kb.st(y, o, oi);
                     })
                 })
@@ -1094,9 +1145,10 @@ pub(crate) fn packed_gemm(
     epi: Epi,
     qk: Option<Value>,
     qgemm: Option<Value>,
+    qrows: Option<Value>,
 ) {
     if layout.quantizes_activations() {
-        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk, qgemm);
+        return a8_gemm(kb, layout, m, k, n, a, b, o, &epi, qk, qgemm, qrows);
     }
     let nv = kb.ic(n as i64);
     let (lo, hi) = kb.part_range(nv);
@@ -1117,7 +1169,7 @@ pub(crate) fn packed_gemm(
                     let oi0 = kb.muli(r, n as i64);
                     qgemv_chunk(kb, f, layout, k, n, ar, zero, b, c, cnt, gated, &mut |kb, j, x, up| {
                         let oi = kb.add(oi0, j);
-                        let y = epilogue(kb, &epi, x, up, j, oi);
+                        let y = epilogue(kb, &epi, F32, x, up, j, oi);
                         kb.st(y, o, oi);
                     });
                 });
@@ -1135,10 +1187,10 @@ pub(crate) fn packed_gemm(
                 kb.if_else(
                     big,
                     &mut |kb| {
-                        qgemm_chunk(kb, fg, layout, m, k, n, a, b, c, cnt, gated, &mut |kb, r, j, x, up| {
+                        qgemm_chunk(kb, fg, layout, m, k, n, a, b, c, cnt, gated, &mut |kb, ty, r, j, x, up| {
                             let oi = kb.muli(r, n as i64);
                             let oi = kb.add(oi, j);
-                            let y = epilogue(kb, &epi, x, up, j, oi);
+                            let y = epilogue(kb, &epi, ty, x, up, j, oi);
                             kb.st(y, o, oi);
                         })
                     },
@@ -1154,18 +1206,26 @@ pub(crate) fn packed_gemm(
 type ColumnEmit<'a> = dyn FnMut(&mut Kb, Value, Value, Option<Value>) + 'a;
 /// Receives row `r`, column `j`'s product: `emit(kb, r, j, x, up)`.
 type TileEmit<'a> = dyn FnMut(&mut Kb, Value, Value, Value, Option<Value>) + 'a;
+/// Receives row `r`, columns `j ..` (one `F32` or four `V4` lanes) of the products: `emit(kb, ty,
+/// r, j, x, up)`.
+type VTileEmit<'a> = dyn FnMut(&mut Kb, Type, Value, Value, Value, Option<Value>) + 'a;
 
 /// Output columns per microkernel call.
 const QCH: i64 = 64;
 
 /// `body(c, cnt)` over `[lo, hi)` in chunks of at most [`QCH`] columns.
 fn chunks(kb: &mut Kb, lo: Value, hi: Value, body: &mut dyn FnMut(&mut Kb, Value, Value)) {
+    chunks_of(kb, lo, hi, QCH, body)
+}
+
+/// `body(c, cnt)` over `[lo, hi)` in chunks of at most `size` columns.
+fn chunks_of(kb: &mut Kb, lo: Value, hi: Value, size: i64, body: &mut dyn FnMut(&mut Kb, Value, Value)) {
     let len = kb.sub(hi, lo);
-    let nch = kb.div_ceil(len, QCH);
+    let nch = kb.div_ceil(len, size);
     let z = kb.ic(0);
-    let full = kb.ic(QCH);
+    let full = kb.ic(size);
     kb.for_steps(z, nch, 1, &mut |kb, i| {
-        let c = kb.muli(i, QCH);
+        let c = kb.muli(i, size);
         let c = kb.add(lo, c);
         let left = kb.sub(hi, c);
         let cnt = kb.min(left, full);
@@ -1230,7 +1290,7 @@ fn qgemm_chunk(
     c: Value,
     cnt: Value,
     gated: bool,
-    emit: &mut TileEmit,
+    emit: &mut VTileEmit,
 ) {
     let rb = row_bytes(layout, k) as i64;
     let sig = kb.microkernel_sig(QGEMM_SIG.params, QGEMM_SIG.returns);
@@ -1257,14 +1317,14 @@ fn qgemm_chunk(
     kb.for_steps(z, m, 1, &mut |kb, r| {
         let tr = kb.mul(r, ldtb);
         let pt = kb.add(t, tr);
-        kb.for_steps(z, cnt, 1, &mut |kb, i| {
-            let x = kb.ld(F32, pt, i);
+        kb.vloop(cnt, 1, &mut |kb, ty, i, _| {
+            let x = kb.ld(ty, pt, i);
             let u = gated.then(|| {
                 let pu = kb.add(pt, upoff);
-                kb.ld(F32, pu, i)
+                kb.ld(ty, pu, i)
             });
             let j = kb.add(c, i);
-            emit(kb, r, j, x, u);
+            emit(kb, ty, r, j, x, u);
         });
     });
 }
@@ -1307,7 +1367,7 @@ fn generated_gemm(
                     let pu = kb.addi(prow, rb * n as i64);
                     fused_dot(kb, layout, k, pu, a)
                 });
-                let y = epilogue(kb, epi, x, up, j, j);
+                let y = epilogue(kb, epi, F32, x, up, j, j);
                 kb.st(y, o, j);
             });
         },
@@ -1330,7 +1390,7 @@ fn generated_gemm(
                     let up = gated.then(|| kb.dot(ar, bufs[1], kv));
                     let oi = kb.muli(r, n as i64);
                     let oi = kb.add(oi, j);
-                    let y = epilogue(kb, epi, x, up, j, oi);
+                    let y = epilogue(kb, epi, F32, x, up, j, oi);
                     kb.st(y, o, oi);
                 });
             });
@@ -1379,5 +1439,10 @@ pub(crate) fn packed_product(kb: &mut Kb, g: &Graph, n: NodeId, layout: Layout, 
         Op::GatedLinear { act } => (rows / 2, Epi::Gated { act: *act }),
         _ => (rows, Epi::Plain),
     };
-    packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk, qgemm);
+    // The A8 product of f32 rows (quantized by the runtime), where the runtime has one.
+    let qrows = (ukernels && layout.quantizes_activations()).then(|| {
+        let table = kb.buf(next + 1);
+        kb.b.ins().load(I64, MemFlagsData::trusted().with_readonly(), table, (8 * ukernel::QGEMM_A8_ROWS) as i32)
+    });
+    packed_gemm(kb, layout, m, k, cols, a, b, o, epi, qk, qgemm, qrows);
 }
