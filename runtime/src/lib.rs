@@ -25,6 +25,7 @@ pub mod npy;
 pub mod pool;
 pub mod qkernel;
 pub mod sample;
+mod simd;
 pub mod speculative;
 pub mod step;
 pub mod tokenizer;
