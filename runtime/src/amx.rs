@@ -1,7 +1,9 @@
-//! AMX tile products (Intel Advanced Matrix Extensions, `tdpbf16ps`) for the panel GEMMs of many
+//! AMX tile products (Intel Advanced Matrix Extensions, `tdpbf16ps`) for the products of many
 //! activation rows whose weights are exact in bf16: bf16 panels ([`crate::ukernel`]'s
-//! `gemm_panels_bf16`) and weight-only int8 codes ([`crate::qkernel`]'s `qgemm`, the row scale
-//! applied to each sum).
+//! `gemm_panels_bf16`), weight-only int8 codes ([`crate::qkernel`]'s `qgemm`, the row scale
+//! applied to each sum), and the W8A8 / W4A8 products of f32 rows (slot `qgemm_a8_rows`,
+//! [`gemm_a8_rows`]: the rows' int8 codes are exact in bf16, a W4A8 weight `(c - 8) · scale` is
+//! two exact bf16 pieces).
 //!
 //! **Exact up to rounding order.** Each f32 activation is split by truncation into three bf16
 //! pieces whose sum is the activation exactly (the top 8 significant bits, the next 8, the last

@@ -23,6 +23,9 @@
 //! 1-3 over all of an item's keys are one call of the table's attention block
 //! (`abi::ukernel::ATTN_BLOCK`, AVX-512 in `runtime/src/akernel.rs`) on a stack state of `acc`,
 //! `m`, `l` per head; the rest of the kernel (items, chunks, the epilogue, the merge) is the same.
+//! A long causal step (no window) then goes in blocks of up to 16 query rows instead
+//! ([`blocked_rows`]): one call for the keys every row of the block sees, so each key block is
+//! read once per block of rows, then each row's few diagonal keys.
 //!
 //! **Int8 caches** (`kv<int8>`, `cpu/kv8.rs`): with the microkernels an item's keys go to the
 //! table's int8 block (`abi::ukernel::ATTN_BLOCK_I8`), which reads codes and scales and widens 16
