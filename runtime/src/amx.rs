@@ -122,11 +122,7 @@ mod x86 {
     unsafe fn split_rows(a: *const f32, lda: usize, rows: usize, k: usize, kpad: usize, dst: *mut u8) {
         let st = piece_stride(kpad);
         let hi16 = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        // Word i of the result: the high half of float i of the first vector (i < 16), of the
-        // second (i >= 16): the bf16 truncations of 32 floats in element order.
-        let odd = _mm512_set_epi16(
-            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
-        );
+        let odd = high_halves();
         let load = |r: usize, e: usize| {
             if r < rows && e < k {
                 let m: __mmask16 = if k - e >= 16 { 0xffff } else { (1u16 << (k - e)) - 1 };
@@ -193,13 +189,45 @@ mod x86 {
         }
     }
 
+    /// Zeroes the four accumulator tiles (`tmm0..tmm3`: a 32 x 32 output block).
+    unsafe fn zero_block() {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+
+    /// Stores the four accumulator tiles as `c[32][32]` (row stride 128 bytes).
+    unsafe fn store_block(c: *mut f32) {
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * 32),
+            c3 = in(reg) c.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+
+    /// The `vpermt2w` index whose result word `i` is the high half of 32-bit lane `i` of the
+    /// first operand (`i < 16`) or lane `i - 16` of the second: the bf16 truncations of 32 floats
+    /// in element order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn high_halves() -> __m512i {
+        _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        )
+    }
+
     /// `c[32][32]` (row stride 128 bytes) = the activation block's pieces at `ap` times the two
     /// 16-column pair panels at `b0` and `b0 + kpad * 32` bytes, over `kpad`.
     #[target_feature(enable = "avx512f")]
     unsafe fn block(ap: *const u8, kpad: usize, b0: *const u8, c: *mut f32) {
         let st = piece_stride(kpad);
         let b1 = b0.add(kpad * 32);
-        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        zero_block();
         for kb in 0..kpad / 32 {
             asm!(
                 "tileloadd tmm6, [{b0} + {s64}*1]",
@@ -225,18 +253,7 @@ mod x86 {
                 );
             }
         }
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
-            s = in(reg) 128usize,
-            options(nostack),
-        );
+        store_block(c);
     }
 
     /// Scratch of this thread: the weights' pair panels, the activation pieces, one output block.
@@ -385,9 +402,7 @@ mod x86 {
     /// `dst + r * st` bytes, `kpad` codes, 0 past `k`), their scales into `sa`.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn quantize_rows(a: *const f32, lda: usize, rows: usize, k: usize, kpad: usize, dst: *mut u8, st: usize, sa: *mut f32) {
-        let odd = _mm512_set_epi16(
-            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
-        );
+        let odd = high_halves();
         let load = |r: usize, e: usize| {
             if e < k {
                 let m: __mmask16 = if k - e >= 16 { 0xffff } else { (1u16 << (k - e)) - 1 };
@@ -430,9 +445,7 @@ mod x86 {
     unsafe fn pairs_from_w4(rows: &[*const u8], k: usize, group: usize, kpad: usize, dst: *mut u8) {
         let fmt = llmc_abi::QFormat::W4A8 { group };
         let codes_at = fmt.codes_at(k);
-        let odd = _mm512_set_epi16(
-            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
-        );
+        let odd = high_halves();
         let hi16 = _mm512_set1_epi32(0xffff_0000u32 as i32);
         let eight = _mm512_set1_epi32(8);
         for kb in 0..kpad / 32 {
@@ -465,7 +478,7 @@ mod x86 {
     /// `b0 + (i * pieces + p) * kpad * 32`), over `kpad`.
     #[target_feature(enable = "avx512f")]
     unsafe fn block_a8(ap: *const u8, st: usize, kpad: usize, b0: *const u8, pieces: usize, c: *mut f32) {
-        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        zero_block();
         let pstride = kpad * 32;
         for kb in 0..kpad / 32 {
             asm!(
@@ -491,18 +504,7 @@ mod x86 {
                 );
             }
         }
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
-            s = in(reg) 128usize,
-            options(nostack),
-        );
+        store_block(c);
     }
 
     /// The runtime's [`llmc_abi::ukernel::QGEMM_A8_ROWS`] product through AMX: rows `0..m` of

@@ -321,25 +321,7 @@ pub(crate) fn attention(
         let ci = kb.b.ins().urem(i, nc);
         let i = kb.b.ins().udiv(i, nc);
         // Item -> (KV head, head group, query row).
-        let hh = kb.b.ins().udiv(i, kb.s);
-        let hs = kb.mul(hh, kb.s);
-        let j = kb.sub(i, hs);
-        let half = kb.b.ins().ushr_imm_s(j, 1);
-        let odd = kb.b.ins().band_imm_s(j, 1);
-        let sm1 = kb.addi(kb.s, -1);
-        let back = kb.sub(sm1, half);
-        let si = kb.b.ins().select(odd, back, half);
-        let (kvh, hg) = if ng == 1 {
-            (hh, kb.ic(0))
-        } else {
-            let ngv = kb.ic(ng as i64);
-            let kvh = kb.b.ins().udiv(hh, ngv);
-            let t = kb.muli(kvh, ng as i64);
-            (kvh, kb.sub(hh, t))
-        };
-        let h0 = kb.muli(kvh, gsz as i64);
-        let hgo = kb.muli(hg, gh as i64);
-        let h0 = kb.add(h0, hgo);
+        let (kvh, h0, si) = item(kb, i, s, ng, gsz, gh);
         let row = kb.muli(si, nh as i64);
         let row = kb.add(row, h0);
         let qo = kb.muli(row, d as i64);
@@ -528,18 +510,9 @@ pub(crate) fn attention(
         // out = acc / l (0 when nothing was visible).
         let write_out = &mut |kb: &mut Kb| {
             for (hgi, &lv) in lv.iter().enumerate() {
-                let one = kb.fc(F32, 1.0);
-                let inv = kb.fdiv(one, lv);
-                let zf = kb.fc(F32, 0.0);
-                let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
                 let ap = kb.addi(accb, (hgi * astride * 4) as i64);
                 let op = kb.addi(obase, (hgi * d * 4) as i64);
-                dsweep(kb, d, &mut |kb, ty, x| {
-                    let a = kb.ld(ty, ap, x);
-                    let iv = kb.splat(ty, inv);
-                    let y = kb.fmul(a, iv);
-                    kb.st(y, op, x);
-                });
+                normalize(kb, d, ap, lv, op);
             }
         };
         if split.is_none() {
@@ -571,6 +544,46 @@ pub(crate) fn attention(
         );
     });
     Ok(())
+}
+
+/// `out[0..d] = acc[0..d] / l` at `op` from the accumulator at `ap` (0 when `l` is not positive:
+/// no key was visible).
+fn normalize(kb: &mut Kb, d: usize, ap: Value, l: Value, op: Value) {
+    let one = kb.fc(F32, 1.0);
+    let inv = kb.fdiv(one, l);
+    let zf = kb.fc(F32, 0.0);
+    let inv = kb.fsel(F32, FloatCC::GreaterThan, l, zf, inv, zf);
+    dsweep(kb, d, &mut |kb, ty, x| {
+        let a = kb.ld(ty, ap, x);
+        let iv = kb.splat(ty, inv);
+        let y = kb.fmul(a, iv);
+        kb.st(y, op, x);
+    });
+}
+
+/// Work item `i` of `n` per head group: `(KV head, first query head, row)`. Items go KV head
+/// major (then head group); within one, rows alternate from both ends (`0, n-1, 1, n-2, ..`) so
+/// that a part's contiguous share carries about the same causal work.
+fn item(kb: &mut Kb, i: Value, n: Value, ng: usize, gsz: usize, gh: usize) -> (Value, Value, Value) {
+    let hh = kb.b.ins().udiv(i, n);
+    let hs = kb.mul(hh, n);
+    let j = kb.sub(i, hs);
+    let half = kb.b.ins().ushr_imm_s(j, 1);
+    let odd = kb.b.ins().band_imm_s(j, 1);
+    let nm1 = kb.addi(n, -1);
+    let back = kb.sub(nm1, half);
+    let row = kb.b.ins().select(odd, back, half);
+    let (kvh, hg) = if ng == 1 {
+        (hh, kb.ic(0))
+    } else {
+        let ngv = kb.ic(ng as i64);
+        let kvh = kb.b.ins().udiv(hh, ngv);
+        let t = kb.muli(kvh, ng as i64);
+        (kvh, kb.sub(hh, t))
+    };
+    let h0 = kb.muli(kvh, gsz as i64);
+    let hgo = kb.muli(hg, gh as i64);
+    (kvh, kb.add(h0, hgo), row)
 }
 
 /// Query rows per block of a blocked causal step: the block's queries and states (`rows x gh`
@@ -613,25 +626,7 @@ fn blocked_rows(kb: &mut Kb, b: &BlockedRows, f: Value, q: Value, k: Value, v: V
     let sc = kb.ic(scale.to_bits() as i64);
     let kstride = (nkv * d * 4) as i64;
     kb.for_steps(lo, hi, 1, &mut |kb, i| {
-        let hh = kb.b.ins().udiv(i, nb);
-        let hs = kb.mul(hh, nb);
-        let j = kb.sub(i, hs);
-        let half = kb.b.ins().ushr_imm_s(j, 1);
-        let odd = kb.b.ins().band_imm_s(j, 1);
-        let nbm1 = kb.addi(nb, -1);
-        let back = kb.sub(nbm1, half);
-        let bi = kb.b.ins().select(odd, back, half);
-        let (kvh, hg) = if ng == 1 {
-            (hh, kb.ic(0))
-        } else {
-            let ngv = kb.ic(ng as i64);
-            let kvh = kb.b.ins().udiv(hh, ngv);
-            let t = kb.muli(kvh, ng as i64);
-            (kvh, kb.sub(hh, t))
-        };
-        let h0 = kb.muli(kvh, gsz as i64);
-        let hgo = kb.muli(hg, gh as i64);
-        let h0 = kb.add(h0, hgo);
+        let (kvh, h0, bi) = item(kb, i, nb, ng, gsz, gh);
         let r0 = kb.muli(bi, qb as i64);
         let left = kb.sub(kb.s, r0);
         let qbv = kb.ic(qb as i64);
@@ -694,17 +689,8 @@ fn blocked_rows(kb: &mut Kb, b: &BlockedRows, f: Value, q: Value, k: Value, v: V
             for hgi in 0..gh {
                 let ap = kb.addi(st, (hgi * astride * 4) as i64);
                 let lv = kb.ld_at(F32, ap, (d * 4 + 4) as i32);
-                let one = kb.fc(F32, 1.0);
-                let inv = kb.fdiv(one, lv);
-                let zf = kb.fc(F32, 0.0);
-                let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
                 let op = kb.addi(dst, (hgi * d * 4) as i64);
-                dsweep(kb, d, &mut |kb, ty, x| {
-                    let a = kb.ld(ty, ap, x);
-                    let iv = kb.splat(ty, inv);
-                    let y = kb.fmul(a, iv);
-                    kb.st(y, op, x);
-                });
+                normalize(kb, d, ap, lv, op);
             }
         });
     });
