@@ -391,7 +391,9 @@ mod avx512 {
     unsafe fn attn_rows(q: *const f32, k: *const f32, v: *const f32, ks: usize, n: usize, d: usize, gh: usize, scale: f32, state: *mut f32) {
         #[repr(C, align(64))]
         struct Kt([f32; 256 * BLOCK]);
-        let mut kt = Kt([0.0; 256 * BLOCK]);
+        // Rows `0..d` of it are written for each block before they are read (no zeroing per call).
+        let mut kt = std::mem::MaybeUninit::<Kt>::uninit();
+        let ktp = kt.as_mut_ptr() as *mut f32;
         let nch = d / 16;
         for b0 in (0..n).step_by(BLOCK) {
             let nb = (n - b0).min(BLOCK);
@@ -403,20 +405,20 @@ mod avx512 {
                 }
                 crate::simd::transpose16(&mut t);
                 for (i, x) in t.iter().enumerate() {
-                    _mm512_store_ps(kt.0.as_mut_ptr().add((16 * c + i) * BLOCK), _mm512_castsi512_ps(*x));
+                    _mm512_store_ps(ktp.add((16 * c + i) * BLOCK), _mm512_castsi512_ps(*x));
                 }
             }
             let mut r0 = 0;
             while r0 < gh {
                 match gh - r0 {
-                    1 => rows_block::<1>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    2 => rows_block::<2>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    3 => rows_block::<3>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    4 => rows_block::<4>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    5 => rows_block::<5>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    6 => rows_block::<6>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    7 => rows_block::<7>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
-                    _ => rows_block::<RB>(q, r0, &kt.0, vb, ks, nb, d, scale, state),
+                    1 => rows_block::<1>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    2 => rows_block::<2>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    3 => rows_block::<3>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    4 => rows_block::<4>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    5 => rows_block::<5>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    6 => rows_block::<6>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    7 => rows_block::<7>(q, r0, ktp, vb, ks, nb, d, scale, state),
+                    _ => rows_block::<RB>(q, r0, ktp, vb, ks, nb, d, scale, state),
                 }
                 r0 += RB;
             }
@@ -428,10 +430,10 @@ mod avx512 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_block<const R: usize>(q: *const f32, r0: usize, kt: &[f32; 256 * BLOCK], v: *const f32, ks: usize, nb: usize, d: usize, scale: f32, state: *mut f32) {
+    unsafe fn rows_block<const R: usize>(q: *const f32, r0: usize, kt: *const f32, v: *const f32, ks: usize, nb: usize, d: usize, scale: f32, state: *mut f32) {
         let mut s = [_mm512_setzero_ps(); R];
         for e in 0..d {
-            let kv = _mm512_load_ps(kt.as_ptr().add(e * BLOCK));
+            let kv = _mm512_load_ps(kt.add(e * BLOCK));
             for (r, x) in s.iter_mut().enumerate() {
                 *x = _mm512_fmadd_ps(_mm512_set1_ps(*q.add((r0 + r) * d + e)), kv, *x);
             }

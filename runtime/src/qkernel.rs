@@ -94,14 +94,22 @@ unsafe extern "sysv64" fn qgemm_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b
     if QFormat::from_arg(fmt) != Some(QFormat::Int8) || mu < crate::amx::MIN_ROWS {
         return qgemm(fmt, a, lda, m, b, rb, k, rows, up);
     }
-    if rbu < QFormat::Int8.row_bytes(ku) {
-        // `rb` shorter than a record: not a call the contract allows.
-        return std::ptr::null_mut();
-    }
-    let ldt = rowsu.div_ceil(llmc_abi::panel::PANEL) * llmc_abi::panel::PANEL;
-    let t = crate::ukernel::scratch(mu * ldt * (1 + !up.is_null() as usize));
+    let Some((t, ldt)) = tile_for(QFormat::Int8, rbu, ku, rowsu, mu, up) else { return std::ptr::null_mut() };
     crate::amx::gemm_int8_rows(a, lda as usize, mu, b, rbu, ku, rowsu, up, t, ldt);
     t
+}
+
+/// The tile a tiled product of `rows` packed rows of `f` (`rb` bytes apart, and as many at `up`
+/// when not null) and `m` activation rows returns, with its row stride ([`QGemmFn`]: `rows`
+/// rounded up to a panel, the `up` tile `m` rows on); none when `rb` is shorter than a record
+/// (not a call the contract allows).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn tile_for(f: QFormat, rb: usize, k: usize, rows: usize, m: usize, up: *const u8) -> Option<(*mut f32, usize)> {
+    if rb < f.row_bytes(k) {
+        return None;
+    }
+    let ldt = rows.div_ceil(llmc_abi::panel::PANEL) * llmc_abi::panel::PANEL;
+    Some((crate::ukernel::scratch(m * ldt * (1 + !up.is_null() as usize)), ldt))
 }
 
 /// The W8A8 / W4A8 product of f32 rows ([`llmc_abi::ukernel::QGEMM_A8_ROWS`]) through AMX tiles.
@@ -113,12 +121,7 @@ unsafe extern "sysv64" fn qgemm_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b
 unsafe extern "sysv64" fn qgemm_a8_rows_amx(fmt: i64, a: *const f32, lda: i64, m: i64, b: *const u8, rb: i64, k: i64, rows: i64, up: *const u8) -> *mut f32 {
     let (ku, rowsu, rbu, mu) = (k as usize, rows as usize, rb as usize, m as usize);
     let Some(f) = QFormat::from_arg(fmt) else { return std::ptr::null_mut() };
-    if rbu < f.row_bytes(ku) {
-        // `rb` shorter than a record: not a call the contract allows.
-        return std::ptr::null_mut();
-    }
-    let ldt = rowsu.div_ceil(llmc_abi::panel::PANEL) * llmc_abi::panel::PANEL;
-    let t = crate::ukernel::scratch(mu * ldt * (1 + !up.is_null() as usize));
+    let Some((t, ldt)) = tile_for(f, rbu, ku, rowsu, mu, up) else { return std::ptr::null_mut() };
     if crate::amx::gemm_a8_rows(f, a, lda as usize, mu, b, rbu, ku, rowsu, up, t, ldt) {
         t
     } else {
@@ -1053,42 +1056,42 @@ mod tests {
         let kernels: [(&str, QGemmFn); 2] = [("selected", select_qgemm()), ("dequantizing", qgemm)];
         let mut seed = 5u64;
         for (name, f) in kernels {
-        for fmt in [
-            QFormat::Int8,
-            QFormat::Int4 { group: 32, asym: false },
-            QFormat::Int4 { group: 64, asym: true },
-            QFormat::Int4 { group: 16, asym: false },
-            QFormat::Sparse24 { int8: true },
-            QFormat::Sparse24 { int8: false },
-        ] {
-            for (k, rows, m) in [(100, 37, 5), (96, 16, 4), (688, 64, 9), (100, 37, 17), (40, 5, 70), (688, 64, 33), (1, 3, 16)] {
-                if matches!(fmt, QFormat::Sparse24 { .. }) && k % 4 != 0 {
-                    continue;
-                }
-                let rb = fmt.row_bytes(k);
-                let packed: Vec<Vec<u8>> = (0..2 * rows).map(|_| random_row(fmt, k, &mut seed)).collect();
-                let flat = packed.concat();
-                let lda = k + 3;
-                let a: Vec<f32> = (0..m * lda).map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0).collect();
-                for gated in [false, true] {
-                    let up = if gated { unsafe { flat.as_ptr().add(rows * rb) } } else { std::ptr::null() };
-                    let t = unsafe {
-                        f(fmt.arg(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up)
-                    };
-                    let ldt = rows.div_ceil(16) * 16;
-                    for g in 0..1 + gated as usize {
-                        for r in 0..m {
-                            for j in 0..rows {
-                                let want = reference(fmt, &packed[g * rows + j], k, &a[r * lda..r * lda + k]);
-                                let got = unsafe { *t.add(g * m * ldt + r * ldt + j) } as f64;
-                                let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
-                                assert!((got - want).abs() <= tol, "{name} {fmt:?} k={k} m={m} group {g} ({r}, {j}): {got} vs {want}");
+            for fmt in [
+                QFormat::Int8,
+                QFormat::Int4 { group: 32, asym: false },
+                QFormat::Int4 { group: 64, asym: true },
+                QFormat::Int4 { group: 16, asym: false },
+                QFormat::Sparse24 { int8: true },
+                QFormat::Sparse24 { int8: false },
+            ] {
+                for (k, rows, m) in [(100, 37, 5), (96, 16, 4), (688, 64, 9), (100, 37, 17), (40, 5, 70), (688, 64, 33), (1, 3, 16)] {
+                    if matches!(fmt, QFormat::Sparse24 { .. }) && k % 4 != 0 {
+                        continue;
+                    }
+                    let rb = fmt.row_bytes(k);
+                    let packed: Vec<Vec<u8>> = (0..2 * rows).map(|_| random_row(fmt, k, &mut seed)).collect();
+                    let flat = packed.concat();
+                    let lda = k + 3;
+                    let a: Vec<f32> = (0..m * lda).map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+                    for gated in [false, true] {
+                        let up = if gated { unsafe { flat.as_ptr().add(rows * rb) } } else { std::ptr::null() };
+                        let t = unsafe {
+                            f(fmt.arg(), a.as_ptr(), lda as i64, m as i64, flat.as_ptr(), rb as i64, k as i64, rows as i64, up)
+                        };
+                        let ldt = rows.div_ceil(16) * 16;
+                        for g in 0..1 + gated as usize {
+                            for r in 0..m {
+                                for j in 0..rows {
+                                    let want = reference(fmt, &packed[g * rows + j], k, &a[r * lda..r * lda + k]);
+                                    let got = unsafe { *t.add(g * m * ldt + r * ldt + j) } as f64;
+                                    let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
+                                    assert!((got - want).abs() <= tol, "{name} {fmt:?} k={k} m={m} group {g} ({r}, {j}): {got} vs {want}");
+                                }
                             }
                         }
                     }
                 }
             }
-        }
         }
     }
 

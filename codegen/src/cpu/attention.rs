@@ -763,16 +763,7 @@ pub(crate) fn attention_merge(kb: &mut Kb, split: Split, ukernel: bool) {
             });
         });
         let lv = kb.get(lsum);
-        let onef = kb.fc(F32, 1.0);
-        let inv = kb.fdiv(onef, lv);
-        let zf = kb.fc(F32, 0.0);
-        let inv = kb.fsel(F32, FloatCC::GreaterThan, lv, zf, inv, zf);
-        dsweep(kb, d, &mut |kb, ty, x| {
-            let a = kb.ld(ty, op, x);
-            let iv = kb.splat(ty, inv);
-            let y = kb.fmul(a, iv);
-            kb.st(y, op, x);
-        });
+        normalize(kb, d, op, lv, op);
     });
 }
 
